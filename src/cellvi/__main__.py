@@ -1,0 +1,5 @@
+import sys
+
+from cellvi.cli import main
+
+sys.exit(main())

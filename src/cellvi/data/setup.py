@@ -1,0 +1,254 @@
+"""What a model reads from an AnnData: the :class:`DataSpec`, and the checks on the counts.
+
+``setup_anndata`` validates the data, then records which layer and which ``.obs`` columns are used
+(with their category orders and the gene names) in a frozen :class:`DataSpec`. The spec is stored as
+a JSON string in ``adata.uns["_cellvi_setup"]`` (the only thing cellvi writes into the user's AnnData)
+and is saved with every model, so that a model can check that new data has the same genes and known
+categories.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+UNS_KEY = "_cellvi_setup"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The data set-up of a model: which AnnData fields it reads, and their categories."""
+
+    var_names: tuple[str, ...]  # genes, in model order
+    layer: str | None = None  # counts from adata.layers[layer], or adata.X when None
+    batch_key: str | None = None
+    labels_key: str | None = None
+    size_factor_key: str | None = None
+    categorical_covariate_keys: tuple[str, ...] = ()
+    continuous_covariate_keys: tuple[str, ...] = ()
+    batch_categories: tuple[str, ...] = ("0",)  # one implicit batch when batch_key is None
+    label_categories: tuple[str, ...] = ("0",)
+    covariate_categories: tuple[tuple[str, ...], ...] = ()  # one tuple per categorical covariate
+    extra: dict = field(default_factory=dict)  # model-specific keys (e.g. sample_key for MrVI)
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.var_names)
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.batch_categories)
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.label_categories)
+
+    @property
+    def n_cats_per_cov(self) -> list[int]:
+        return [len(c) for c in self.covariate_categories]
+
+    @property
+    def n_continuous_cov(self) -> int:
+        return len(self.continuous_covariate_keys)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> DataSpec:
+        raw = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"Unknown fields {sorted(unknown)} in a cellvi data set-up: was it written by a newer cellvi?")
+        for key in ("var_names", "categorical_covariate_keys", "continuous_covariate_keys",
+                    "batch_categories", "label_categories"):
+            raw[key] = tuple(raw[key])
+        raw["covariate_categories"] = tuple(tuple(c) for c in raw["covariate_categories"])
+        return cls(**raw)
+
+
+# --------------------------------------------------------------------------- counts
+
+
+def get_counts(adata: AnnData, layer: str | None):
+    """The count matrix of ``adata`` (``X`` or a layer), as stored: dense array or scipy sparse."""
+    if layer is None:
+        if adata.X is None:
+            raise ValueError("adata.X is empty: pass `layer=` naming the layer that holds the raw counts.")
+        return adata.X
+    if layer not in adata.layers:
+        raise ValueError(
+            f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers.keys())}); "
+            "pass the name of the layer that holds raw counts, or layer=None to use adata.X."
+        )
+    return adata.layers[layer]
+
+
+def validate_counts(X, where: str, obs_names: pd.Index) -> None:
+    """Raise a ``ValueError`` naming the problem when ``X`` is not a matrix of raw counts.
+
+    Checks: finite values, no negatives, integers, and no cell with zero total counts.
+    """
+    if isinstance(X, pd.DataFrame):
+        X = X.to_numpy()
+    if not (sp.issparse(X) or isinstance(X, np.ndarray)):
+        if hasattr(X, "to_memory"):  # backed / lazy arrays
+            X = X.to_memory()
+        else:
+            X = np.asarray(X)
+    values = X.data if sp.issparse(X) else np.asarray(X)
+    if not np.issubdtype(values.dtype, np.number):
+        raise ValueError(f"{where} has dtype {values.dtype}; counts must be numeric.")
+    if values.size:
+        if not np.isfinite(values).all():
+            n_bad = int((~np.isfinite(values)).sum())
+            raise ValueError(f"{where} contains {n_bad} NaN or infinite values; counts must be finite. "
+                             "Fill or remove them (e.g. adata = adata[np.isfinite(...)]).")
+        if values.min() < 0:
+            raise ValueError(f"{where} contains negative values (min {values.min():g}); cellvi models need "
+                             "raw counts, not log-transformed or scaled data. Pass `layer=` with raw counts.")
+        frac = values != np.round(values)
+        if frac.any():
+            raise ValueError(
+                f"{where} contains {int(frac.sum())} non-integer values (e.g. {values[frac][0]:g}); cellvi models "
+                "need raw integer counts, not normalized data. Pass `layer=` with raw counts "
+                "(e.g. adata.layers['counts'] = adata.raw.X before normalizing)."
+            )
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    empty = np.flatnonzero(totals == 0)
+    if empty.size:
+        names = ", ".join(map(str, obs_names[empty[:5]]))
+        raise ValueError(
+            f"{empty.size} cells have zero total counts in {where} (e.g. {names}); remove them first, "
+            "e.g. `adata = adata[np.asarray(adata.X.sum(1)).ravel() > 0].copy()` or "
+            "`scanpy.pp.filter_cells(adata, min_counts=1)`."
+        )
+
+
+# --------------------------------------------------------------------------- obs columns
+
+
+def _obs_column(adata: AnnData, key: str, what: str) -> pd.Series:
+    if key not in adata.obs.columns:
+        raise ValueError(f"{what} {key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}).")
+    return adata.obs[key]
+
+
+def _categories(col: pd.Series, key: str) -> tuple[str, ...]:
+    if col.isna().any():
+        raise ValueError(f"adata.obs[{key!r}] has {int(col.isna().sum())} missing values; fill them or drop those cells.")
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        used = set(col.astype(str))
+        return tuple(str(c) for c in col.cat.categories if str(c) in used)
+    return tuple(str(c) for c in sorted(pd.unique(col.astype(str))))
+
+
+def codes(adata: AnnData, key: str, categories: tuple[str, ...]) -> np.ndarray:
+    """Integer codes of ``adata.obs[key]`` in the recorded category order; unknown values are an error."""
+    col = _obs_column(adata, key, "Key")
+    if col.isna().any():
+        raise ValueError(f"adata.obs[{key!r}] has {int(col.isna().sum())} missing values; fill them or drop those cells.")
+    values = col.astype(str).to_numpy()
+    lookup = {c: i for i, c in enumerate(categories)}
+    unknown = sorted(set(values) - set(lookup))
+    if unknown:
+        raise ValueError(
+            f"adata.obs[{key!r}] has categories the model was not set up with: {unknown[:10]} "
+            f"(known: {list(categories)[:10]}). Use a model trained with these categories, or map them to known ones."
+        )
+    return np.fromiter((lookup[v] for v in values), dtype=np.int64, count=len(values))
+
+
+def _continuous(adata: AnnData, key: str) -> np.ndarray:
+    col = _obs_column(adata, key, "Continuous covariate")
+    try:
+        v = col.to_numpy(dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"Continuous covariate adata.obs[{key!r}] is not numeric ({col.dtype}).") from e
+    if not np.isfinite(v).all():
+        raise ValueError(f"Continuous covariate adata.obs[{key!r}] has {int((~np.isfinite(v)).sum())} NaN or "
+                         "infinite values; fill them or drop those cells.")
+    return v
+
+
+def size_factors(adata: AnnData, key: str) -> np.ndarray:
+    v = _continuous(adata, key)
+    if (v <= 0).any():
+        raise ValueError(f"Size factors adata.obs[{key!r}] must be positive; {int((v <= 0).sum())} are not.")
+    return v
+
+
+def setup_anndata(
+    adata: AnnData,
+    *,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    labels_key: str | None = None,
+    size_factor_key: str | None = None,
+    categorical_covariate_keys: list[str] | None = None,
+    continuous_covariate_keys: list[str] | None = None,
+    extra: dict | None = None,
+) -> DataSpec:
+    """Validate ``adata`` and record what a model will read from it.
+
+    Returns
+    -------
+    The :class:`DataSpec`; it is also written as JSON to ``adata.uns["_cellvi_setup"]``.
+    """
+    if not isinstance(adata, AnnData):
+        raise ValueError(f"Expected an AnnData, got {type(adata).__name__}.")
+    if not adata.var_names.is_unique:
+        raise ValueError("adata.var_names are not unique; call adata.var_names_make_unique() first.")
+    validate_counts(get_counts(adata, layer), "adata.X" if layer is None else f"adata.layers[{layer!r}]",
+                    adata.obs_names)
+    cat_keys = tuple(categorical_covariate_keys or ())
+    cont_keys = tuple(continuous_covariate_keys or ())
+    for key in cont_keys:
+        _continuous(adata, key)
+    if size_factor_key is not None:
+        size_factors(adata, size_factor_key)
+    spec = DataSpec(
+        var_names=tuple(map(str, adata.var_names)),
+        layer=layer,
+        batch_key=batch_key,
+        labels_key=labels_key,
+        size_factor_key=size_factor_key,
+        categorical_covariate_keys=cat_keys,
+        continuous_covariate_keys=cont_keys,
+        batch_categories=("0",) if batch_key is None else _categories(_obs_column(adata, batch_key, "batch_key"), batch_key),
+        label_categories=("0",) if labels_key is None else _categories(_obs_column(adata, labels_key, "labels_key"), labels_key),
+        covariate_categories=tuple(_categories(_obs_column(adata, k, "Categorical covariate"), k) for k in cat_keys),
+        extra=dict(extra or {}),
+    )
+    adata.uns[UNS_KEY] = spec.to_json()
+    return spec
+
+
+def get_spec(adata: AnnData) -> DataSpec:
+    """The :class:`DataSpec` recorded by ``setup_anndata``; a clear error when there is none."""
+    if UNS_KEY not in adata.uns:
+        raise ValueError("This AnnData has not been set up: call `Model.setup_anndata(adata, ...)` first "
+                         "(e.g. `cellvi.SCVI.setup_anndata(adata, batch_key='batch')`).")
+    return DataSpec.from_json(adata.uns[UNS_KEY])
+
+
+def check_compatible(spec: DataSpec, adata: AnnData) -> None:
+    """Raise when ``adata`` has other genes than ``spec`` (categories are checked when read)."""
+    names = tuple(map(str, adata.var_names))
+    if names != spec.var_names:
+        ours, theirs = set(spec.var_names), set(names)
+        if ours == theirs:
+            raise ValueError("adata has the model's genes but in another order; reorder with "
+                             "`adata = adata[:, model.adata.var_names]` (or the saved var_names).")
+        missing, extra = sorted(ours - theirs), sorted(theirs - ours)
+        raise ValueError(
+            f"adata's genes differ from the model's ({len(names)} vs {len(spec.var_names)}): "
+            f"{len(missing)} missing (e.g. {missing[:5]}), {len(extra)} unexpected (e.g. {extra[:5]}). "
+            "Subset or reorder adata to the model's var_names."
+        )

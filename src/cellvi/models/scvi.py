@@ -1,0 +1,423 @@
+"""scVI: a count VAE with batch correction (Lopez et al., 2018, Nat. Methods 15:1053).
+
+Generative model, for a cell with counts x, batch s and covariates c:
+
+    z ~ Normal(0, I)                                    latent state (n_latent)
+    l = log(sum x)  or  l ~ Normal(mu_s, sigma_s^2)     log library size, observed or latent
+    rho = softmax(f(z, s, c))                           normalized expression, rows sum to 1
+    x_g ~ NB(exp(l) * rho_g, theta_g) [zero-inflated]   counts
+
+and the encoder q(z | x) (q(l | x) when the library is latent) is amortised by an MLP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from anndata import AnnData
+from torch import Tensor, nn
+from torch.distributions import Normal, kl_divergence
+
+from cellvi import distributions as dist
+from cellvi.models.base import Model, as_indices
+from cellvi.nn import MLP, GaussianEncoder
+
+CHOICES = {
+    "dispersion": ("gene", "gene-batch", "gene-label", "gene-cell"),
+    "gene_likelihood": ("zinb", "nb", "poisson"),
+    "latent_distribution": ("normal", "ln"),
+    "use_batch_norm": ("encoder", "decoder", "none", "both"),
+    "use_layer_norm": ("encoder", "decoder", "none", "both"),
+}
+
+
+def check_choices(config) -> None:
+    for name, allowed in CHOICES.items():
+        value = getattr(config, name, None)
+        if value is not None and value not in allowed:
+            raise ValueError(f"{name}={value!r} is not one of {allowed}.")
+
+
+@dataclass(frozen=True)
+class SCVIConfig:
+    n_hidden: int = 128  # width of hidden layers
+    n_latent: int = 10  # size of z
+    n_layers: int = 1  # hidden layers in encoder and decoder
+    dropout_rate: float = 0.1  # encoder dropout
+    dispersion: str = "gene"  # theta per gene, gene-batch, gene-label or gene-cell
+    gene_likelihood: str = "zinb"  # zinb, nb or poisson
+    latent_distribution: str = "normal"  # normal, or ln (logistic normal: z = softmax(Normal))
+    use_observed_lib_size: bool = True  # l = log total counts, else a latent log-normal
+    encode_covariates: bool = False  # give batch and covariates to the encoder too
+    deeply_inject_covariates: bool = True  # covariates enter every decoder layer, not only the first
+    use_batch_norm: str = "both"
+    use_layer_norm: str = "none"
+    log_variational: bool = True  # encoder reads log(1 + x)
+
+    def __post_init__(self):
+        check_choices(self)
+
+
+def flatten_samples(t: Tensor) -> Tensor:
+    """(S, B, ...) -> (S * B, ...)."""
+    return t.reshape(-1, *t.shape[2:])
+
+
+class SCVIModule(nn.Module):
+    """q(z | x), q(l | x) and p(x | z, l, s, c)."""
+
+    def __init__(self, n_genes: int, n_batches: int, n_labels: int, n_cats_per_cov: list[int],
+                 n_continuous_cov: int, config: SCVIConfig, library_log_means: Tensor, library_log_vars: Tensor):
+        super().__init__()
+        self.config = cfg = config
+        self.n_batches, self.n_labels = n_batches, n_labels
+        enc_cats = [n_batches, *n_cats_per_cov] if cfg.encode_covariates else []
+        n_enc_in = n_genes + (n_continuous_cov if cfg.encode_covariates else 0)
+        bn_enc = cfg.use_batch_norm in ("encoder", "both")
+        bn_dec = cfg.use_batch_norm in ("decoder", "both")
+        ln_enc = cfg.use_layer_norm in ("encoder", "both")
+        ln_dec = cfg.use_layer_norm in ("decoder", "both")
+        common = dict(n_hidden=cfg.n_hidden, dropout_rate=cfg.dropout_rate, inject_all=cfg.deeply_inject_covariates)
+        self.z_encoder = GaussianEncoder(n_enc_in, cfg.n_latent, n_cats=enc_cats, n_layers=cfg.n_layers,
+                                         use_batch_norm=bn_enc, use_layer_norm=ln_enc, **common)
+        self.l_encoder = None if cfg.use_observed_lib_size else GaussianEncoder(
+            n_enc_in, 1, n_cats=enc_cats, n_layers=1, use_batch_norm=bn_enc, use_layer_norm=ln_enc, **common)
+        self.decoder = MLP(cfg.n_latent + n_continuous_cov, cfg.n_hidden, n_cats=[n_batches, *n_cats_per_cov],
+                           n_hidden=cfg.n_hidden, n_layers=cfg.n_layers, dropout_rate=0.0,
+                           use_batch_norm=bn_dec, use_layer_norm=ln_dec, inject_all=cfg.deeply_inject_covariates)
+        self.scale_head = nn.Linear(cfg.n_hidden, n_genes)  # -> softmax: normalized expression rho
+        self.zi_head = nn.Linear(cfg.n_hidden, n_genes)  # -> zero-inflation logits
+        self.theta_head = nn.Linear(cfg.n_hidden, n_genes) if cfg.dispersion == "gene-cell" else None
+        n_theta = {"gene": 1, "gene-batch": n_batches, "gene-label": n_labels, "gene-cell": 0}[cfg.dispersion]
+        self.log_theta = nn.Parameter(torch.randn(n_theta, n_genes)) if n_theta else None
+        self.register_buffer("library_log_means", library_log_means.float().reshape(-1))
+        self.register_buffer("library_log_vars", library_log_vars.float().reshape(-1))
+
+    # q(z, l | x)
+    def inference(self, x: Tensor, batch: Tensor, cat_covs: Tensor, cont_covs: Tensor,
+                  size_factor: Tensor | None = None, n_samples: int = 1) -> dict:
+        cfg = self.config
+        h = torch.log1p(x) if cfg.log_variational else x
+        cats: list[Tensor] = []
+        if cfg.encode_covariates:
+            h = torch.cat([h, cont_covs], -1) if cont_covs.shape[-1] else h
+            cats = [batch, *cat_covs.unbind(-1)]
+        qz = self.z_encoder(h, cats)  # (B, n_latent)
+        z = qz.rsample() if n_samples == 1 else qz.rsample((n_samples,))  # (B, L) or (S, B, L)
+        if cfg.latent_distribution == "ln":
+            z = F.softmax(z, -1)
+        ql = None
+        if self.l_encoder is None:
+            library = torch.log(x.sum(-1, keepdim=True) if size_factor is None else size_factor)  # (B, 1)
+            if n_samples > 1:
+                library = library.expand(n_samples, *library.shape)
+        else:
+            ql = self.l_encoder(h, cats)
+            library = ql.rsample() if n_samples == 1 else ql.rsample((n_samples,))
+        return {"qz": qz, "z": z, "ql": ql, "library": library}
+
+    # p(x | z, l, s, c): all inputs are 2-D (cells, ...)
+    def generative(self, z: Tensor, library: Tensor, batch: Tensor, cat_covs: Tensor, cont_covs: Tensor,
+                   label: Tensor) -> dict:
+        h = torch.cat([z, cont_covs], -1) if cont_covs.shape[-1] else z
+        h = self.decoder(h, [batch, *cat_covs.unbind(-1)])  # (B, n_hidden)
+        scale = F.softmax(self.scale_head(h), -1)  # (B, G), rows sum to 1
+        rate = torch.exp(library) * scale
+        disp = self.config.dispersion
+        if disp == "gene-cell":
+            theta = torch.exp(self.theta_head(h))
+        elif disp == "gene":
+            theta = torch.exp(self.log_theta[0])  # (G,)
+        else:
+            theta = torch.exp(self.log_theta)[batch if disp == "gene-batch" else label]  # (B, G)
+        lik = self.config.gene_likelihood
+        if lik == "poisson":
+            px = dist.Poisson(rate, scale=scale)
+        else:
+            px = dist.NegativeBinomial(rate, theta, self.zi_head(h) if lik == "zinb" else None, scale=scale)
+        pz = Normal(torch.zeros_like(z), torch.ones_like(z))
+        pl = None
+        if self.l_encoder is not None:
+            pl = Normal(self.library_log_means[batch][:, None], self.library_log_vars[batch][:, None].sqrt())
+        return {"px": px, "pz": pz, "pl": pl}
+
+    def forward_batch(self, batch: dict[str, Tensor], n_samples: int = 1) -> tuple[dict, dict]:
+        """Inference then generative on a minibatch; with ``n_samples > 1`` samples are flattened
+        into the cell axis (sample-major: row ``s * B + b``)."""
+        inf = self.inference(batch["x"], batch["batch"], batch["cat_covs"], batch["cont_covs"],
+                             batch.get("size_factor"), n_samples)
+        z, library = inf["z"], inf["library"]
+        covs = [batch[k] for k in ("batch", "cat_covs", "cont_covs", "label")]
+        if n_samples > 1:
+            z, library = flatten_samples(z), flatten_samples(library)
+            covs = [c.repeat(n_samples, *([1] * (c.dim() - 1))) for c in covs]
+        b, cat, cont, lab = covs
+        return inf, self.generative(z, library, b, cat, cont, lab)
+
+    def loss(self, batch: dict[str, Tensor], kl_weight: float = 1.0) -> dict[str, Tensor]:
+        inf, gen = self.forward_batch(batch)
+        rec = -gen["px"].log_prob_sum(batch["x"])  # (B,)
+        kl_z = kl_divergence(inf["qz"], Normal(0.0, 1.0)).sum(-1)  # (B,)
+        kl_l = kl_divergence(inf["ql"], gen["pl"]).sum(-1) if inf["ql"] is not None else torch.zeros_like(kl_z)
+        loss = torch.mean(rec + kl_weight * kl_z + kl_l)
+        return {"loss": loss, "reconstruction_loss": rec, "kl_local": kl_z + kl_l}
+
+
+class SCVI(Model):
+    """single-cell Variational Inference (Lopez et al., 2018).
+
+    ``SCVI.setup_anndata(adata, batch_key="batch")``, then ``model = SCVI(adata); model.train()``.
+
+    Parameters
+    ----------
+    adata
+        AnnData set up with :meth:`setup_anndata`.
+    n_hidden, n_latent, n_layers, dropout_rate
+        Network sizes and encoder dropout.
+    dispersion
+        ``"gene"``, ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``: what the NB inverse
+        dispersion theta may vary with.
+    gene_likelihood
+        ``"zinb"``, ``"nb"`` or ``"poisson"``.
+    latent_distribution
+        ``"normal"``, or ``"ln"`` (logistic normal).
+    use_observed_lib_size
+        Use log total counts as the library size; otherwise infer it with a per-batch log-normal prior.
+    **model_kwargs
+        Other fields of :class:`SCVIConfig` (``encode_covariates``, ``deeply_inject_covariates``,
+        ``use_batch_norm``, ``use_layer_norm``, ``log_variational``).
+    """
+
+    config_class = SCVIConfig
+
+    def __init__(self, adata: AnnData, n_hidden: int = 128, n_latent: int = 10, n_layers: int = 1,
+                 dropout_rate: float = 0.1, dispersion: str = "gene", gene_likelihood: str = "zinb",
+                 latent_distribution: str = "normal", use_observed_lib_size: bool = True, **model_kwargs):
+        config = SCVIConfig(n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dropout_rate=dropout_rate,
+                            dispersion=dispersion, gene_likelihood=gene_likelihood,
+                            latent_distribution=latent_distribution, use_observed_lib_size=use_observed_lib_size,
+                            **model_kwargs)
+        super().__init__(adata, config)
+        from cellvi import settings
+
+        spec = self.spec
+        means, variances = self._data().library_log_stats(spec.n_batches)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
+            self.module = SCVIModule(spec.n_genes, spec.n_batches, spec.n_labels, spec.n_cats_per_cov,
+                                     spec.n_continuous_cov, config, means, variances)
+        self.module.eval()
+
+    # ------------------------------------------------------------------ latent space
+
+    @torch.no_grad()
+    def get_latent_representation(self, adata: AnnData | None = None, indices=None, give_mean: bool = True,
+                                  mc_samples: int = 5000, batch_size: int | None = None,
+                                  return_dist: bool = False):
+        """Latent z of each cell.
+
+        Returns
+        -------
+        ``(n_cells, n_latent)`` array: the posterior mean (``give_mean``) or one sample; with
+        ``return_dist=True`` a tuple ``(means, variances)`` of q(z | x).
+        """
+        self.module.eval()
+        means, variances, out = [], [], []
+        for batch in self._minibatches(adata, indices, batch_size):
+            inf = self.module.inference(batch["x"], batch["batch"], batch["cat_covs"], batch["cont_covs"],
+                                        batch.get("size_factor"))
+            qz = inf["qz"]
+            if return_dist:
+                means.append(qz.loc.cpu())
+                variances.append(qz.variance.cpu())
+                continue
+            if self.config.latent_distribution == "ln":
+                z = F.softmax(qz.sample((mc_samples,)), -1).mean(0) if give_mean else inf["z"]
+            else:
+                z = qz.loc if give_mean else inf["z"]
+            out.append(z.cpu())
+        if return_dist:
+            return torch.cat(means).numpy(), torch.cat(variances).numpy()
+        return torch.cat(out).numpy()
+
+    # ------------------------------------------------------------------ expression
+
+    def _batch_codes(self, transform_batch) -> list[int | None]:
+        """Codes of the batches to decode as (``None``: each cell's own batch)."""
+        if transform_batch is None:
+            return [None]
+        values = transform_batch if isinstance(transform_batch, (list, tuple, np.ndarray, pd.Index)) \
+            else [transform_batch]
+        cats = self.spec.batch_categories
+        codes = []
+        for v in values:
+            if str(v) not in cats:
+                raise ValueError(f"transform_batch {v!r} is not a batch the model knows ({list(cats)}).")
+            codes.append(cats.index(str(v)))
+        return codes
+
+    def _gene_mask(self, gene_list) -> np.ndarray | None:
+        if gene_list is None:
+            return None
+        names = pd.Index(self.spec.var_names)
+        missing = [g for g in gene_list if g not in names]
+        if missing:
+            raise ValueError(f"gene_list has genes the model does not know: {missing[:10]}.")
+        return names.get_indexer(gene_list)
+
+    @torch.no_grad()
+    def _expression_samples(self, batch: dict, n_samples: int, batch_codes: list[int | None],
+                            library_size) -> Tensor:
+        """Decoded expression, shape ``(n_samples, cells, genes)``, averaged over ``batch_codes``."""
+        inf = self.module.inference(batch["x"], batch["batch"], batch["cat_covs"], batch["cont_covs"],
+                                    batch.get("size_factor"), n_samples)
+        z, library = inf["z"], inf["library"]
+        if n_samples > 1:
+            z, library = flatten_samples(z), flatten_samples(library)
+        rep = lambda t: t.repeat(n_samples, *([1] * (t.dim() - 1))) if n_samples > 1 else t  # noqa: E731
+        cat, cont, lab = rep(batch["cat_covs"]), rep(batch["cont_covs"]), rep(batch["label"])
+        total = 0.0
+        for code in batch_codes:
+            b = rep(batch["batch"]) if code is None else torch.full_like(rep(batch["batch"]), code)
+            px = self.module.generative(z, library, b, cat, cont, lab)["px"]
+            total = total + (px.mu if library_size == "latent" else px.scale * library_size)
+        expr = total / len(batch_codes)
+        return expr.reshape(n_samples, -1, expr.shape[-1])
+
+    @torch.no_grad()
+    def get_normalized_expression(self, adata: AnnData | None = None, indices=None, transform_batch=None,
+                                  gene_list=None, library_size: float | str = 1, n_samples: int = 1,
+                                  n_samples_overall: int | None = None, batch_size: int | None = None,
+                                  return_mean: bool = True, return_numpy: bool | None = None):
+        """Denoised, library-size-normalized expression.
+
+        Parameters
+        ----------
+        transform_batch
+            ``None``: each cell decoded in its own batch. A batch name, or a list of them: each cell
+            decoded as if from each listed batch, and the results averaged (batch-corrected expression).
+        gene_list
+            Return these genes only.
+        library_size
+            Scale of the result: 1 gives proportions (rows sum to 1 over all genes); ``"latent"``
+            gives expected counts at the cell's own library size.
+        n_samples
+            Posterior samples of z per cell; averaged when ``return_mean``.
+        n_samples_overall
+            Sample this many cells (with replacement) from ``indices`` instead of using all of them.
+        return_numpy
+            ``None``: a DataFrame (cells x genes) unless the result is 3-D, then a numpy array.
+
+        Returns
+        -------
+        ``(cells, genes)`` DataFrame/array, or ``(n_samples, cells, genes)`` array when ``n_samples > 1``
+        and ``return_mean=False``.
+        """
+        self.module.eval()
+        adata_ = self.adata if adata is None else adata
+        idx = as_indices(indices, adata_.n_obs)
+        if n_samples_overall is not None:
+            idx = np.random.default_rng(0).choice(idx, n_samples_overall)
+        codes = self._batch_codes(transform_batch)
+        genes = self._gene_mask(gene_list)
+        chunks = []
+        for batch in self._minibatches(adata, idx, batch_size):
+            expr = self._expression_samples(batch, n_samples, codes, library_size)
+            if genes is not None:
+                expr = expr[..., torch.as_tensor(genes, device=expr.device)]
+            chunks.append(expr.cpu())
+        expr = torch.cat(chunks, 1).numpy() if chunks else np.zeros((n_samples, 0, self.spec.n_genes), np.float32)
+        expr = expr.mean(0) if (return_mean or n_samples == 1) else expr
+        if return_numpy or expr.ndim == 3:
+            return expr
+        names = list(self.spec.var_names) if gene_list is None else list(gene_list)
+        return pd.DataFrame(expr, index=adata_.obs_names[idx], columns=names)
+
+    # ------------------------------------------------------------------ likelihoods
+
+    @torch.no_grad()
+    def get_elbo(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None,
+                 return_mean: bool = True):
+        """The evidence lower bound per cell (higher is better), averaged over cells when ``return_mean``."""
+        per_cell = self._per_cell(adata, indices, batch_size, lambda out: -(out["reconstruction_loss"] + out["kl_local"]))
+        return float(per_cell.mean()) if return_mean else per_cell
+
+    @torch.no_grad()
+    def get_reconstruction_error(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None,
+                                 return_mean: bool = True):
+        """``{"reconstruction_loss": -E_q log p(x | z)}`` per cell (lower is better), averaged when ``return_mean``."""
+        per_cell = self._per_cell(adata, indices, batch_size, lambda out: out["reconstruction_loss"])
+        return {"reconstruction_loss": float(per_cell.mean()) if return_mean else per_cell}
+
+    def _per_cell(self, adata, indices, batch_size, fn) -> np.ndarray:
+        self.module.eval()
+        vals = [fn(self.module.loss(b)).cpu() for b in self._minibatches(adata, indices, batch_size)]
+        return torch.cat(vals).numpy()
+
+    @torch.no_grad()
+    def get_marginal_ll(self, adata: AnnData | None = None, indices=None, n_mc_samples: int = 1000,
+                        batch_size: int | None = None, return_mean: bool = True):
+        """Importance-sampled log p(x) (higher is better) with q(z, l | x) as proposal.
+
+        .. math:: \\log p(x) \\approx \\log \\frac1K \\sum_k \\frac{p(x | z_k, l_k) p(z_k) p(l_k)}{q(z_k, l_k | x)}
+        """
+        self.module.eval()
+        out = []
+        chunk = 100  # posterior samples per pass, bounds memory at chunk x cells x genes
+        for batch in self._minibatches(adata, indices, batch_size):
+            terms = []
+            for start in range(0, n_mc_samples, chunk):
+                s = min(chunk, n_mc_samples - start)
+                terms.append(self._log_weights(batch, s))
+            log_w = torch.cat(terms, 0)  # (K, B)
+            out.append((torch.logsumexp(log_w, 0) - np.log(n_mc_samples)).cpu())
+        per_cell = torch.cat(out).numpy()
+        return float(per_cell.mean()) if return_mean else per_cell
+
+    def _log_weights(self, batch: dict, n: int) -> Tensor:
+        """log p(x, z, l) - log q(z, l | x) for ``n`` posterior samples, shape ``(n, cells)``."""
+        m = self.module
+        inf = m.inference(batch["x"], batch["batch"], batch["cat_covs"], batch["cont_covs"],
+                          batch.get("size_factor"), n_samples=1)
+        qz = inf["qz"]
+        z_raw = qz.sample((n,))  # (n, B, L), pre-softmax for "ln"
+        z = F.softmax(z_raw, -1) if self.config.latent_distribution == "ln" else z_raw
+        B = batch["x"].shape[0]
+        log_w = Normal(0.0, 1.0).log_prob(z_raw).sum(-1) - qz.log_prob(z_raw).sum(-1)  # (n, B)
+        if inf["ql"] is None:
+            library = inf["library"].expand(n, B, 1)
+        else:
+            library = inf["ql"].sample((n,))
+            log_w = log_w - inf["ql"].log_prob(library).sum(-1)
+        rep = lambda t: t.repeat(n, *([1] * (t.dim() - 1)))  # noqa: E731
+        gen = m.generative(flatten_samples(z), flatten_samples(library), rep(batch["batch"]),
+                           rep(batch["cat_covs"]), rep(batch["cont_covs"]), rep(batch["label"]))
+        log_px = gen["px"].log_prob_sum(rep(batch["x"])).reshape(n, B)
+        if gen["pl"] is not None:
+            log_w = log_w + gen["pl"].log_prob(flatten_samples(library)).sum(-1).reshape(n, B)
+        return log_w + log_px
+
+    @torch.no_grad()
+    def posterior_predictive_sample(self, adata: AnnData | None = None, indices=None, n_samples: int = 1,
+                                    gene_list=None, batch_size: int | None = None) -> np.ndarray:
+        """Counts drawn from p(x | z) with z ~ q(z | x).
+
+        Returns
+        -------
+        ``(cells, genes)`` array, or ``(cells, genes, n_samples)`` when ``n_samples > 1``.
+        """
+        self.module.eval()
+        genes = self._gene_mask(gene_list)
+        out = []
+        for batch in self._minibatches(adata, indices, batch_size):
+            _, gen = self.module.forward_batch(batch, n_samples)
+            x = gen["px"].sample().reshape(n_samples, batch["x"].shape[0], -1)  # (S, B, G)
+            if genes is not None:
+                x = x[..., torch.as_tensor(genes, device=x.device)]
+            out.append(x.cpu())
+        x = torch.cat(out, 1).permute(1, 2, 0).numpy()  # (cells, genes, S)
+        return x[..., 0] if n_samples == 1 else x

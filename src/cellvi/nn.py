@@ -1,0 +1,93 @@
+"""Network blocks shared by all models: an MLP with covariate injection and a Gaussian encoder.
+
+Categorical covariates (batch, extra categories) are "injected" into a layer as if their one-hot
+codes were concatenated to its input. ``W @ [h, onehot(c)] = W_h @ h + W_c[:, c]``, so each
+covariate is a learned row per category added after the linear map: same function and
+initialisation as a concatenated one-hot, without building the one-hot.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Normal
+
+
+class InjectedLinear(nn.Module):
+    """``Linear([h, onehot(c_1), ..., onehot(c_k)])`` computed as ``Linear(h) + sum_j E_j[c_j]``."""
+
+    def __init__(self, n_in: int, n_out: int, n_cats: list[int]):
+        super().__init__()
+        self.linear = nn.Linear(n_in, n_out)
+        self.n_cats = [n for n in n_cats if n > 1]  # a single category carries no information
+        self.keep = [i for i, n in enumerate(n_cats) if n > 1]
+        self.offsets = [sum(self.n_cats[:i]) for i in range(len(self.n_cats))]
+        self.cat_weight = nn.Parameter(torch.empty(sum(self.n_cats), n_out)) if self.n_cats else None
+        bound = 1.0 / math.sqrt(n_in + sum(self.n_cats))  # nn.Linear's default init, over the full input
+        for p in [self.linear.weight, self.linear.bias] + ([self.cat_weight] if self.n_cats else []):
+            nn.init.uniform_(p, -bound, bound)
+
+    def forward(self, h: Tensor, cats: list[Tensor]) -> Tensor:
+        out = self.linear(h)
+        for j, off in zip(self.keep, self.offsets):
+            out = out + self.cat_weight[cats[j] + off]
+        return out
+
+
+class MLP(nn.Module):
+    """``n_layers`` of Linear (+ injected covariates) -> BatchNorm -> ReLU -> Dropout.
+
+    Parameters
+    ----------
+    n_in, n_out
+        Input and output widths; hidden layers have width ``n_hidden``.
+    n_cats
+        Number of categories of each categorical covariate injected (empty: none).
+    inject_all
+        Inject covariates into every layer (scVI's decoder) or only the first.
+    """
+
+    def __init__(self, n_in: int, n_out: int, *, n_cats: list[int] = (), n_hidden: int = 128, n_layers: int = 1,
+                 dropout_rate: float = 0.1, use_batch_norm: bool = True, use_layer_norm: bool = False,
+                 inject_all: bool = True):
+        super().__init__()
+        dims = [n_in] + [n_hidden] * (n_layers - 1) + [n_out]
+        self.layers = nn.ModuleList(
+            InjectedLinear(a, b, list(n_cats) if (i == 0 or inject_all) else []) for i, (a, b) in
+            enumerate(zip(dims[:-1], dims[1:]))
+        )
+        self.post = nn.ModuleList(
+            nn.Sequential(
+                *([nn.BatchNorm1d(b, momentum=0.01, eps=1e-3)] if use_batch_norm else []),
+                *([nn.LayerNorm(b, elementwise_affine=False)] if use_layer_norm else []),
+                nn.ReLU(),
+                *([nn.Dropout(dropout_rate)] if dropout_rate > 0 else []),
+            )
+            for b in dims[1:]
+        )
+
+    def forward(self, h: Tensor, cats: list[Tensor] = ()) -> Tensor:
+        for layer, post in zip(self.layers, self.post):
+            h = post(layer(h, cats))
+        return h
+
+
+class GaussianEncoder(nn.Module):
+    """``q(z | h) = Normal(mean, sqrt(exp(v) + 1e-4))`` from an MLP over the input."""
+
+    def __init__(self, n_in: int, n_out: int, *, n_cats: list[int] = (), n_hidden: int = 128, n_layers: int = 1,
+                 dropout_rate: float = 0.1, inject_all: bool = True, use_batch_norm: bool = True,
+                 use_layer_norm: bool = False, var_eps: float = 1e-4):
+        super().__init__()
+        self.body = MLP(n_in, n_hidden, n_cats=n_cats, n_hidden=n_hidden, n_layers=n_layers,
+                        dropout_rate=dropout_rate, inject_all=inject_all, use_batch_norm=use_batch_norm,
+                        use_layer_norm=use_layer_norm)
+        self.mean = nn.Linear(n_hidden, n_out)
+        self.log_var = nn.Linear(n_hidden, n_out)
+        self.var_eps = var_eps
+
+    def forward(self, h: Tensor, cats: list[Tensor] = ()) -> Normal:
+        q = self.body(h, cats)
+        return Normal(self.mean(q), torch.sqrt(torch.exp(self.log_var(q)) + self.var_eps))

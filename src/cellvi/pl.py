@@ -1,0 +1,63 @@
+"""Plots. matplotlib is imported when a plot is made, with the non-interactive Agg backend when
+no display is configured."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def _plt():
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg") and not _has_display():
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _has_display() -> bool:
+    import os
+
+    return bool(os.environ.get("DISPLAY"))
+
+
+def training_curves(history: dict[str, pd.DataFrame], keys: tuple[str, ...] = ("elbo_train", "elbo_validation"),
+                    ax=None, save: str | None = None):
+    """Plot per-epoch history curves (``model.history``); returns the matplotlib Axes."""
+    plt = _plt()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.5))
+    for key in keys:
+        if key in history:
+            ax.plot(history[key].index, history[key][key], label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("negative ELBO per cell")
+    ax.legend(frameon=False)
+    if save:
+        ax.figure.tight_layout()
+        ax.figure.savefig(save, dpi=120)
+        plt.close(ax.figure)
+    return ax
+
+
+def embedding(coords: np.ndarray, colors: dict[str, pd.Series], save: str | None = None, s: float = 3.0):
+    """Scatter of 2-D ``coords`` in one panel per entry of ``colors`` (name -> categorical values)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(colors), figsize=(4.5 * len(colors), 4), squeeze=False)
+    for ax, (name, values) in zip(axes[0], colors.items()):
+        cats = pd.Categorical(values)
+        cmap = plt.get_cmap("tab10" if len(cats.categories) <= 10 else "tab20")
+        for i, cat in enumerate(cats.categories):
+            m = np.asarray(cats == cat)
+            ax.scatter(coords[m, 0], coords[m, 1], s=s, color=cmap(i % cmap.N), label=str(cat), linewidths=0)
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(frameon=False, fontsize=7, markerscale=3, loc="best")
+    fig.tight_layout()
+    if save:
+        fig.savefig(save, dpi=120)
+        plt.close(fig)
+    return fig

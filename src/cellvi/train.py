@@ -1,0 +1,170 @@
+"""The training loop: Adam, KL warm-up, gradient clipping, early stopping, NaN detection, history.
+
+A module is anything with ``loss(batch, kl_weight=...) -> dict`` whose ``"loss"`` entry is the scalar
+to minimise and whose ``"reconstruction_loss"`` / ``"kl_local"`` entries are per-cell tensors
+(``"kl_global"``, when present, a scalar). Minibatches come from two callables that return fresh
+iterables each epoch, so the loop knows nothing of AnnData or of how batches are built.
+Metrics are summed on the device and read once per epoch: no per-step synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_epochs: int
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    eps: float = 0.01  # Adam epsilon (scvi-tools' default)
+    n_epochs_kl_warmup: int | None = 400  # KL weight rises linearly from 0 to 1 over these epochs
+    n_steps_kl_warmup: int | None = None  # ... or over these steps, when n_epochs_kl_warmup is None
+    max_kl_weight: float = 1.0
+    min_kl_weight: float = 0.0
+    early_stopping: bool = False
+    early_stopping_monitor: str = "elbo_validation"
+    early_stopping_patience: int = 45
+    early_stopping_min_delta: float = 0.0
+    gradient_clip_val: float | None = 50.0  # max global gradient norm; None disables clipping
+    check_val_every_n_epoch: int | None = None  # validation every n epochs (1 with early stopping)
+    enable_progress_bar: bool = True
+
+
+def kl_weight(epoch: int, step: int, n_epochs_kl_warmup: int | None, n_steps_kl_warmup: int | None,
+              max_kl_weight: float = 1.0, min_kl_weight: float = 0.0) -> float:
+    """Linear KL warm-up: ``min + (max - min) * progress`` with progress = epoch (or step) / warm-up length."""
+    slope = max_kl_weight - min_kl_weight
+    if n_epochs_kl_warmup:
+        if epoch < n_epochs_kl_warmup:
+            return min_kl_weight + slope * epoch / n_epochs_kl_warmup
+    elif n_steps_kl_warmup and step < n_steps_kl_warmup:
+        return min_kl_weight + slope * step / n_steps_kl_warmup
+    return max_kl_weight
+
+
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    kwargs = dict(lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
+    try:  # one fused kernel for all parameters where the build supports it (CPU and CUDA in torch >= 2.4)
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, **kwargs)
+
+
+class _Totals:
+    """Per-epoch sums of the logged metrics, kept on the device until read."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n_cells = 0
+        self.n_steps = 0
+
+    def add(self, out: dict[str, torch.Tensor]) -> None:
+        n = out["reconstruction_loss"].numel()
+        self.n_cells += n
+        self.n_steps += 1
+        for key, value in out.items():
+            v = value.detach()
+            v = v.sum() if v.dim() else v * (n if key == "loss" else 1)  # loss is a per-cell mean
+            self.sums[key] = self.sums[key] + v if key in self.sums else v
+
+    def read(self, split: str, n_obs: int) -> dict[str, float]:
+        """scvi-tools' history keys: ``elbo_<split>``, ``reconstruction_loss_<split>``, ..."""
+        vals = {k: float(v) for k, v in self.sums.items()}
+        rec = vals["reconstruction_loss"] / self.n_cells
+        kl_local = vals.get("kl_local", 0.0) / self.n_cells
+        kl_global = vals.get("kl_global", 0.0) / max(self.n_steps, 1)
+        loss = vals["loss"] / self.n_cells
+        out = {
+            f"elbo_{split}": rec + kl_local + kl_global / max(n_obs, 1),
+            f"reconstruction_loss_{split}": rec,
+            f"kl_local_{split}": kl_local,
+            f"kl_global_{split}": kl_global,
+            ("train_loss_epoch" if split == "train" else "validation_loss"): loss,
+        }
+        for key, v in vals.items():  # model-specific extras (e.g. a penalty), as per-cell means
+            if key not in ("loss", "reconstruction_loss", "kl_local", "kl_global"):
+                out[f"{key}_{split}"] = v / self.n_cells
+        return out
+
+
+def _check_finite(metrics: dict[str, float], epoch: int) -> None:
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(
+            f"Training diverged at epoch {epoch}: {', '.join(bad)} became NaN/inf. Try a lower `lr`, "
+            "check the input for extreme values, or set `gradient_clip_val`. The model is left as it was "
+            "at the failure; retrain from a fresh model."
+        )
+
+
+def fit(
+    module: nn.Module,
+    train_batches: Callable[[], Iterable[dict]],
+    val_batches: Callable[[], Iterable[dict]] | None,
+    config: TrainConfig,
+    *,
+    n_obs_train: int,
+    n_obs_val: int = 0,
+) -> dict[str, list[float]]:
+    """Train ``module`` in place; returns the history, one value per epoch for each key."""
+    optimizer = make_optimizer(module.parameters(), config)
+    params = [p for p in module.parameters() if p.requires_grad]
+    val_every = 1 if config.early_stopping else config.check_val_every_n_epoch
+    history: dict[str, list[float]] = {}
+    best, bad_epochs, step = math.inf, 0, 0
+    bar = tqdm(range(config.max_epochs), desc="Epochs", disable=not config.enable_progress_bar, leave=False)
+    for epoch in bar:
+        w = kl_weight(epoch, step, config.n_epochs_kl_warmup, config.n_steps_kl_warmup,
+                      config.max_kl_weight, config.min_kl_weight)
+        module.train()
+        totals = _Totals()
+        for batch in train_batches():
+            if config.n_steps_kl_warmup and not config.n_epochs_kl_warmup:
+                w = kl_weight(epoch, step, None, config.n_steps_kl_warmup, config.max_kl_weight, config.min_kl_weight)
+            out = module.loss(batch, kl_weight=w)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if config.gradient_clip_val is not None:
+                torch.nn.utils.clip_grad_norm_(params, config.gradient_clip_val, foreach=True)
+            optimizer.step()
+            totals.add(out)
+            step += 1
+        metrics = totals.read("train", n_obs_train)
+        metrics["kl_weight"] = w
+        _check_finite(metrics, epoch)
+        if val_batches is not None and val_every and (epoch + 1) % val_every == 0 and n_obs_val > 0:
+            metrics.update(evaluate(module, val_batches(), "validation", n_obs_val))
+        for key, v in metrics.items():
+            history.setdefault(key, []).append(v)
+        bar.set_postfix(train_loss=f"{metrics['train_loss_epoch']:.1f}")
+        if config.early_stopping and config.early_stopping_monitor in metrics:
+            current = metrics[config.early_stopping_monitor]
+            if current < best - config.early_stopping_min_delta:
+                best, bad_epochs = current, 0
+            else:
+                bad_epochs += 1
+                if bad_epochs >= config.early_stopping_patience:
+                    break
+    bar.close()
+    module.eval()
+    return history
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, batches: Iterable[dict], split: str, n_obs: int) -> dict[str, float]:
+    """The history metrics of ``module`` over ``batches`` at full KL weight, in eval mode."""
+    was_training = module.training
+    module.eval()
+    totals = _Totals()
+    for batch in batches:
+        totals.add(module.loss(batch, kl_weight=1.0))
+    module.train(was_training)
+    return totals.read(split, n_obs)

@@ -1,0 +1,178 @@
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import silhouette
+
+import cellvi
+
+
+def test_shapes_and_history(trained_scvi):
+    m = trained_scvi
+    n, g = m.adata.shape
+    assert m.get_latent_representation().shape == (n, 5)
+    means, variances = m.get_latent_representation(return_dist=True)
+    assert means.shape == variances.shape == (n, 5) and (variances > 0).all()
+    assert m.get_latent_representation(indices=[3, 1]).shape == (2, 5)
+    h = m.history
+    assert list(h["elbo_train"].columns) == ["elbo_train"] and len(h["elbo_train"]) == 15
+    assert h["elbo_train"]["elbo_train"].iloc[-1] < h["elbo_train"]["elbo_train"].iloc[0]
+
+
+def test_normalized_expression_semantics(trained_scvi):
+    m = trained_scvi
+    df = m.get_normalized_expression(indices=np.arange(20))
+    assert isinstance(df, pd.DataFrame) and df.shape == (20, m.adata.n_vars)
+    assert list(df.index) == list(m.adata.obs_names[:20]) and list(df.columns) == list(m.adata.var_names)
+    np.testing.assert_allclose(df.sum(1), 1.0, rtol=1e-4)  # library_size=1: proportions
+    samples = m.get_normalized_expression(indices=np.arange(20), n_samples=4, return_mean=False)
+    assert isinstance(samples, np.ndarray) and samples.shape == (4, 20, m.adata.n_vars)
+    genes = ["gene_3", "gene_0"]
+    sub = m.get_normalized_expression(indices=np.arange(20), gene_list=genes, library_size=1e4)
+    assert list(sub.columns) == genes
+    # transform_batch as a list = mean of decoding in each batch (same posterior draw via the seed)
+    torch.manual_seed(0)
+    both = m.get_normalized_expression(indices=np.arange(30), transform_batch=["batch_0", "batch_1"],
+                                       return_numpy=True)
+    each = []
+    for b in ["batch_0", "batch_1"]:
+        torch.manual_seed(0)
+        each.append(m.get_normalized_expression(indices=np.arange(30), transform_batch=b, return_numpy=True))
+    np.testing.assert_allclose(both, (each[0] + each[1]) / 2, rtol=1e-5, atol=1e-9)
+    assert not np.allclose(each[0], each[1])  # the batch changes the decoded expression
+    with pytest.raises(ValueError, match="transform_batch 'batch_7'"):
+        m.get_normalized_expression(transform_batch="batch_7")
+
+
+def test_likelihoods_are_consistent(trained_scvi):
+    m = trained_scvi
+    idx = np.arange(60)
+    elbo = m.get_elbo(indices=idx)
+    rec = m.get_reconstruction_error(indices=idx)["reconstruction_loss"]
+    mll = m.get_marginal_ll(indices=idx, n_mc_samples=200)
+    assert elbo < 0 and rec > 0
+    assert -rec > elbo  # ELBO = E[log p(x|z)] - KL, KL >= 0
+    assert elbo <= mll <= elbo + 0.2 * abs(elbo)  # importance sampling tightens the bound
+    per_cell = m.get_elbo(indices=idx, return_mean=False)
+    assert per_cell.shape == (60,)
+
+
+def test_posterior_predictive_sample(trained_scvi):
+    m = trained_scvi
+    x = m.posterior_predictive_sample(indices=np.arange(50), n_samples=3)
+    assert x.shape == (50, m.adata.n_vars, 3) and (x >= 0).all() and np.allclose(x, np.round(x))
+    obs_total = np.asarray(m.adata.X[:50].sum(1)).ravel()
+    ratio = x.sum(1).mean(-1) / obs_total
+    assert 0.5 < np.median(ratio) < 2.0  # draws keep each cell's depth
+
+
+def test_latent_separates_cell_types_and_mixes_batches_better_than_pca():
+    adata = cellvi.datasets.simulate(1500, 300, n_cell_types=4, seed=3, batch_lfc=2.0, batch_noise=0.5)
+    cellvi.SCVI.setup_anndata(adata, batch_key="batch")
+    model = cellvi.SCVI(adata)
+    model.train(max_epochs=60, n_epochs_kl_warmup=20)
+    z = model.get_latent_representation()
+    from sklearn.decomposition import PCA
+
+    X = adata.X.toarray()
+    pca = PCA(10, random_state=0).fit_transform(np.log1p(X / X.sum(1, keepdims=True) * 1e4))
+    ct, b = adata.obs["cell_type"].to_numpy(), adata.obs["batch"].to_numpy()
+
+    def batch_asw_within_types(e):  # batch separation inside each cell type (0: mixed)
+        return np.mean([silhouette(e[ct == t], b[ct == t]) for t in np.unique(ct)])
+
+    assert silhouette(z, ct) > silhouette(pca, ct) + 0.05
+    assert batch_asw_within_types(z) < 0.5 * batch_asw_within_types(pca)
+
+
+def test_same_seed_same_model(small_adata):
+    cellvi.SCVI.setup_anndata(small_adata, batch_key="batch")
+    zs = []
+    for _ in range(2):
+        m = cellvi.SCVI(small_adata)
+        m.train(max_epochs=3, seed=5)
+        zs.append(m.get_latent_representation())
+    np.testing.assert_array_equal(zs[0], zs[1])
+    m = cellvi.SCVI(small_adata)
+    m.train(max_epochs=3, seed=6)
+    assert not np.array_equal(zs[0], m.get_latent_representation())
+
+
+def test_save_load_round_trip_is_exact(tmp_path, trained_scvi):
+    m = trained_scvi
+    m.save(tmp_path / "m", save_anndata=True)
+    with pytest.raises(ValueError, match="overwrite=True"):
+        m.save(tmp_path / "m")
+    assert not any(p.suffix in (".pkl", ".pt") for p in (tmp_path / "m").iterdir())
+    for adata in (None, m.adata.copy()):
+        m2 = cellvi.SCVI.load(tmp_path / "m", adata=adata)
+        np.testing.assert_array_equal(m.get_latent_representation(), m2.get_latent_representation())
+        torch.manual_seed(1)
+        e1 = m.get_normalized_expression(indices=np.arange(40), return_numpy=True)
+        torch.manual_seed(1)
+        e2 = m2.get_normalized_expression(indices=np.arange(40), return_numpy=True)
+        np.testing.assert_array_equal(e1, e2)
+        assert m2.history_ == m.history_ and m2.is_trained
+        np.testing.assert_array_equal(m2.train_indices_, m.train_indices_)
+
+
+def test_load_refuses_mismatched_data(tmp_path, trained_scvi):
+    m = trained_scvi
+    m.save(tmp_path / "m")
+    fewer = m.adata[:, 1:].copy()
+    with pytest.raises(ValueError, match="genes differ.*1 missing"):
+        cellvi.SCVI.load(tmp_path / "m", adata=fewer)
+    shuffled = m.adata[:, ::-1].copy()
+    with pytest.raises(ValueError, match="another order"):
+        cellvi.SCVI.load(tmp_path / "m", adata=shuffled)
+    other = m.adata.copy()
+    cellvi.SCVI.setup_anndata(other, batch_key="donor")
+    with pytest.raises(ValueError, match="batch_key: model 'batch' vs adata 'donor'"):
+        cellvi.SCVI.load(tmp_path / "m", adata=other)
+    bad = m.adata.copy()
+    del bad.uns["_cellvi_setup"]
+    bad.obs["batch"] = pd.Categorical(["batch_5"] * bad.n_obs)
+    with pytest.raises(ValueError, match="batch_5"):
+        cellvi.SCVI.load(tmp_path / "m", adata=bad)
+    with pytest.raises(ValueError, match="No adata given"):
+        cellvi.SCVI.load(tmp_path / "m")
+
+
+def test_query_data_with_known_batches_works(trained_scvi):
+    m = trained_scvi
+    query = ad.AnnData(m.adata.X[:25].copy(), obs=m.adata.obs.iloc[:25].copy(), var=m.adata.var.copy())
+    z_query = m.get_latent_representation(query)
+    np.testing.assert_allclose(z_query, m.get_latent_representation(indices=np.arange(25)), rtol=1e-5, atol=1e-6)
+    assert "_cellvi_setup" not in query.uns  # reading a query does not write into it
+    query.obs["batch"] = "batch_new"
+    with pytest.raises(ValueError, match="batch_new"):
+        m.get_latent_representation(query)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(gene_likelihood="nb", dispersion="gene-batch"),
+        dict(gene_likelihood="poisson"),
+        dict(dispersion="gene-cell", latent_distribution="ln"),
+        dict(dispersion="gene-label", use_observed_lib_size=False, n_layers=2),
+        dict(encode_covariates=True),
+    ],
+)
+def test_model_variants_train_and_decode(kwargs, small_adata):
+    small_adata.obs["depth"] = np.log(np.asarray(small_adata.X.sum(1)).ravel())
+    cellvi.SCVI.setup_anndata(small_adata, batch_key="batch", labels_key="cell_type",
+                              categorical_covariate_keys=["donor"], continuous_covariate_keys=["depth"])
+    m = cellvi.SCVI(small_adata, **kwargs)
+    m.train(max_epochs=2)
+    assert np.isfinite(m.history_["elbo_train"]).all()
+    expr = m.get_normalized_expression(return_numpy=True)
+    np.testing.assert_allclose(expr.sum(1), 1.0, rtol=1e-4)
+    assert np.isfinite(m.get_marginal_ll(indices=np.arange(10), n_mc_samples=10))
+
+
+def test_bad_hyperparameters_are_rejected(small_adata):
+    cellvi.SCVI.setup_anndata(small_adata)
+    with pytest.raises(ValueError, match="gene_likelihood='zip'"):
+        cellvi.SCVI(small_adata, gene_likelihood="zip")
