@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import scipy.io
 import scipy.sparse as sp
-from conftest import shared_file
 
 import cellvi
+from conftest import shared_file
 
 
 def test_simulate_design_and_truth():

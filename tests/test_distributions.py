@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
+import scipy.special
 import scipy.stats
 import torch
 
-from cellvi.distributions import NegativeBinomial, Poisson, nb_log_prob, poisson_log_prob, zinb_log_prob
+from cellvi.distributions import NegativeBinomial, Poisson, digamma, nb_log_prob, poisson_log_prob, zinb_log_prob
 
 f64 = lambda v: torch.as_tensor(v, dtype=torch.float64)  # noqa: E731
 
@@ -47,17 +48,23 @@ def test_sparse_row_sum_equals_dense_sum(zi, theta_shape):
     torch.testing.assert_close(p.log_prob_sum(x), p.log_prob(x).sum(-1), rtol=1e-10, atol=1e-10)
 
 
-def test_sparse_row_sum_gradients_match_dense():
+@pytest.mark.parametrize("zi", [False, True])
+@pytest.mark.parametrize("theta_shape", ["gene", "cell"])
+def test_sparse_row_sum_gradients_match_dense(zi, theta_shape):
     g = torch.Generator().manual_seed(1)
     x = torch.poisson(torch.rand(8, 20, generator=g, dtype=torch.float64) * 3)
     mu = (torch.rand(8, 20, generator=g, dtype=torch.float64) * 4 + 0.1).requires_grad_()
-    theta = (torch.rand(20, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
-    logits = torch.randn(8, 20, generator=g, dtype=torch.float64).requires_grad_()
+    theta = (torch.rand(20 if theta_shape == "gene" else (8, 20), generator=g, dtype=torch.float64) + 0.5)
+    theta.requires_grad_()
+    logits = torch.randn(8, 20, generator=g, dtype=torch.float64).requires_grad_() if zi else None
+    params = [mu, theta] + ([logits] if zi else [])
+    weights = torch.rand(8, generator=g, dtype=torch.float64)  # a non-uniform upstream gradient
     grads = []
     for fn in ("log_prob_sum", "log_prob"):
         d = NegativeBinomial(mu, theta, logits)
         out = getattr(d, fn)(x)
-        grads.append(torch.autograd.grad(out.sum(), [mu, theta, logits]))
+        out = out if out.dim() == 1 else out.sum(-1)
+        grads.append(torch.autograd.grad((out * weights).sum(), params))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
@@ -69,3 +76,8 @@ def test_samples_have_the_stated_moments():
     s = d.sample(40_000)[:, 0]  # (n, 3)
     np.testing.assert_allclose(s.mean(0).numpy(), d.mean[0].numpy(), rtol=0.05)
     np.testing.assert_allclose(s.var(0).numpy(), d.variance[0].numpy(), rtol=0.1)
+
+
+def test_fast_digamma_matches_scipy():
+    z = np.concatenate([np.geomspace(1e-4, 1e5, 400), np.arange(1, 50) + 0.37])
+    np.testing.assert_allclose(digamma(f64(z)).numpy(), scipy.special.digamma(z), rtol=1e-12, atol=1e-10)

@@ -3,9 +3,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import silhouette
 
 import cellvi
+from conftest import silhouette
 
 
 def test_shapes_and_history(trained_scvi):

@@ -84,7 +84,7 @@ def simulate(
     ct = np.where(stim, rng.choice(n_cell_types, n_cells, p=stim_p), rng.choice(n_cell_types, n_cells, p=base_p))
     batch = np.array([donors[d][0] for d in donor_idx])
     # --- log mean expression per gene (natural log)
-    base = rng.normal(0.0, 1.0, n_genes)
+    base = rng.normal(0.0, 1.5, n_genes)  # heavy-tailed gene means, as in real data
     markers = np.zeros((n_cell_types, n_genes), bool)
     type_eff = np.zeros((n_cell_types, n_genes))
     for k in range(n_cell_types):

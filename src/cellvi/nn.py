@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Normal
 
+from cellvi.distributions import normal
+
 
 class InjectedLinear(nn.Module):
     """``Linear([h, onehot(c_1), ..., onehot(c_k)])`` computed as ``Linear(h) + sum_j E_j[c_j]``."""
@@ -90,4 +92,4 @@ class GaussianEncoder(nn.Module):
 
     def forward(self, h: Tensor, cats: list[Tensor] = ()) -> Normal:
         q = self.body(h, cats)
-        return Normal(self.mean(q), torch.sqrt(torch.exp(self.log_var(q)) + self.var_eps))
+        return normal(self.mean(q), torch.sqrt(torch.exp(self.log_var(q)) + self.var_eps))

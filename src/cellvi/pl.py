@@ -61,3 +61,39 @@ def embedding(coords: np.ndarray, colors: dict[str, pd.Series], save: str | None
         fig.savefig(save, dpi=120)
         plt.close(fig)
     return fig
+
+
+def volcano(results: pd.DataFrame, fdr_key: str | None = None, n_labels: int = 10, ax=None, save: str | None = None):
+    """Volcano plot of a DE table: ``lfc_mean`` against ``proba_de`` (as -log10(1 - proba_de)).
+
+    Parameters
+    ----------
+    results
+        Output of ``model.differential_expression`` for one comparison.
+    fdr_key
+        Boolean column marking the calls (default: the ``is_de_fdr_*`` column), drawn in red.
+    n_labels
+        Label this many called features with the largest |lfc_mean|.
+    """
+    plt = _plt()
+    if results["comparison"].nunique() > 1:
+        raise ValueError("results hold several comparisons; select one, e.g. results[results.comparison == ...].")
+    fdr_key = fdr_key or next((c for c in results.columns if c.startswith("is_de_fdr_")), None)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 4))
+    y = -np.log10(np.clip(1.0 - results["proba_de"].to_numpy(), 1e-4, 1.0))
+    x = results["lfc_mean"].to_numpy()
+    called = results[fdr_key].to_numpy() if fdr_key else np.zeros(len(results), bool)
+    ax.scatter(x[~called], y[~called], s=4, color="0.6", linewidths=0, label="not called")
+    ax.scatter(x[called], y[called], s=6, color="tab:red", linewidths=0, label=f"called ({called.sum()})")
+    for i in np.argsort(-np.abs(x) * called)[: min(n_labels, called.sum())]:
+        ax.annotate(str(results.index[i]), (x[i], y[i]), fontsize=6)
+    ax.set_xlabel("LFC (log2, group1 vs group2)")
+    ax.set_ylabel("-log10(1 - proba_de)")
+    ax.set_title(str(results["comparison"].iloc[0]))
+    ax.legend(frameon=False, fontsize=7)
+    if save:
+        ax.figure.tight_layout()
+        ax.figure.savefig(save, dpi=120)
+        plt.close(ax.figure)
+    return ax

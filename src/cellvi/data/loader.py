@@ -12,6 +12,7 @@ indexed the same way. Keys of a minibatch (the one vocabulary all modules read):
 ``cont_covs``    float32 (B, C)   continuous covariates (C may be 0)
 ``size_factor``  float32 (B, 1)   present only when a size_factor_key was set up
 ``index``        int64   (B,)     row of each cell in the AnnData
+``nonzeros``     Nonzeros         (rows, cols, values) of the non-zero entries of ``x``
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 from anndata import AnnData
 from torch import Tensor
 
-from cellvi.data.setup import DataSpec, check_compatible, codes, get_counts, size_factors, validate_counts, _continuous
+from cellvi.data.setup import DataSpec, _continuous, check_compatible, codes, get_counts, size_factors, validate_counts
+from cellvi.distributions import Nonzeros
 
 
 def _to_csr(X) -> sp.csr_matrix:
@@ -95,10 +97,12 @@ class CountData:
         # position of each gathered non-zero in the CSR arrays: row start + rank within the row
         first = torch.repeat_interleave(counts.cumsum(0) - counts, counts, output_size=total)
         pos = start[rows] + torch.arange(total, device=self.device) - first
+        cols, values = self.indices[pos], self.values[pos]
         x = torch.zeros(idx.numel() * self.n_vars, device=self.device)
-        x.index_put_((rows * self.n_vars + self.indices[pos],), self.values[pos])
+        x.scatter_(0, rows * self.n_vars + cols, values)
         batch = {key: t[idx] for key, t in self.obs.items()}
         batch["x"] = x.view(idx.numel(), self.n_vars)
+        batch["nonzeros"] = Nonzeros(rows, cols, values)  # lets likelihoods skip the zeros
         return batch
 
     def batches(

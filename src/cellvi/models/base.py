@@ -173,7 +173,7 @@ class Model:
         max_kl_weight: float = 1.0,
         weight_decay: float = 1e-6,
         eps: float = 0.01,
-        gradient_clip_val: float | None = 50.0,
+        gradient_clip_val: float | None = None,
         check_val_every_n_epoch: int | None = None,
         enable_progress_bar: bool | None = None,
         seed: int | None = None,
@@ -200,7 +200,8 @@ class Model:
         n_epochs_kl_warmup, n_steps_kl_warmup, max_kl_weight
             The KL term's weight rises linearly from 0 to ``max_kl_weight`` over these epochs (or steps).
         gradient_clip_val
-            Maximum gradient norm (``None``: no clipping).
+            Clip the global gradient norm to this value (``None``, the default as in scvi-tools: no
+            clipping). Set it (e.g. 50) for data that produce occasional huge gradients.
         check_val_every_n_epoch
             Compute validation metrics every n epochs (every epoch with early stopping).
         enable_progress_bar

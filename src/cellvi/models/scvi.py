@@ -89,9 +89,9 @@ class SCVIModule(nn.Module):
         self.decoder = MLP(cfg.n_latent + n_continuous_cov, cfg.n_hidden, n_cats=[n_batches, *n_cats_per_cov],
                            n_hidden=cfg.n_hidden, n_layers=cfg.n_layers, dropout_rate=0.0,
                            use_batch_norm=bn_dec, use_layer_norm=ln_dec, inject_all=cfg.deeply_inject_covariates)
-        self.scale_head = nn.Linear(cfg.n_hidden, n_genes)  # -> softmax: normalized expression rho
-        self.zi_head = nn.Linear(cfg.n_hidden, n_genes)  # -> zero-inflation logits
-        self.theta_head = nn.Linear(cfg.n_hidden, n_genes) if cfg.dispersion == "gene-cell" else None
+        # one matmul for all per-gene outputs: [scale logits | zero-inflation logits | log theta (gene-cell)]
+        self.n_heads = 3 if cfg.dispersion == "gene-cell" else 2
+        self.heads = nn.Linear(cfg.n_hidden, self.n_heads * n_genes)
         n_theta = {"gene": 1, "gene-batch": n_batches, "gene-label": n_labels, "gene-cell": 0}[cfg.dispersion]
         self.log_theta = nn.Parameter(torch.randn(n_theta, n_genes)) if n_theta else None
         self.register_buffer("library_log_means", library_log_means.float().reshape(-1))
@@ -99,9 +99,9 @@ class SCVIModule(nn.Module):
 
     # q(z, l | x)
     def inference(self, x: Tensor, batch: Tensor, cat_covs: Tensor, cont_covs: Tensor,
-                  size_factor: Tensor | None = None, n_samples: int = 1) -> dict:
+                  size_factor: Tensor | None = None, n_samples: int = 1, nz: dist.Nonzeros | None = None) -> dict:
         cfg = self.config
-        h = torch.log1p(x) if cfg.log_variational else x
+        h = x if not cfg.log_variational else torch.log1p(x) if nz is None else dist.log1p_dense(x, nz)
         cats: list[Tensor] = []
         if cfg.encode_covariates:
             h = torch.cat([h, cont_covs], -1) if cont_covs.shape[-1] else h
@@ -125,11 +125,12 @@ class SCVIModule(nn.Module):
                    label: Tensor) -> dict:
         h = torch.cat([z, cont_covs], -1) if cont_covs.shape[-1] else z
         h = self.decoder(h, [batch, *cat_covs.unbind(-1)])  # (B, n_hidden)
-        scale = F.softmax(self.scale_head(h), -1)  # (B, G), rows sum to 1
+        heads = self.heads(h).chunk(self.n_heads, -1)  # each (B, G)
+        scale = F.softmax(heads[0], -1)  # (B, G), rows sum to 1
         rate = torch.exp(library) * scale
         disp = self.config.dispersion
         if disp == "gene-cell":
-            theta = torch.exp(self.theta_head(h))
+            theta = torch.exp(heads[2])
         elif disp == "gene":
             theta = torch.exp(self.log_theta[0])  # (G,)
         else:
@@ -138,18 +139,18 @@ class SCVIModule(nn.Module):
         if lik == "poisson":
             px = dist.Poisson(rate, scale=scale)
         else:
-            px = dist.NegativeBinomial(rate, theta, self.zi_head(h) if lik == "zinb" else None, scale=scale)
-        pz = Normal(torch.zeros_like(z), torch.ones_like(z))
+            px = dist.NegativeBinomial(rate, theta, heads[1] if lik == "zinb" else None, scale=scale)
+        pz = dist.normal(torch.zeros_like(z), torch.ones_like(z))
         pl = None
         if self.l_encoder is not None:
-            pl = Normal(self.library_log_means[batch][:, None], self.library_log_vars[batch][:, None].sqrt())
+            pl = dist.normal(self.library_log_means[batch][:, None], self.library_log_vars[batch][:, None].sqrt())
         return {"px": px, "pz": pz, "pl": pl}
 
     def forward_batch(self, batch: dict[str, Tensor], n_samples: int = 1) -> tuple[dict, dict]:
         """Inference then generative on a minibatch; with ``n_samples > 1`` samples are flattened
         into the cell axis (sample-major: row ``s * B + b``)."""
         inf = self.inference(batch["x"], batch["batch"], batch["cat_covs"], batch["cont_covs"],
-                             batch.get("size_factor"), n_samples)
+                             batch.get("size_factor"), n_samples, batch.get("nonzeros"))
         z, library = inf["z"], inf["library"]
         covs = [batch[k] for k in ("batch", "cat_covs", "cont_covs", "label")]
         if n_samples > 1:
@@ -160,8 +161,8 @@ class SCVIModule(nn.Module):
 
     def loss(self, batch: dict[str, Tensor], kl_weight: float = 1.0) -> dict[str, Tensor]:
         inf, gen = self.forward_batch(batch)
-        rec = -gen["px"].log_prob_sum(batch["x"])  # (B,)
-        kl_z = kl_divergence(inf["qz"], Normal(0.0, 1.0)).sum(-1)  # (B,)
+        rec = -gen["px"].log_prob_sum(batch["x"], batch.get("nonzeros"))  # (B,)
+        kl_z = dist.kl_standard_normal(inf["qz"]).sum(-1)  # (B,)
         kl_l = kl_divergence(inf["ql"], gen["pl"]).sum(-1) if inf["ql"] is not None else torch.zeros_like(kl_z)
         loss = torch.mean(rec + kl_weight * kl_z + kl_l)
         return {"loss": loss, "reconstruction_loss": rec, "kl_local": kl_z + kl_l}
@@ -269,24 +270,51 @@ class SCVI(Model):
             raise ValueError(f"gene_list has genes the model does not know: {missing[:10]}.")
         return names.get_indexer(gene_list)
 
+    def _sample_posterior(self, batch: dict, n: int, with_log_weights: bool = False):
+        """``n`` draws of (z, l) from q(z, l | x), flattened sample-major to ``(n * cells, ...)``,
+        and optionally the log importance weights ``log p(x, z, l) - log q(z, l | x)``, shape ``(n, cells)``."""
+        m = self.module
+        inf = m.inference(batch["x"], batch["batch"], batch["cat_covs"], batch["cont_covs"],
+                          batch.get("size_factor"), n_samples=1, nz=batch.get("nonzeros"))
+        qz, ql, B = inf["qz"], inf["ql"], batch["x"].shape[0]
+        z_raw = qz.sample((n,))  # (n, B, L), before the softmax of "ln"
+        z = F.softmax(z_raw, -1) if self.config.latent_distribution == "ln" else z_raw
+        library = inf["library"].expand(n, B, 1) if ql is None else ql.sample((n,))
+        z, library = flatten_samples(z), flatten_samples(library)
+        if not with_log_weights:
+            return z, library, None
+        log_w = (Normal(0.0, 1.0).log_prob(z_raw) - qz.log_prob(z_raw)).sum(-1)  # (n, B)
+        gen = m.generative(z, library, *self._repeat_covariates(batch, n))
+        log_w = log_w + gen["px"].log_prob_sum(batch["x"].repeat(n, 1)).reshape(n, B)
+        if ql is not None:
+            lib = library.reshape(n, B, 1)
+            log_w = log_w + (gen["pl"].log_prob(library).reshape(n, B, 1) - ql.log_prob(lib)).sum(-1)
+        return z, library, log_w
+
+    @staticmethod
+    def _repeat_covariates(batch: dict, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(batch, cat_covs, cont_covs, label) of a minibatch, repeated for ``n`` sample-major draws."""
+        return tuple(batch[k].repeat(n, *([1] * (batch[k].dim() - 1)))
+                     for k in ("batch", "cat_covs", "cont_covs", "label"))
+
     @torch.no_grad()
     def _expression_samples(self, batch: dict, n_samples: int, batch_codes: list[int | None],
-                            library_size) -> Tensor:
-        """Decoded expression, shape ``(n_samples, cells, genes)``, averaged over ``batch_codes``."""
-        inf = self.module.inference(batch["x"], batch["batch"], batch["cat_covs"], batch["cont_covs"],
-                                    batch.get("size_factor"), n_samples)
-        z, library = inf["z"], inf["library"]
-        if n_samples > 1:
-            z, library = flatten_samples(z), flatten_samples(library)
-        rep = lambda t: t.repeat(n_samples, *([1] * (t.dim() - 1))) if n_samples > 1 else t  # noqa: E731
-        cat, cont, lab = rep(batch["cat_covs"]), rep(batch["cont_covs"]), rep(batch["label"])
+                            library_size, with_log_weights: bool = False):
+        """Decoded expression ``(n_samples, cells, genes)``, averaged over ``batch_codes`` (same z for
+        each), and the log importance weights ``(n_samples, cells)`` when asked for."""
+        z, library, log_w = self._sample_posterior(batch, n_samples, with_log_weights)
+        own_batch, cat, cont, lab = self._repeat_covariates(batch, n_samples)
         total = 0.0
         for code in batch_codes:
-            b = rep(batch["batch"]) if code is None else torch.full_like(rep(batch["batch"]), code)
+            b = own_batch if code is None else torch.full_like(own_batch, code)
             px = self.module.generative(z, library, b, cat, cont, lab)["px"]
-            total = total + (px.mu if library_size == "latent" else px.scale * library_size)
+            if library_size == "mean":  # expected counts per unit library: (1 - pi) * rho for ZINB
+                total = total + px.mean / torch.exp(library)
+            else:
+                total = total + (px.mu if library_size == "latent" else px.scale * library_size)
         expr = total / len(batch_codes)
-        return expr.reshape(n_samples, -1, expr.shape[-1])
+        expr = expr.reshape(n_samples, -1, expr.shape[-1])
+        return (expr, log_w) if with_log_weights else expr
 
     @torch.no_grad()
     def get_normalized_expression(self, adata: AnnData | None = None, indices=None, transform_batch=None,
@@ -380,26 +408,54 @@ class SCVI(Model):
 
     def _log_weights(self, batch: dict, n: int) -> Tensor:
         """log p(x, z, l) - log q(z, l | x) for ``n`` posterior samples, shape ``(n, cells)``."""
-        m = self.module
-        inf = m.inference(batch["x"], batch["batch"], batch["cat_covs"], batch["cont_covs"],
-                          batch.get("size_factor"), n_samples=1)
-        qz = inf["qz"]
-        z_raw = qz.sample((n,))  # (n, B, L), pre-softmax for "ln"
-        z = F.softmax(z_raw, -1) if self.config.latent_distribution == "ln" else z_raw
-        B = batch["x"].shape[0]
-        log_w = Normal(0.0, 1.0).log_prob(z_raw).sum(-1) - qz.log_prob(z_raw).sum(-1)  # (n, B)
-        if inf["ql"] is None:
-            library = inf["library"].expand(n, B, 1)
-        else:
-            library = inf["ql"].sample((n,))
-            log_w = log_w - inf["ql"].log_prob(library).sum(-1)
-        rep = lambda t: t.repeat(n, *([1] * (t.dim() - 1)))  # noqa: E731
-        gen = m.generative(flatten_samples(z), flatten_samples(library), rep(batch["batch"]),
-                           rep(batch["cat_covs"]), rep(batch["cont_covs"]), rep(batch["label"]))
-        log_px = gen["px"].log_prob_sum(rep(batch["x"])).reshape(n, B)
-        if gen["pl"] is not None:
-            log_w = log_w + gen["pl"].log_prob(flatten_samples(library)).sum(-1).reshape(n, B)
-        return log_w + log_px
+        return self._sample_posterior(batch, n, with_log_weights=True)[2]
+
+    # ------------------------------------------------------------------ differential expression
+
+    @torch.no_grad()
+    def _de_draws(self, adata: AnnData | None, indices: np.ndarray, n_samples: int, transform_batch,
+                  batch_size: int | None, return_log_weights: bool = False):
+        """Normalized expression draws for :mod:`cellvi.de`: ``(n_samples * cells, genes)``, sample-major; with
+        ``return_log_weights`` also the ``(n_samples, cells)`` log importance weights.
+
+        DE compares expected counts per unit library, ``(1 - pi) * rho`` for ZINB, not the scale ``rho``
+        before zero-inflation: a ZINB decoder may give a gene an arbitrary scale when it explains all of
+        that gene's zeros as dropouts (the scale then gets no gradient), which made unobserved genes look DE.
+        """
+        self.module.eval()
+        codes = self._batch_codes(transform_batch)
+        chunks, weights = [], []
+        for batch in self._minibatches(adata, indices, batch_size):
+            out = self._expression_samples(batch, n_samples, codes, "mean", return_log_weights)
+            expr, log_w = out if return_log_weights else (out, None)
+            chunks.append(expr.cpu())
+            if log_w is not None:
+                weights.append(log_w.cpu())
+        draws = torch.cat(chunks, 1).reshape(-1, self.spec.n_genes).numpy()
+        return (draws, torch.cat(weights, 1).numpy()) if return_log_weights else draws
+
+    def differential_expression(self, adata: AnnData | None = None, groupby: str | None = None, group1=None,
+                                group2: str | None = None, idx1=None, idx2=None, mode: str = "vanilla",
+                                delta: float | None = 0.25, batch_size: int | None = None, all_stats: bool = True,
+                                batch_correction: bool = False, batchid1=None, batchid2=None,
+                                fdr_target: float = 0.05, silent: bool = False, weights: str = "uniform",
+                                filter_outlier_cells: bool = False, pseudocounts: float | None = 0.0,
+                                n_samples: int = 5000, **kwargs) -> pd.DataFrame:
+        """Bayesian differential expression between two groups of cells; see :func:`cellvi.de.differential_expression`
+        for every parameter and ``docs/de.md`` for a guide.
+
+        Returns
+        -------
+        DataFrame indexed by gene with scvi-tools' columns (``proba_de``, ``bayes_factor``, ``lfc_mean``,
+        ``is_de_fdr_<fdr_target>``, ``comparison``, ...).
+        """
+        from cellvi import de
+
+        return de.differential_expression(
+            self, adata, groupby=groupby, group1=group1, group2=group2, idx1=idx1, idx2=idx2, mode=mode,
+            delta=delta, batch_size=batch_size, all_stats=all_stats, batch_correction=batch_correction,
+            batchid1=batchid1, batchid2=batchid2, fdr_target=fdr_target, silent=silent, weights=weights,
+            filter_outlier_cells=filter_outlier_cells, pseudocounts=pseudocounts, n_samples=n_samples, **kwargs)
 
     @torch.no_grad()
     def posterior_predictive_sample(self, adata: AnnData | None = None, indices=None, n_samples: int = 1,

@@ -1,0 +1,124 @@
+"""SCVI: cellvi vs scvi-tools, side by side in one run, on the same simulated data.
+
+Usage (from the repo root; scvi-tools lives in its own venv, see BENCHMARKS.md):
+
+    python benchmarks/bench_scvi.py --scvi-python /work/venv-scvi/bin/python
+
+Each library runs in its own subprocess, one after the other (never at the same time), on the same
+cells: 90 % train, 10 % held out. Reported per library: seconds per epoch (training wall time /
+epochs), held-out ELBO per cell (higher is better), cell-type and batch silhouette of the held-out
+latent, peak resident memory, and ``import`` time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def make_data(n_cells: int, n_genes: int, seed: int = 0):
+    import cellvi
+
+    adata = cellvi.datasets.simulate(n_cells, n_genes, n_batches=2, mean_library_size=500, seed=seed)
+    rng = np.random.default_rng(seed)
+    test = np.zeros(n_cells, bool)
+    test[rng.choice(n_cells, n_cells // 10, replace=False)] = True
+    return adata[~test].copy(), adata[test].copy()
+
+
+def silhouettes(z, obs) -> dict:
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(0)
+    sub = rng.choice(len(z), min(len(z), 2000), replace=False)
+    return {f"silhouette_{k}": float(silhouette_score(z[sub], obs[k].astype(str).to_numpy()[sub]))
+            for k in ("cell_type", "batch")}
+
+
+def run_cellvi(args) -> dict:
+    import torch
+
+    import cellvi
+
+    train, test = make_data(args.n_cells, args.n_genes)
+    cellvi.SCVI.setup_anndata(train, batch_key="batch")
+    model = cellvi.SCVI(train)
+    t0 = time.perf_counter()
+    model.train(max_epochs=args.epochs, batch_size=128, train_size=1.0, enable_progress_bar=False,
+                accelerator="cpu")
+    seconds = time.perf_counter() - t0
+    out = {"library": f"cellvi {cellvi.__version__}", "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "s_per_epoch": seconds / args.epochs, "heldout_elbo": model.get_elbo(test)}
+    out.update(silhouettes(model.get_latent_representation(test), test.obs))
+    return out
+
+
+def run_scvi(args) -> dict:
+    import scvi
+    import torch
+
+    train, test = make_data(args.n_cells, args.n_genes)
+    scvi.settings.seed = 0
+    scvi.model.SCVI.setup_anndata(train, batch_key="batch")
+    model = scvi.model.SCVI(train)
+    t0 = time.perf_counter()
+    model.train(max_epochs=args.epochs, batch_size=128, train_size=1.0, enable_progress_bar=False,
+                accelerator="cpu")
+    seconds = time.perf_counter() - t0
+    elbo = float(model.get_elbo(test))
+    out = {"library": f"scvi-tools {scvi.__version__}", "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "s_per_epoch": seconds / args.epochs, "heldout_elbo": elbo}
+    out.update(silhouettes(model.get_latent_representation(test), test.obs))
+    return out
+
+
+def import_seconds(python: str, module: str, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([python, "-c", f"import {module}"], check=True, capture_output=True)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--n-cells", type=int, default=20_000)
+    p.add_argument("--n-genes", type=int, default=2_000)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--which", choices=["both", "cellvi", "scvi"], default="both")
+    p.add_argument("--scvi-python", default=sys.executable)
+    args = p.parse_args()
+    if args.which != "both":
+        out = run_cellvi(args) if args.which == "cellvi" else run_scvi(args)
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print("RESULT " + json.dumps(out))
+        return
+    common = ["--n-cells", str(args.n_cells), "--n-genes", str(args.n_genes), "--epochs", str(args.epochs)]
+    results = []
+    for which, python in (("cellvi", sys.executable), ("scvi", args.scvi_python)):
+        proc = subprocess.run([python, __file__, "--which", which, *common], capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            sys.exit(f"{which} failed:\n{proc.stderr[-3000:]}")
+        results.append(json.loads(line[0][7:]))
+    results[0]["import_s"] = import_seconds(sys.executable, "cellvi")
+    results[1]["import_s"] = import_seconds(args.scvi_python, "scvi")
+    a = cellvi_res = results[0]
+    b = results[1]
+    print(f"data: simulated {args.n_cells} cells x {args.n_genes} genes, 2 batches, {args.epochs} epochs, batch 128")
+    print(f"{'':24s}{'cellvi':>14s}{'scvi-tools':>14s}")
+    for key in ("s_per_epoch", "heldout_elbo", "silhouette_cell_type", "silhouette_batch", "peak_rss_mb", "import_s"):
+        print(f"{key:24s}{a[key]:14.3f}{b[key]:14.3f}")
+    print(f"speed-up (scvi-tools s/epoch / cellvi s/epoch): {b['s_per_epoch'] / cellvi_res['s_per_epoch']:.2f}x")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import average_precision_score
+
+import cellvi
+from cellvi import de
+
+
+# --------------------------------------------------------------------------- pure statistics
+
+
+def test_expected_fdr_calls_by_hand():
+    p = np.array([0.6, 0.99, 0.1, 0.98])  # ranked efdr: 0.01, 0.015, 0.143, 0.333
+    assert de.expected_fdr_calls(p, 0.05).tolist() == [False, True, False, True]
+    assert de.expected_fdr_calls(p, 0.2).tolist() == [False, True, True, True] is False or \
+        de.expected_fdr_calls(p, 0.2).tolist() == [True, True, False, True]  # efdr of top 3 = 0.143
+    assert not de.expected_fdr_calls(np.array([0.5, 0.4]), 0.05).any()
+
+
+def test_bayes_factor_is_the_log_odds():
+    np.testing.assert_allclose(de.bayes_factor(np.array([0.5, 0.9, 0.1])), [0.0, np.log(9), -np.log(9)])
+    assert np.isfinite(de.bayes_factor(np.array([0.0, 1.0]))).all()
+
+
+def test_estimate_delta_finds_the_null_width():
+    rng = np.random.default_rng(0)
+    lfc = np.concatenate([rng.normal(0, 0.1, 900), rng.normal(2, 0.3, 50), rng.normal(-2, 0.3, 50)])
+    assert 0.15 < de.estimate_delta(lfc) < 0.3  # |mean| + 2 sd of the null component ~ 0.2
+    assert de.estimate_delta(rng.normal(0, 0.01, 500), min_delta=0.1) == 0.1
+    with pytest.raises(ValueError, match="at least 10"):
+        de.estimate_delta(np.zeros(3))
+
+
+def test_pseudocounts_come_from_unobserved_features():
+    scale1, scale2 = np.array([1e-3, 2e-5, 5e-4]), np.array([1e-3, 1e-3, 4e-6])
+    nz1, nz2 = np.array([True, False, True]), np.array([True, True, False])
+    assert de.estimate_pseudocounts(scale1, scale2, nz1, nz2, quantile=1.0) == 2e-5
+    assert de.estimate_pseudocounts(scale1, scale2, nz1 | True, nz2 | True) == de.LOG_EPS
+    # a pseudocount shrinks the LFC of a feature never seen in group 2 towards 0
+    lfc_raw = de.lfc_draws(np.array([1e-5]), np.array([1e-9]), 0.0)
+    lfc_pc = de.lfc_draws(np.array([1e-5]), np.array([1e-9]), 2e-5)
+    assert abs(lfc_pc[0]) < 0.6 < abs(lfc_raw[0])
+
+
+def test_population_draws_estimate_the_mean_with_its_uncertainty():
+    rng = np.random.default_rng(1)
+    cells = rng.gamma(2.0, 1.0, (400, 3))  # 400 cells x 3 features
+    draws = np.stack([cells, cells])  # two identical posterior draws
+    h = de.population_draws(draws.astype(np.float32), 4000, rng)
+    np.testing.assert_allclose(h.mean(0), cells.mean(0), rtol=0.01)
+    np.testing.assert_allclose(h.std(0), cells.std(0) / np.sqrt(400), rtol=0.1)  # standard error of a mean
+
+
+def test_count_noise_matches_poisson_precision():
+    rng = np.random.default_rng(2)
+    h = np.full((20000, 2), 0.01)
+    noisy = de.add_count_noise(h, counts=np.array([99.5, 3.5]), rng=rng)
+    np.testing.assert_allclose(np.log(noisy).std(0), [0.1, 0.5], rtol=0.05)  # 1 / sqrt(C + 0.5)
+
+
+def test_model_error_sd_recovers_the_excess_spread():
+    rng = np.random.default_rng(3)
+    n = 4000
+    mean1, mean2 = rng.uniform(100, 1000, n), rng.uniform(100, 1000, n)
+    c1, c2 = rng.poisson(mean1).astype(float), rng.poisson(mean2).astype(float)
+    true_lfc = np.log2(mean1 / mean2)  # libraries of 1 each
+    model = true_lfc + rng.normal(0, 0.3, n)
+    assert 0.25 < de.model_error_sd(model, c1, c2, 1.0, 1.0) < 0.35
+    assert de.model_error_sd(true_lfc, c1, c2, 1.0, 1.0) < 0.05  # only count noise
+    assert de.model_error_sd(model[:5], c1[:5], c2[:5], 1.0, 1.0) == 0.0  # too few features
+
+
+# --------------------------------------------------------------------------- choosing cells
+
+
+def test_populations_from_masks_positions_and_queries(small_adata):
+    a = small_adata
+    q = de.cells_from(a, "cell_type == 'type_0' and condition == 'stim'", "idx1")
+    expected = np.flatnonzero(((a.obs.cell_type == "type_0") & (a.obs.condition == "stim")).to_numpy())
+    np.testing.assert_array_equal(q, expected)
+    np.testing.assert_array_equal(de.cells_from(a, (a.obs.cell_type == "type_0").to_numpy(), "idx1"),
+                                  np.flatnonzero(a.obs.cell_type == "type_0"))
+    np.testing.assert_array_equal(de.cells_from(a, [5, 3, 3], "idx1"), [3, 5])
+    with pytest.raises(ValueError, match="selects no cells"):
+        de.cells_from(a, "cell_type == 'nope'", "idx1")
+    with pytest.raises(ValueError, match="not a valid query"):
+        de.cells_from(a, "cell_type ==", "idx1")
+    with pytest.raises(ValueError, match="length 600"):
+        de.cells_from(a, np.ones(3, bool), "idx1")
+    with pytest.raises(ValueError, match="outside"):
+        de.cells_from(a, [600], "idx1")
+    with pytest.raises(ValueError, match="share 5 cells"):
+        de.comparisons(a, None, None, None, [0, 1, 2, 3, 4], np.arange(10))
+    with pytest.raises(ValueError, match="'type_9' is not in"):
+        de.comparisons(a, "cell_type", "type_9", None, None, None)
+    with pytest.raises(ValueError, match="same group"):
+        de.comparisons(a, "cell_type", "type_1", "type_1", None, None)
+    with pytest.raises(ValueError, match="not a column"):
+        de.comparisons(a, "nope", None, None, None, None)
+    pairs = de.comparisons(a, "cell_type", None, None, None, None)
+    assert [p[:2] for p in pairs] == [("type_0", "Rest"), ("type_1", "Rest"), ("type_2", "Rest")]
+    assert all(np.intersect1d(p[2], p[3]).size == 0 and p[2].size + p[3].size == 600 for p in pairs)
+
+
+# --------------------------------------------------------------------------- on a trained model
+
+
+@pytest.fixture(scope="module")
+def de_model():
+    cellvi.settings.progress_bar = False
+    cellvi.settings.seed = 0
+    adata = cellvi.datasets.simulate(2500, 400, n_cell_types=3, frac_de_genes=0.1, de_lfc=1.2, seed=11)
+    cellvi.SCVI.setup_anndata(adata, batch_key="batch")
+    model = cellvi.SCVI(adata)
+    model.train(max_epochs=80, n_epochs_kl_warmup=20)
+    return model
+
+
+STIM0 = "cell_type == 'type_0' and condition == 'stim'"
+CTRL0 = "cell_type == 'type_0' and condition == 'ctrl'"
+
+
+def test_de_recovers_simulated_genes_with_calibrated_calls(de_model):
+    a = de_model.adata
+    res = de_model.differential_expression(idx1=STIM0, idx2=CTRL0, mode="change")
+    assert res["comparison"].iloc[0] == "group1 vs group2"
+    assert res["proba_de"].is_monotonic_decreasing
+    res = res.loc[a.var_names]
+    truth = a.var["de_type_0"].to_numpy()
+    assert average_precision_score(truth, res["proba_de"]) > 0.6  # base rate 0.1
+    calls = res["is_de_fdr_0.05"].to_numpy()
+    fdp = (calls & ~truth).sum() / max(calls.sum(), 1)
+    power = (calls & truth).sum() / truth.sum()
+    assert fdp <= 0.15 and power >= 0.4, (fdp, power)
+    # the sign follows scvi-tools: positive lfc = higher in group1 (stim)
+    called_true = calls & truth
+    assert (np.sign(res["lfc_mean"].to_numpy()[called_true]) ==
+            np.sign(a.var["true_lfc_type_0"].to_numpy()[called_true])).all()
+    expected_cols = {"proba_de", "proba_not_de", "bayes_factor", "scale1", "scale2", "pseudocounts", "delta",
+                     "lfc_mean", "lfc_median", "lfc_std", "lfc_min", "lfc_max", "raw_mean1", "raw_mean2",
+                     "non_zeros_proportion1", "non_zeros_proportion2", "raw_normalized_mean1",
+                     "raw_normalized_mean2", "is_de_fdr_0.05", "comparison", "group1", "group2"}
+    assert expected_cols <= set(res.columns)
+
+
+def test_batch_correction_removes_batch_only_genes(de_model):
+    a = de_model.adata
+    # type_1 has no DE genes; compare its stim cells of batch 0 with its ctrl cells of both batches,
+    # so the two populations differ in batch composition only
+    b0 = (a.obs["batch"] == "batch_0").to_numpy()
+    t1 = (a.obs["cell_type"] == "type_1").to_numpy()
+    stim = (a.obs["condition"] == "stim").to_numpy()
+    idx1, idx2 = t1 & stim & b0, t1 & ~stim
+    batch_genes = a.var["batch_gene"].to_numpy()
+    raw = de_model.differential_expression(idx1=idx1, idx2=idx2, mode="change").loc[a.var_names]
+    corrected = de_model.differential_expression(idx1=idx1, idx2=idx2, mode="change",
+                                                 batch_correction=True).loc[a.var_names]
+    assert raw["is_de_fdr_0.05"].to_numpy()[batch_genes].sum() >= 5  # the batch effect is visible...
+    assert corrected["is_de_fdr_0.05"].to_numpy()[batch_genes].sum() == 0  # ...and corrected away
+    assert corrected["is_de_fdr_0.05"].sum() <= 2
+
+
+def test_batch_correction_warns_when_populations_sit_in_different_batches(de_model):
+    a = de_model.adata
+    b0 = (a.obs["batch"] == "batch_0").to_numpy()
+    with pytest.warns(UserWarning, match="out of distribution"):
+        de_model.differential_expression(idx1=b0, idx2=~b0, batch_correction=True, all_stats=False)
+    with pytest.raises(ValueError, match="batchid"):
+        de_model.differential_expression(idx1=b0, idx2=~b0, batchid1="batch_0")
+
+
+def test_one_vs_rest_and_options(de_model):
+    res = de_model.differential_expression(groupby="cell_type", mode="change", all_stats=False)
+    assert set(res["comparison"]) == {"type_0 vs Rest", "type_1 vs Rest", "type_2 vs Rest"}
+    assert len(res) == 3 * de_model.adata.n_vars and "raw_mean1" not in res.columns
+    # markers are found: each type's top genes are mostly its markers (or, for type_0, its stim genes)
+    var = de_model.adata.var
+    for t in ["type_0", "type_1", "type_2"]:
+        called = res[(res["group1"] == t) & res["is_de_fdr_0.05"]]
+        top = called.nlargest(20, "lfc_mean").index
+        print(t, var.loc[top, [f"marker_{t}", f"de_{t}"]].sum().to_dict())
+        assert (var.loc[top, f"marker_{t}"] | var.loc[top, f"de_{t}"]).mean() >= 0.8
+    van = de_model.differential_expression(groupby="cell_type", group1="type_0", group2="type_1")
+    assert {"proba_m1", "proba_m2"} <= set(van.columns) and van["delta"].isna().all()
+    np.testing.assert_allclose(van["proba_m1"] + van["proba_m2"], 1.0)
+    est = de_model.differential_expression(idx1=STIM0, idx2=CTRL0, mode="change", delta=None, pseudocounts=None)
+    assert est["delta"].iloc[0] >= 0.1 and est["pseudocounts"].iloc[0] > 0
+    imp = de_model.differential_expression(idx1=STIM0, idx2=CTRL0, mode="change", weights="importance",
+                                           filter_outlier_cells=True)
+    assert np.isfinite(imp["lfc_mean"]).all()
+    with pytest.raises(ValueError, match="mode="):
+        de_model.differential_expression(idx1=STIM0, mode="bogus")
+
+
+def test_de_is_reproducible_and_stable_across_seeds(de_model):
+    a = de_model.adata
+    r1 = de_model.differential_expression(idx1=STIM0, idx2=CTRL0, mode="change", seed=1).loc[a.var_names]
+    r1b = de_model.differential_expression(idx1=STIM0, idx2=CTRL0, mode="change", seed=1).loc[a.var_names]
+    r2 = de_model.differential_expression(idx1=STIM0, idx2=CTRL0, mode="change", seed=2).loc[a.var_names]
+    pd.testing.assert_frame_equal(r1, r1b)
+    c1, c2 = r1["is_de_fdr_0.05"].to_numpy(), r2["is_de_fdr_0.05"].to_numpy()
+    assert (c1 & c2).sum() / max((c1 | c2).sum(), 1) > 0.85  # the calls barely move with the seed
+    assert np.corrcoef(r1["lfc_mean"], r2["lfc_mean"])[0, 1] > 0.99
+
+
+def test_volcano_plot(tmp_path, de_model):
+    res = de_model.differential_expression(idx1=STIM0, idx2=CTRL0, mode="change")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # matplotlib font cache messages
+        ax = cellvi.pl.volcano(res, save=str(tmp_path / "v.png"))
+    assert (tmp_path / "v.png").stat().st_size > 1000
+    assert ax is not None
