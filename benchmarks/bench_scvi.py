@@ -5,7 +5,8 @@ Usage (from the repo root; scvi-tools lives in its own venv, see BENCHMARKS.md):
     python benchmarks/bench_scvi.py --scvi-python /work/venv-scvi/bin/python
 
 Each library runs in its own subprocess, one after the other (never at the same time), alternating
-for ``--rounds`` rounds (the fastest round of each is reported), on the same cells: 90 % train, 10 % held out. Reported per library: seconds per epoch (training wall time /
+for ``--rounds`` rounds (the fastest round of each is reported), on the same cells: 90 % train,
+10 % held out. Reported per library: seconds per epoch (training wall time /
 epochs), held-out ELBO per cell (higher is better), cell-type and batch silhouette of the held-out
 latent, peak resident memory, and ``import`` time.
 """

@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "SCVI": "cellvi.models.scvi",
+    "ContrastiveVI": "cellvi.models.contrastivevi",
     "datasets": "cellvi.datasets",
     "pl": "cellvi.pl",
     "data": "cellvi.data",

@@ -180,8 +180,9 @@ def summarize(h1: np.ndarray, h2: np.ndarray, *, mode: str, delta: float | None,
     """Per-feature evidence from population draws ``h1``, ``h2`` of shape ``(T, n_features)``.
 
     ``lfc_error_sd`` (from :func:`model_error_sd`) adds the model's own LFC error to the draws (to
-    the ratio ``h1 / h2`` in vanilla mode). Returns the columns proba_de, proba_not_de, bayes_factor, scale1, scale2, pseudocounts, delta,
-    lfc_mean, lfc_median, lfc_std, lfc_min, lfc_max (and proba_m1, proba_m2 in vanilla mode).
+    the ratio ``h1 / h2`` in vanilla mode). Returns the columns proba_de, proba_not_de, bayes_factor,
+    scale1, scale2, pseudocounts, delta, lfc_mean, lfc_median, lfc_std, lfc_min, lfc_max (and
+    proba_m1, proba_m2 in vanilla mode).
     """
     if lfc_error_sd > 0:
         noise = np.exp2((rng or np.random.default_rng(0)).standard_normal(h1.shape) * lfc_error_sd / 2)
