@@ -152,6 +152,29 @@ class Model:
         idx = torch.as_tensor(as_indices(indices, data.n_obs), device=data.device)
         return data.batches(idx, batch_size or settings.batch_size)
 
+    def _batch_codes(self, transform_batch) -> list[int | None]:
+        """Codes of the batches to decode as (``None``: each cell's own batch)."""
+        if transform_batch is None:
+            return [None]
+        values = transform_batch if isinstance(transform_batch, (list, tuple, np.ndarray, pd.Index)) \
+            else [transform_batch]
+        cats = self.spec.batch_categories
+        codes = []
+        for v in values:
+            if str(v) not in cats:
+                raise ValueError(f"transform_batch {v!r} is not a batch the model knows ({list(cats)}).")
+            codes.append(cats.index(str(v)))
+        return codes
+
+    def _gene_mask(self, gene_list) -> np.ndarray | None:
+        if gene_list is None:
+            return None
+        names = pd.Index(self.spec.var_names)
+        missing = [g for g in gene_list if g not in names]
+        if missing:
+            raise ValueError(f"gene_list has genes the model does not know: {missing[:10]}.")
+        return names.get_indexer(gene_list)
+
     # ------------------------------------------------------------------ training
 
     def train(

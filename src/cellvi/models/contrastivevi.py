@@ -193,27 +193,6 @@ def paired_batches(data: CountData, background: Tensor, target: Tensor, batch_si
 # --------------------------------------------------------------------------- helpers on the data set-up
 
 
-def _batch_codes(batch_categories: tuple[str, ...], transform_batch) -> list[int | None]:
-    """Codes of the batches to decode as (``None``: each cell's own batch)."""
-    if transform_batch is None:
-        return [None]
-    values = transform_batch if isinstance(transform_batch, (list, tuple, np.ndarray, pd.Index)) else [transform_batch]
-    missing = [v for v in values if str(v) not in batch_categories]
-    if missing:
-        raise ValueError(f"transform_batch {missing[0]!r} is not a batch the model knows ({list(batch_categories)}).")
-    return [batch_categories.index(str(v)) for v in values]
-
-
-def _gene_positions(var_names: tuple[str, ...], gene_list) -> np.ndarray | None:
-    if gene_list is None:
-        return None
-    names = pd.Index(var_names)
-    missing = [g for g in gene_list if g not in names]
-    if missing:
-        raise ValueError(f"gene_list has genes the model does not know: {missing[:10]}.")
-    return names.get_indexer(gene_list)
-
-
 def _cell_set(indices, n_obs: int, name: str) -> np.ndarray:
     """Sorted unique rows of a background/target set, refusing empty sets and repeated cells."""
     if indices is None:
@@ -450,7 +429,7 @@ class ContrastiveVI(Model):
                            kinds: tuple[str, ...], batch_size: int | None, genes: np.ndarray | None):
         """Per kind, the ``(n_samples, cells, genes)`` expression of cells ``idx`` (on the CPU)."""
         self.module.eval()
-        codes = _batch_codes(self.spec.batch_categories, transform_batch)
+        codes = self._batch_codes(transform_batch)
         bg_mask = self._background_mask(adata)
         if bg_mask is not None:
             bg_mask = torch.as_tensor(bg_mask, device=self.device)
@@ -502,7 +481,7 @@ class ContrastiveVI(Model):
         idx = as_indices(indices, adata_.n_obs)
         if n_samples_overall is not None:
             idx = np.random.default_rng(0).choice(idx, n_samples_overall)
-        genes = _gene_positions(self.spec.var_names, gene_list)
+        genes = self._gene_mask(gene_list)
         exprs = self._expression_chunks(adata, idx, n_samples, transform_batch, library_size,
                                         ("background", "salient"), batch_size, genes)
         names = list(self.spec.var_names) if gene_list is None else list(gene_list)
@@ -523,7 +502,7 @@ class ContrastiveVI(Model):
         idx = as_indices(indices, adata_.n_obs)
         if n_samples_overall is not None:
             idx = np.random.default_rng(0).choice(idx, n_samples_overall)
-        genes = _gene_positions(self.spec.var_names, gene_list)
+        genes = self._gene_mask(gene_list)
         expr = self._expression_chunks(adata, idx, n_samples, transform_batch, library_size, ("salient",),
                                        batch_size, genes)["salient"]
         expr = expr.mean(0) if (return_mean or n_samples == 1) else expr
