@@ -324,9 +324,36 @@ def report(rows: list[dict]) -> None:
             print("\nwall-time ratio scvi-tools / cellvi: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
 
 
+def summary(rows: list[dict]) -> None:
+    """Mean over the simulation seeds of the type_0 comparison (and of the confounded one)."""
+    sim = [r for r in rows if r["part"] == "sim"]
+    seeds = sorted({r["seed"] for r in sim})
+    if len(seeds) < 2:
+        return
+    print(f"\n=== part sim, mean over seeds {seeds} ===")
+    main = [r for r in sim if r["comparison"].startswith("type_0")]
+    print(f"{'method':26s}{'AUPRC':>7s}{'calls':>7s}{'FDP':>7s}{'power':>7s}{'DE s':>8s}{'1-vs-rest s':>12s}"
+          f"{'train s':>9s}")
+    for method in dict.fromkeys(r["method"] for r in main):
+        rs = [r for r in main if r["method"] == method]
+
+        def mean(key, rs=rs):
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            return float(np.mean(vals)) if vals else None
+        print(f"{method:26s}{fmt(mean('auprc')):>7s}{fmt(mean('n_calls'), '.1f'):>7s}{fmt(mean('fdp')):>7s}"
+              f"{fmt(mean('power')):>7s}{fmt(mean('seconds'), '.2f'):>8s}{fmt(mean('ovr_seconds'), '.2f'):>12s}"
+              f"{fmt(mean('train_s'), '.1f'):>9s}")
+    conf = [r for r in sim if r["comparison"].startswith("type_1")]
+    print(f"\n{'confounded: method':30s}{'calls (all false)':>18s}{'batch genes called':>20s}")
+    for method in dict.fromkeys(r["method"] for r in conf):
+        rs = [r for r in conf if r["method"] == method]
+        print(f"{method:30s}{np.mean([r['n_calls'] for r in rs]):>18.1f}"
+              f"{np.mean([r['n_batch_gene_calls'] for r in rs]):>14.1f} / {rs[0]['n_batch_genes']}")
+
+
 def _groups(rows):
     out: dict = {}
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["part"] != "sim", r.get("seed") or 0)):  # stable: keeps method order
         out.setdefault((r["part"], r.get("seed")), []).append(r)
     return out
 
@@ -367,8 +394,12 @@ def main() -> None:
     if args.epochs is None:
         args.epochs = 100 if args.part == "sim" else 200
     if args.report:
+        if not args.json:
+            p.error("--report reads the rows of --json PATH")
         with open(args.json) as f:
-            report([json.loads(line) for line in f if line.strip()])
+            rows = [json.loads(line) for line in f if line.strip()]
+        report(rows)
+        summary(rows)
         return
     if args.worker:
         rows = baseline_worker(args) if args.worker == "baselines" else model_worker(args.worker, args)

@@ -19,7 +19,9 @@ answers it in five steps (:func:`differential_expression`):
 4. **Effect and evidence** (:func:`lfc_draws`, :func:`summarize`): ``lfc = log2(h_A + pc) -
    log2(h_B + pc)``; ``mode="change"`` gives ``proba_de = P(|lfc| > delta)``, ``mode="vanilla"``
    gives ``proba_m1 = P(h_A > h_B)``; Bayes factors are their log-odds. The LFC draws also carry the
-   model's own error, measured on well-observed features (:func:`model_error_sd`).
+   model's own error, measured on well-observed features (:func:`model_error_sd`), are centred on the
+   well-observed features to remove compositional shifts (:func:`center_lfc`), and, on request,
+   shrunk by an empirical-Bayes spike-and-slab prior (:func:`shrink_lfc`).
 5. **Calls** (:func:`expected_fdr_calls`): the largest top-ranked set whose posterior expected
    false discovery proportion is at most ``fdr_target``.
 
@@ -146,6 +148,26 @@ def add_count_noise(h: np.ndarray, counts: np.ndarray, rng: np.random.Generator)
     return h * np.exp(rng.standard_normal(h.shape) / np.sqrt(counts + 0.5))
 
 
+def combine_with_counts(lfc: np.ndarray, counts1: np.ndarray, counts2: np.ndarray, library1: float,
+                        library2: float) -> np.ndarray:
+    """Update the model's LFC draws ``(T, n_features)`` with the two groups' observed counts.
+
+    The model's draws (mean ``m_g``, variance ``v_g``: its uncertainty plus its own error) are the
+    prior; the pooled counts give the likelihood ``N(o_g, u_g)`` with
+    ``o_g = log2((C_1 + 0.5) / L_1) - log2((C_2 + 0.5) / L_2)`` and Poisson variance
+    ``u_g = (1 / (C_1 + 0.5) + 1 / (C_2 + 0.5)) / ln(2)^2``. The posterior is normal with precision
+    ``1/v + 1/u``. Well-observed features follow their counts (a decoder that shrinks a real effect,
+    or invents one, is corrected); features with few counts keep the model's estimate, which shares
+    strength across genes and cells.
+    """
+    o = np.log2((counts1 + 0.5) / library1) - np.log2((counts2 + 0.5) / library2)
+    u = (1.0 / (counts1 + 0.5) + 1.0 / (counts2 + 0.5)) / np.log(2) ** 2
+    m, v = lfc.mean(0), np.maximum(lfc.var(0), 1e-12)
+    post_var = 1.0 / (1.0 / v + 1.0 / u)
+    post_mean = post_var * (m / v + o / u)
+    return post_mean + np.sqrt(post_var / v) * (lfc - m)
+
+
 def model_error_sd(model_lfc: np.ndarray, counts1: np.ndarray, counts2: np.ndarray, library1: float,
                    library2: float, min_counts: float = 20.0) -> float:
     """How far the model's LFCs (log2) stray from the observed ones beyond count noise.
@@ -174,41 +196,104 @@ def lfc_draws(h1: np.ndarray, h2: np.ndarray, pseudocounts: float) -> np.ndarray
     return np.log2(h1 + pc) - np.log2(h2 + pc)
 
 
+def center_lfc(lfc: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, float]:
+    """Subtract the median mean-LFC of the ``reference`` features (boolean mask) from LFC draws.
+
+    Normalized expression is a composition: when a few genes take a large share of a population's
+    counts (interferon genes in stimulated cells), every other gene's share drops although its
+    absolute expression did not change. Assuming most well-observed features do not change, their
+    median LFC is that compositional shift (as DESeq2's median-of-ratios size factors assume).
+    """
+    ref = reference if reference.sum() >= 20 else np.ones_like(reference)
+    shift = float(np.median(lfc.mean(0)[ref]))
+    return lfc - shift, shift
+
+
+def fit_spike_slab(m: np.ndarray, v: np.ndarray) -> tuple[float, float]:
+    """Empirical-Bayes prior on true LFCs: a point mass at 0 (weight ``pi0``) plus ``N(0, s2)``.
+
+    Each feature's LFC estimate is ``m_g`` with variance ``v_g``; its marginal likelihood is
+    ``pi0 N(m; 0, v) + (1 - pi0) N(m; 0, v + s2)``. ``(pi0, s2)`` maximise the sum over features
+    (grid search). Features with wide posteriors barely inform the fit, so most features being null is
+    learned from the well-measured ones.
+    """
+    pis = np.linspace(0.0, 0.999, 200)[:, None, None]
+    s2s = np.geomspace(1e-3, 25.0, 60)[None, :, None]
+    log_n = lambda x, var: -0.5 * (np.log(2 * np.pi * var) + x**2 / var)  # noqa: E731
+    l0, l1 = log_n(m, v)[None, None, :], log_n(m[None, None, :], v[None, None, :] + s2s)
+    with np.errstate(divide="ignore"):
+        ll = np.logaddexp(np.log(pis) + l0, np.log1p(-pis) + l1).sum(-1)
+    i, j = np.unravel_index(np.argmax(ll), ll.shape)
+    return float(pis[i, 0, 0]), float(s2s[0, j, 0])
+
+
+def shrink_lfc(lfc: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Posterior LFC draws ``(T, n_features)`` under the spike-and-slab prior of :func:`fit_spike_slab`.
+
+    The model's draws (mean ``m_g``, variance ``v_g``) act as each feature's likelihood. A feature is
+    non-null with posterior probability ``w_g`` (prior odds times the ratio of the two marginal
+    likelihoods); given non-null, its LFC is ``N(a_g m_g, a_g v_g)``, ``a_g = s2 / (s2 + v_g)``. A draw
+    is 0 with probability ``1 - w_g``. A feature the data say little about keeps the prior's null
+    weight instead of scoring as DE because its wide posterior crosses ``delta`` (which it did without
+    this step), and well-measured effects keep their size.
+    """
+    m, v = lfc.mean(0), np.maximum(lfc.var(0), 1e-12)
+    pi0, s2 = fit_spike_slab(m, v)
+    log_n = lambda x, var: -0.5 * (np.log(2 * np.pi * var) + x**2 / var)  # noqa: E731
+    with np.errstate(divide="ignore"):
+        log_odds = np.log1p(-pi0) - np.log(pi0) + log_n(m, v + s2) - log_n(m, v) if pi0 > 0 else np.inf
+    w = 1.0 / (1.0 + np.exp(-np.clip(log_odds, -700, 700)))  # P(non-null | data)
+    a = s2 / (s2 + v)
+    slab = a * m + np.sqrt(a) * (lfc - m)
+    non_null = rng.random(lfc.shape) < w
+    return np.where(non_null, slab, 0.0)
+
+
 def summarize(h1: np.ndarray, h2: np.ndarray, *, mode: str, delta: float | None, pseudocounts: float,
-              lfc_error_sd: float = 0.0, rng: np.random.Generator | None = None, min_delta: float = 0.1
-              ) -> pd.DataFrame:
+              lfc_error_sd: float = 0.0, rng: np.random.Generator | None = None,
+              reference: np.ndarray | None = None, center: bool = True, shrink: bool = False,
+              observed: tuple | None = None, min_delta: float = 0.1) -> pd.DataFrame:
     """Per-feature evidence from population draws ``h1``, ``h2`` of shape ``(T, n_features)``.
 
-    ``lfc_error_sd`` (from :func:`model_error_sd`) adds the model's own LFC error to the draws (to
-    the ratio ``h1 / h2`` in vanilla mode). Returns the columns proba_de, proba_not_de, bayes_factor,
-    scale1, scale2, pseudocounts, delta, lfc_mean, lfc_median, lfc_std, lfc_min, lfc_max (and
-    proba_m1, proba_m2 in vanilla mode).
+    The LFC draws get, in order: the model's own error ``N(0, lfc_error_sd^2)`` (:func:`model_error_sd`),
+    the update with the ``observed`` counts (:func:`combine_with_counts`, when given),
+    centring on the ``reference`` features (:func:`center_lfc`; default all features) and empirical-Bayes
+    spike-and-slab shrinkage (:func:`shrink_lfc`). Returns the columns proba_de, proba_not_de, bayes_factor, scale1,
+    scale2, pseudocounts, delta, lfc_mean, lfc_median, lfc_std, lfc_min, lfc_max (and proba_m1, proba_m2
+    in vanilla mode, from ``P(lfc > 0)``).
     """
-    if lfc_error_sd > 0:
-        noise = np.exp2((rng or np.random.default_rng(0)).standard_normal(h1.shape) * lfc_error_sd / 2)
-        h1, h2 = h1 * noise, h2 / noise
+    if mode not in ("vanilla", "change"):
+        raise ValueError(f"mode={mode!r} is not one of ('vanilla', 'change').")
     lfc = lfc_draws(h1, h2, pseudocounts)
+    if lfc_error_sd > 0:
+        lfc = lfc + (rng or np.random.default_rng(0)).standard_normal(lfc.shape) * lfc_error_sd
+    if observed is not None:  # (counts1, counts2, library1, library2)
+        lfc = combine_with_counts(lfc, *observed)
+    if reference is None:
+        reference = np.ones(lfc.shape[1], bool)
+    if center:
+        lfc, _ = center_lfc(lfc, reference)
+    if shrink:
+        lfc = shrink_lfc(lfc, rng or np.random.default_rng(0))
     lfc_mean = lfc.mean(0)
-    out = {}
+    extra = {}
     if mode == "vanilla":
-        p1 = (h1 > h2).mean(0)
-        out.update(proba_m1=p1, proba_m2=1.0 - p1)
+        p1 = (lfc > 0).mean(0) + 0.5 * (lfc == 0).mean(0)  # draws at exactly 0 count half
+        extra = {"proba_m1": p1, "proba_m2": 1.0 - p1}
         proba_de = np.maximum(p1, 1.0 - p1)  # probability of the more likely direction
         bf = bayes_factor(p1)
         used_delta = np.nan
-    elif mode == "change":
+    else:
         used_delta = estimate_delta(lfc_mean, min_delta) if delta is None else float(delta)
         if used_delta < 0:
             raise ValueError(f"delta must be >= 0, got {delta}.")
         proba_de = (np.abs(lfc) > used_delta).mean(0)
         bf = bayes_factor(proba_de)
-    else:
-        raise ValueError(f"mode={mode!r} is not one of ('vanilla', 'change').")
-    out = {
+    return pd.DataFrame({
         "proba_de": proba_de,
         "proba_not_de": 1.0 - proba_de,
         "bayes_factor": bf,
-        **out,
+        **extra,
         "scale1": h1.mean(0),
         "scale2": h2.mean(0),
         "pseudocounts": pseudocounts,
@@ -218,8 +303,7 @@ def summarize(h1: np.ndarray, h2: np.ndarray, *, mode: str, delta: float | None,
         "lfc_std": lfc.std(0),
         "lfc_min": lfc.min(0),
         "lfc_max": lfc.max(0),
-    }
-    return pd.DataFrame(out)
+    })
 
 
 def raw_stats(X, idx1: np.ndarray, idx2: np.ndarray) -> dict[str, np.ndarray]:
@@ -388,6 +472,9 @@ def differential_expression(
     n_samples: int = 5000,
     n_bootstrap: int = 1000,
     seed: int | None = None,
+    use_counts: bool | None = None,
+    center_lfc: bool = True,
+    shrink_lfc: bool = True,
     draws_fn: Callable | None = None,
     latent_fn: Callable | None = None,
 ) -> pd.DataFrame:
@@ -430,6 +517,17 @@ def differential_expression(
         Population-level draws used for the probabilities and LFC summaries.
     seed
         Seed of the cell subsampling, bootstrap and posterior draws (default ``cellvi.settings.seed``).
+    use_counts
+        (cellvi only) Update the model's LFCs with the groups' pooled observed counts
+        (:func:`combine_with_counts`). ``None``: on, except with ``batch_correction=True``, where the
+        observed counts still carry the batch effect (the counts then only set a precision floor).
+    center_lfc
+        (cellvi only) Remove the compositional shift: subtract the median LFC of well-observed features
+        (:func:`center_lfc`). ``False`` compares the raw proportions, as scvi-tools does.
+    shrink_lfc
+        (cellvi only, off by default) Empirical-Bayes spike-and-slab shrinkage of the LFCs
+        (:func:`shrink_lfc`): features the data say little about are not called, at a large cost in
+        power when the model shrinks real effects (see ``docs/de.md``).
     draws_fn, latent_fn
         Overrides of the model's ``_de_draws`` and latent means (for models with several kinds of
         expression, e.g. ContrastiveVI).
@@ -475,8 +573,11 @@ def differential_expression(
             d1 = _cell_draws(draws_fn, rows1, batches1, n_samples, weights, batch_size, rng)
             d2 = _cell_draws(draws_fn, rows2, batches2, n_samples, weights, batch_size, rng)
             c1, c2 = _counts_per_feature(X, rows1), _counts_per_feature(X, rows2)
-            h1 = add_count_noise(population_draws(d1, n_bootstrap, rng), c1, rng)
-            h2 = add_count_noise(population_draws(d2, n_bootstrap, rng), c2, rng)
+            L1, L2 = library[rows1].sum(), library[rows2].sum()
+            counts_update = (not batch_correction) if use_counts is None else use_counts
+            h1, h2 = population_draws(d1, n_bootstrap, rng), population_draws(d2, n_bootstrap, rng)
+            if not counts_update:  # the counts enter as a precision floor instead of a likelihood
+                h1, h2 = add_count_noise(h1, c1, rng), add_count_noise(h2, c2, rng)
             stats = raw_stats(X, rows1, rows2) if all_stats else {}
             pc = pseudocounts
             if pc is None:
@@ -484,9 +585,11 @@ def differential_expression(
                     raise ValueError("pseudocounts=None estimates them from observed counts: set all_stats=True.")
                 pc = estimate_pseudocounts(h1.mean(0), h2.mean(0), stats["non_zeros_proportion1"] > 0,
                                            stats["non_zeros_proportion2"] > 0)
-            tau = model_error_sd(lfc_draws(h1.mean(0), h2.mean(0), pc), c1, c2, library[rows1].sum(),
-                                 library[rows2].sum())
-            table = summarize(h1, h2, mode=mode, delta=delta, pseudocounts=pc, lfc_error_sd=tau, rng=rng)
+            tau = model_error_sd(lfc_draws(h1.mean(0), h2.mean(0), pc), c1, c2, L1, L2)
+            well_observed = (c1 >= 20) & (c2 >= 20)
+            table = summarize(h1, h2, mode=mode, delta=delta, pseudocounts=pc, lfc_error_sd=tau, rng=rng,
+                              reference=well_observed, center=center_lfc, shrink=shrink_lfc,
+                              observed=(c1, c2, L1, L2) if counts_update else None)
             for key, v in stats.items():
                 table[key] = v
             table[f"is_de_fdr_{fdr_target}"] = expected_fdr_calls(table["proba_de"].to_numpy(), fdr_target)
