@@ -20,8 +20,10 @@ answers it in five steps (:func:`differential_expression`):
    log2(h_B + pc)``; ``mode="change"`` gives ``proba_de = P(|lfc| > delta)``, ``mode="vanilla"``
    gives ``proba_m1 = P(h_A > h_B)``; Bayes factors are their log-odds. The LFC draws also carry the
    model's own error, measured on well-observed features (:func:`model_error_sd`), are centred on the
-   well-observed features to remove compositional shifts (:func:`center_lfc`), and, on request,
-   shrunk by an empirical-Bayes spike-and-slab prior (:func:`shrink_lfc`).
+   well-observed features to remove compositional shifts (:func:`center_lfc`), and are shrunk by an
+   empirical-Bayes spike-and-slab prior (:func:`shrink_lfc`), so that a feature the data say little
+   about keeps the prior's null weight. On request (``use_counts``) the groups' pooled counts update
+   the model's LFCs (:func:`combine_with_counts`) instead of only bounding their precision.
 5. **Calls** (:func:`expected_fdr_calls`): the largest top-ranked set whose posterior expected
    false discovery proportion is at most ``fdr_target``.
 
@@ -29,7 +31,7 @@ Why this calls more true effects than scvi-tools at the same FDR: scvi-tools com
 pairs of single cells*, so ``P(|lfc| > delta)`` measures how often two individual cells differ,
 which stays well below 1 even for a clear population-level effect when cells are noisy; its
 expected-FDR rule then admits few genes. Here the probability is about the population means,
-which is the quantity a DE call is about (see ``docs/de.md``).
+which is the quantity a DE call is about (``docs/de.md``; measured in ``BENCHMARKS.md``).
 
 A model plugs in by providing ``_de_draws(adata, indices, n_samples, transform_batch, batch_size)``
 returning ``(n_samples * n_cells, n_features)`` draws, sample-major (row ``k * n_cells + i`` is draw
