@@ -99,6 +99,16 @@ def test_spike_slab_shrinkage_stops_uninformative_features_from_scoring_as_de():
     assert 0.85 < pi0 < 0.95 and 2.0 < s2 < 6.0
 
 
+def test_combine_with_counts_follows_counts_where_they_are_precise():
+    rng = np.random.default_rng(5)
+    model = rng.normal(1.0, 0.2, (4000, 2))  # the model says log2 FC = 1 +- 0.2 for both features
+    counts1, counts2 = np.array([1e5, 1.0]), np.array([1e5, 1.0])  # the counts say 0: precisely, then barely
+    post = de.combine_with_counts(model, counts1, counts2, 1.0, 1.0)
+    assert abs(post[:, 0].mean()) < 0.01 and post[:, 0].std() < 0.01  # 10^5 counts win
+    assert abs(post[:, 1].mean() - 1.0) < 0.05  # 1 count: the model's estimate stands
+    assert post[:, 1].std() < 0.2  # and the counts only narrow it
+
+
 # --------------------------------------------------------------------------- choosing cells
 
 
@@ -219,6 +229,10 @@ def test_one_vs_rest_and_options(de_model):
     imp = de_model.differential_expression(idx1=STIM0, idx2=CTRL0, mode="change", weights="importance",
                                            filter_outlier_cells=True)
     assert np.isfinite(imp["lfc_mean"]).all()
+    a = de_model.adata
+    truth = a.var["de_type_0"].to_numpy()
+    counted = de_model.differential_expression(idx1=STIM0, idx2=CTRL0, mode="change", use_counts=True).loc[a.var_names]
+    assert average_precision_score(truth, counted["proba_de"]) > 0.6
     with pytest.raises(ValueError, match="mode="):
         de_model.differential_expression(idx1=STIM0, mode="bogus")
 
