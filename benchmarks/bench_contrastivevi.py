@@ -21,15 +21,15 @@ of the program ("on"/"off") among target cells, and cell-type silhouette over al
 
 from __future__ import annotations
 
-import argparse
 import json
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _sidebyside  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,31 +118,11 @@ KEYS = ("s_per_epoch", "final_elbo_train", "salient_program_silhouette", "salien
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--n-cells", type=int, default=20_000)
-    p.add_argument("--n-genes", type=int, default=2_000)
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--which", choices=["both", "cellvi", "scvi"], default="both")
-    p.add_argument("--scvi-python", default=sys.executable)
-    p.add_argument("--rounds", type=int, default=2, help="alternate the two libraries this many times; keep the fastest")
-    args = p.parse_args()
+    args = _sidebyside.parser(default_epochs=15).parse_args()
     if args.which != "both":
-        out = run_cellvi(args) if args.which == "cellvi" else run_scvi(args)
-        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print("RESULT " + json.dumps(out))
+        _sidebyside.worker(args, run_cellvi, run_scvi)
         return
-    common = ["--n-cells", str(args.n_cells), "--n-genes", str(args.n_genes), "--epochs", str(args.epochs)]
-    runs: dict[str, list[dict]] = {"cellvi": [], "scvi": []}
-    for _ in range(args.rounds):  # alternate, so that slow spells of a noisy machine hit both
-        for which, python in (("cellvi", sys.executable), ("scvi", args.scvi_python)):
-            proc = subprocess.run([python, __file__, "--which", which, *common], capture_output=True, text=True)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not line:
-                sys.exit(f"{which} failed:\n{proc.stderr[-3000:]}")
-            runs[which].append(json.loads(line[0][7:]))
-    for which, rs in runs.items():
-        print(f"{which} s/epoch per round: {[round(r['s_per_epoch'], 3) for r in rs]}")
-    a, b = (min(runs[w], key=lambda r: r["s_per_epoch"]) for w in ("cellvi", "scvi"))
+    a, b = _sidebyside.alternate(__file__, args)
     print(f"data: simulated {args.n_cells} cells x {args.n_genes} genes, 2 batches, background = ctrl, "
           f"target = stim, {args.epochs} epochs, batch 128 (+128); fastest of {args.rounds} alternating rounds")
     print(f"{'':34s}{'cellvi':>12s}{'scvi-tools':>12s}")
