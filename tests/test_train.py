@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from cellvi.train import TrainConfig, fit, kl_weight
+from cellvi.train import Adam, TrainConfig, fit, kl_weight
 
 
 def test_kl_weight_warms_up_linearly():
@@ -53,3 +53,19 @@ def test_early_stopping_stops_when_validation_stalls():
     h = fit(m, _batches, _batches, cfg, n_obs_train=20, n_obs_val=20)
     assert len(h["elbo_train"]) < 100
     assert len(h["elbo_validation"]) == len(h["elbo_train"])
+
+
+def test_adam_matches_torch_optim_adam():
+    torch.manual_seed(0)
+    a = [torch.randn(5, 3, requires_grad=True), torch.randn(4, requires_grad=True)]
+    b = [t.detach().clone().requires_grad_() for t in a]
+    ours = Adam(a, lr=1e-2, eps=0.01, weight_decay=1e-3)
+    ref = torch.optim.Adam(b, lr=1e-2, eps=0.01, weight_decay=1e-3)
+    for step in range(5):
+        for params, opt in ((a, ours), (b, ref)):
+            opt.zero_grad()
+            loss = (params[0] ** 2).sum() * (step + 1) + params[1].sin().sum()
+            loss.backward()
+            opt.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
