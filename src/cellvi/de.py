@@ -506,6 +506,8 @@ def differential_expression(
         says so). Default ``False``: each cell in its own batch.
     fdr_target
         Posterior expected FDR of the calls in ``is_de_fdr_<fdr_target>``.
+    silent
+        Accepted for scvi-tools compatibility; the engine prints nothing (a call takes about a second).
     weights
         ``"uniform"``, or ``"importance"``: resample each cell's posterior draws by ``p(x, z) / q(z | x)``
         so that they follow the model's posterior rather than the encoder's approximation.
