@@ -175,6 +175,24 @@ class Model:
             raise ValueError(f"gene_list has genes the model does not know: {missing[:10]}.")
         return names.get_indexer(gene_list)
 
+    def _expression_rows(self, adata: AnnData | None, indices, n_samples_overall: int | None):
+        """(the AnnData, the rows) an expression method reads; ``n_samples_overall`` resamples the rows."""
+        adata_ = self.adata if adata is None else adata
+        idx = as_indices(indices, adata_.n_obs)
+        if n_samples_overall is not None:
+            idx = np.random.default_rng(0).choice(idx, n_samples_overall)
+        return adata_, idx
+
+    def _expression_output(self, expr: np.ndarray, adata: AnnData, idx: np.ndarray, gene_list, return_mean: bool,
+                           return_numpy: bool | None):
+        """``(n_samples, cells, genes)`` draws -> scvi-tools' output: averaged over samples when ``return_mean``
+        (or one sample), a DataFrame named by cells and genes unless numpy is asked for or the result is 3-D."""
+        expr = expr.mean(0) if (return_mean or expr.shape[0] == 1) else expr
+        if return_numpy or expr.ndim == 3:
+            return expr
+        names = list(self.spec.var_names) if gene_list is None else list(gene_list)
+        return pd.DataFrame(expr, index=adata.obs_names[idx], columns=names)
+
     # ------------------------------------------------------------------ training
 
     def train(

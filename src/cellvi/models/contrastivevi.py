@@ -477,20 +477,11 @@ class ContrastiveVI(Model):
         ``(n_samples, cells, genes)`` arrays when ``n_samples > 1`` and ``return_mean=False``. Cells
         trained as background get s = 0 in both, so their two entries are equal.
         """
-        adata_ = self.adata if adata is None else adata
-        idx = as_indices(indices, adata_.n_obs)
-        if n_samples_overall is not None:
-            idx = np.random.default_rng(0).choice(idx, n_samples_overall)
-        genes = self._gene_mask(gene_list)
+        adata_, idx = self._expression_rows(adata, indices, n_samples_overall)
         exprs = self._expression_chunks(adata, idx, n_samples, transform_batch, library_size,
-                                        ("background", "salient"), batch_size, genes)
-        names = list(self.spec.var_names) if gene_list is None else list(gene_list)
-        out = {}
-        for kind, expr in exprs.items():
-            expr = expr.mean(0) if (return_mean or n_samples == 1) else expr
-            out[kind] = expr if (return_numpy or expr.ndim == 3) else \
-                pd.DataFrame(expr, index=adata_.obs_names[idx], columns=names)
-        return out
+                                        ("background", "salient"), batch_size, self._gene_mask(gene_list))
+        return {kind: self._expression_output(expr, adata_, idx, gene_list, return_mean, return_numpy)
+                for kind, expr in exprs.items()}
 
     @torch.no_grad()
     def get_salient_normalized_expression(self, adata: AnnData | None = None, indices=None, transform_batch=None,
@@ -498,18 +489,10 @@ class ContrastiveVI(Model):
                                           n_samples_overall: int | None = None, batch_size: int | None = None,
                                           return_mean: bool = True, return_numpy: bool | None = None):
         """The ``"salient"`` entry of :meth:`get_normalized_expression` (decoded from z and s), computed alone."""
-        adata_ = self.adata if adata is None else adata
-        idx = as_indices(indices, adata_.n_obs)
-        if n_samples_overall is not None:
-            idx = np.random.default_rng(0).choice(idx, n_samples_overall)
-        genes = self._gene_mask(gene_list)
+        adata_, idx = self._expression_rows(adata, indices, n_samples_overall)
         expr = self._expression_chunks(adata, idx, n_samples, transform_batch, library_size, ("salient",),
-                                       batch_size, genes)["salient"]
-        expr = expr.mean(0) if (return_mean or n_samples == 1) else expr
-        if return_numpy or expr.ndim == 3:
-            return expr
-        names = list(self.spec.var_names) if gene_list is None else list(gene_list)
-        return pd.DataFrame(expr, index=adata_.obs_names[idx], columns=names)
+                                       batch_size, self._gene_mask(gene_list))["salient"]
+        return self._expression_output(expr, adata_, idx, gene_list, return_mean, return_numpy)
 
     # ------------------------------------------------------------------ differential expression
 

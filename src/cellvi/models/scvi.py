@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
 from cellvi import distributions as dist
-from cellvi.models.base import Model, as_indices
+from cellvi.models.base import Model
 from cellvi.nn import MLP, GaussianEncoder
 
 CHOICES = {
@@ -323,10 +323,7 @@ class SCVI(Model):
         and ``return_mean=False``.
         """
         self.module.eval()
-        adata_ = self.adata if adata is None else adata
-        idx = as_indices(indices, adata_.n_obs)
-        if n_samples_overall is not None:
-            idx = np.random.default_rng(0).choice(idx, n_samples_overall)
+        adata_, idx = self._expression_rows(adata, indices, n_samples_overall)
         codes = self._batch_codes(transform_batch)
         genes = self._gene_mask(gene_list)
         chunks = []
@@ -336,11 +333,7 @@ class SCVI(Model):
                 expr = expr[..., torch.as_tensor(genes, device=expr.device)]
             chunks.append(expr.cpu())
         expr = torch.cat(chunks, 1).numpy() if chunks else np.zeros((n_samples, 0, self.spec.n_genes), np.float32)
-        expr = expr.mean(0) if (return_mean or n_samples == 1) else expr
-        if return_numpy or expr.ndim == 3:
-            return expr
-        names = list(self.spec.var_names) if gene_list is None else list(gene_list)
-        return pd.DataFrame(expr, index=adata_.obs_names[idx], columns=names)
+        return self._expression_output(expr, adata_, idx, gene_list, return_mean, return_numpy)
 
     # ------------------------------------------------------------------ likelihoods
 
