@@ -176,3 +176,18 @@ def test_bad_hyperparameters_are_rejected(small_adata):
     cellvi.SCVI.setup_anndata(small_adata)
     with pytest.raises(ValueError, match="gene_likelihood='zip'"):
         cellvi.SCVI(small_adata, gene_likelihood="zip")
+
+
+def test_size_factors_replace_the_observed_library(small_adata):
+    small_adata.obs["sf"] = np.asarray(small_adata.X.sum(1)).ravel() * 0.5
+    cellvi.SCVI.setup_anndata(small_adata, batch_key="batch", size_factor_key="sf")
+    m = cellvi.SCVI(small_adata)
+    m.train(max_epochs=2)
+    expected_counts = m.get_normalized_expression(library_size="latent", return_numpy=True)
+    np.testing.assert_allclose(expected_counts.sum(1), small_adata.obs["sf"], rtol=1e-4)  # mu = sf * rho
+    sub = m.get_normalized_expression(indices=np.arange(10), n_samples_overall=25)
+    assert sub.shape == (25, small_adata.n_vars) and set(sub.index) <= set(small_adata.obs_names[:10])
+    bad = small_adata.copy()
+    bad.obs["sf"] = 0.0
+    with pytest.raises(ValueError, match="must be positive"):
+        cellvi.SCVI.setup_anndata(bad, size_factor_key="sf")

@@ -23,7 +23,7 @@ from cellvi import settings
 from cellvi.data import DataSpec, check_compatible, get_spec, setup_anndata
 from cellvi.data.loader import CountData, split_indices
 from cellvi.data.setup import UNS_KEY
-from cellvi.train import TrainConfig, evaluate, fit
+from cellvi.train import TrainConfig, fit
 
 FORMAT_VERSION = 1
 WEIGHTS, META, ADATA = "model.safetensors", "model.json", "adata.h5ad"
@@ -297,11 +297,6 @@ class Model:
         for key, values in history.items():
             self.history_.setdefault(key, []).extend(values)
         self.is_trained_ = True
-
-    @torch.no_grad()
-    def _evaluate(self, adata: AnnData | None, indices, batch_size: int | None) -> dict[str, float]:
-        n = len(as_indices(indices, (self.adata if adata is None else adata).n_obs))
-        return evaluate(self.module, self._minibatches(adata, indices, batch_size), "eval", n)
 
     # ------------------------------------------------------------------ save / load
 
