@@ -568,6 +568,7 @@ def differential_expression(
     batches2 = _batch_list(model, batch_correction, batchid2)
     names = pd.Index(model.spec.var_names)
     X = get_counts(adata, model.spec.layer)
+    X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(X)  # once, not per comparison
     library = np.asarray(X.sum(1)).ravel()  # observed total counts per cell
     tables = []
     with torch.random.fork_rng(devices=[]):
