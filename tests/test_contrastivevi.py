@@ -133,7 +133,7 @@ def test_background_cells_salient_expression_is_their_background_expression(trai
     np.testing.assert_allclose(sal, trained.get_normalized_expression(indices=rows, n_samples=3,
                                                                       return_mean=False)["salient"], rtol=1e-6)
     sub = trained.get_normalized_expression(indices=rows[:5], gene_list=["gene_3", "gene_0"], library_size=1e4)
-    assert list(sub["background"].columns) == ["gene_3", "gene_0"]
+    assert list(sub["background"].columns) == ["gene_0", "gene_3"]  # the model's gene order, as scvi-tools
     assert list(sub["salient"].index) == list(a.obs_names[rows[:5]])
     with pytest.raises(ValueError, match="transform_batch 'batch_9'"):
         trained.get_normalized_expression(indices=rows, transform_batch="batch_9")

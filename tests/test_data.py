@@ -90,9 +90,22 @@ def test_unknown_category_in_new_data_is_an_error(small_adata):
 
 
 def test_split_is_seeded_and_disjoint():
-    t1, v1 = split_indices(100, 0.9, None, torch.Generator().manual_seed(3))
-    t2, v2 = split_indices(100, 0.9, None, torch.Generator().manual_seed(3))
+    t1, v1 = split_indices(100, 0.9, None, generator=torch.Generator().manual_seed(3))
+    t2, v2 = split_indices(100, 0.9, None, generator=torch.Generator().manual_seed(3))
     assert torch.equal(t1, t2) and torch.equal(v1, v2)
     assert len(t1) == 90 and len(v1) == 10 and not set(t1.tolist()) & set(v1.tolist())
     with pytest.raises(ValueError, match="train_size"):
-        split_indices(100, 1.5, None, torch.Generator())
+        split_indices(100, 1.5, None)
+
+
+def test_split_sizes_follow_scvi_tools():
+    t, v = split_indices(101, None, None)  # train_size None means 0.9: ceil(90.9) = 91 train, the rest validates
+    assert (len(t), len(v)) == (91, 10)
+    t, v = split_indices(101, 0.5, 0.25)  # validation_size: floor(25.25) = 25; 25 cells unused
+    assert (len(t), len(v)) == (51, 25) and not set(t.tolist()) & set(v.tolist())
+    t, v = split_indices(10, 0.7, 0.2, shuffle=False)  # in order: validation first, then training
+    assert v.tolist() == [0, 1] and t.tolist() == list(range(2, 9))
+    for train_size, validation_size in [(0.8, 0.3), (0.5, 1.0), (0.5, -0.1), (0.0, None)]:
+        for shuffle in (True, False):
+            with pytest.raises(ValueError, match="train_size|validation_size"):
+                split_indices(10, train_size, validation_size, shuffle=shuffle)

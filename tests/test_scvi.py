@@ -28,9 +28,12 @@ def test_normalized_expression_semantics(trained_scvi):
     np.testing.assert_allclose(df.sum(1), 1.0, rtol=1e-4)  # library_size=1: proportions
     samples = m.get_normalized_expression(indices=np.arange(20), n_samples=4, return_mean=False)
     assert isinstance(samples, np.ndarray) and samples.shape == (4, 20, m.adata.n_vars)
-    genes = ["gene_3", "gene_0"]
-    sub = m.get_normalized_expression(indices=np.arange(20), gene_list=genes, library_size=1e4)
-    assert list(sub.columns) == genes
+    torch.manual_seed(3)
+    sub = m.get_normalized_expression(indices=np.arange(20), gene_list=["gene_3", "gene_0"], library_size=1e4)
+    assert list(sub.columns) == ["gene_0", "gene_3"]  # the model's gene order, as scvi-tools (var_names.isin)
+    torch.manual_seed(3)
+    full = m.get_normalized_expression(indices=np.arange(20), library_size=1e4)
+    np.testing.assert_allclose(sub.to_numpy(), full[["gene_0", "gene_3"]].to_numpy(), rtol=1e-6)
     # transform_batch as a list = mean of decoding in each batch (same posterior draw via the seed)
     torch.manual_seed(0)
     both = m.get_normalized_expression(indices=np.arange(30), transform_batch=["batch_0", "batch_1"],
@@ -60,8 +63,14 @@ def test_likelihoods_are_consistent(trained_scvi):
 
 def test_posterior_predictive_sample(trained_scvi):
     m = trained_scvi
-    x = m.posterior_predictive_sample(indices=np.arange(50), n_samples=3)
-    assert x.shape == (50, m.adata.n_vars, 3) and (x >= 0).all() and np.allclose(x, np.round(x))
+    sparse_x = m.posterior_predictive_sample(indices=np.arange(50), n_samples=3)
+    assert sparse_x.shape == (50, m.adata.n_vars, 3)  # (cells, genes, samples), sparse as in scvi-tools
+    x = sparse_x.todense()
+    assert (x >= 0).all() and np.allclose(x, np.round(x)) and sparse_x.nnz == np.count_nonzero(x)
+    one = m.posterior_predictive_sample(indices=np.arange(50), gene_list=["gene_5", "gene_2"])
+    assert one.shape == (50, 2) and one.format == "csr"
+    in_b1 = m.posterior_predictive_sample(indices=np.arange(50), transform_batch="batch_1", n_samples=2)
+    assert in_b1.shape == (50, m.adata.n_vars, 2)
     obs_total = np.asarray(m.adata.X[:50].sum(1)).ravel()
     ratio = x.sum(1).mean(-1) / obs_total
     assert 0.5 < np.median(ratio) < 2.0  # draws keep each cell's depth

@@ -22,21 +22,97 @@ from tqdm.auto import tqdm
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Everything the loop needs, with scvi-tools' names. ``plan_kwargs`` of a model's ``train`` set the
+    first group (scvi-tools' ``TrainingPlan``), its other keyword arguments the second (``Trainer``)."""
+
     max_epochs: int
+    # --- plan_kwargs
     lr: float = 1e-3
     weight_decay: float = 1e-6
     eps: float = 0.01  # Adam epsilon (scvi-tools' default)
-    n_epochs_kl_warmup: int | None = 400  # KL weight rises linearly from 0 to 1 over these epochs
+    optimizer: str = "Adam"  # "Adam" (L2 weight decay) or "AdamW" (decoupled weight decay)
+    n_epochs_kl_warmup: int | None = 400  # KL weight rises linearly from min to max over these epochs
     n_steps_kl_warmup: int | None = None  # ... or over these steps, when n_epochs_kl_warmup is None
     max_kl_weight: float = 1.0
     min_kl_weight: float = 0.0
+    reduce_lr_on_plateau: bool = False  # multiply lr by lr_factor when lr_scheduler_metric stalls
+    lr_factor: float = 0.6
+    lr_patience: int = 30  # epochs without improvement before the lr is reduced
+    lr_threshold: float = 0.0  # relative improvement that counts (as torch's ReduceLROnPlateau, mode "rel")
+    lr_scheduler_metric: str = "elbo_validation"
+    lr_min: float = 0.0
+    # --- trainer kwargs
     early_stopping: bool = False
     early_stopping_monitor: str = "elbo_validation"
     early_stopping_patience: int = 45
     early_stopping_min_delta: float = 0.0
+    early_stopping_warmup_epochs: int = 0  # epochs before early stopping may trigger
+    early_stopping_mode: str = "min"
     gradient_clip_val: float | None = None  # max global gradient norm (None: no clipping, as scvi-tools)
-    check_val_every_n_epoch: int | None = None  # validation every n epochs (1 with early stopping)
+    check_val_every_n_epoch: int | None = None  # validation every n epochs (every epoch with early stopping)
     enable_progress_bar: bool = True
+
+    def __post_init__(self):
+        if self.max_epochs < 1:
+            raise ValueError(f"max_epochs must be >= 1, got {self.max_epochs}.")
+        if self.optimizer not in ("Adam", "AdamW"):
+            raise ValueError(f"optimizer={self.optimizer!r} is not supported; use 'Adam' or 'AdamW'.")
+        if self.min_kl_weight > self.max_kl_weight:
+            raise ValueError(f"min_kl_weight={self.min_kl_weight} is larger than max_kl_weight={self.max_kl_weight}.")
+        if self.early_stopping_mode not in ("min", "max"):
+            raise ValueError(f"early_stopping_mode must be 'min' or 'max', got {self.early_stopping_mode!r}.")
+        for name in ("early_stopping_monitor", "lr_scheduler_metric"):
+            if getattr(self, name) not in MONITORS:
+                raise ValueError(f"{name}={getattr(self, name)!r} is never logged; use one of {sorted(MONITORS)}.")
+
+    def watched_metrics(self) -> list[str]:
+        """The metrics early stopping and the lr schedule read (validation then runs every epoch)."""
+        return [m for on, m in ((self.early_stopping, self.early_stopping_monitor),
+                                (self.reduce_lr_on_plateau, self.lr_scheduler_metric)) if on]
+
+
+# the per-epoch metrics every module logs (see _Totals.read); the names early stopping may monitor
+MONITORS = frozenset({f"{m}_{split}" for m in ("elbo", "reconstruction_loss", "kl_local", "kl_global")
+                      for split in ("train", "validation")} | {"train_loss_epoch", "validation_loss"})
+PLAN_KEYS = ("lr", "weight_decay", "eps", "optimizer", "n_epochs_kl_warmup", "n_steps_kl_warmup", "max_kl_weight",
+             "min_kl_weight", "reduce_lr_on_plateau", "lr_factor", "lr_patience", "lr_threshold",
+             "lr_scheduler_metric", "lr_min")
+TRAINER_KEYS = ("early_stopping_monitor", "early_stopping_patience", "early_stopping_min_delta",
+                "early_stopping_warmup_epochs", "early_stopping_mode", "gradient_clip_val", "check_val_every_n_epoch",
+                "enable_progress_bar")
+# Lightning Trainer options that have no meaning without Lightning: accepted so ported calls run, and ignored
+IGNORED_TRAINER_KEYS = ("logger", "log_every_n_steps", "enable_checkpointing", "checkpointing_monitor",
+                        "enable_model_summary", "num_sanity_val_steps", "benchmark", "default_root_dir",
+                        "progress_bar_refresh_rate", "simple_progress_bar", "learning_rate_monitor", "log_save_dir")
+
+
+def make_train_config(*, max_epochs: int, early_stopping: bool, plan_kwargs: dict | None, trainer_kwargs: dict,
+                      defaults: dict | None = None) -> TrainConfig:
+    """Build the :class:`TrainConfig` of a ``train`` call, refusing names that would be silently ignored.
+
+    Parameters
+    ----------
+    max_epochs, early_stopping
+        As passed to ``train``.
+    plan_kwargs
+        scvi-tools' ``plan_kwargs`` (``lr``, ``weight_decay``, ``n_epochs_kl_warmup``, ...).
+    trainer_kwargs
+        The other keyword arguments of ``train``: scvi-tools' Trainer options; plan options are
+        accepted here too, as a convenience (``train(lr=1e-3)``).
+    defaults
+        A model's own defaults for any field (e.g. MrVI's learning rate), overridden by the user's.
+    """
+    plan = dict(plan_kwargs or {})
+    trainer = {k: v for k, v in trainer_kwargs.items() if k not in IGNORED_TRAINER_KEYS}
+    unknown = sorted(set(plan) - set(PLAN_KEYS)) + sorted(set(trainer) - set(PLAN_KEYS) - set(TRAINER_KEYS))
+    if unknown:
+        raise ValueError(f"Unknown training option(s) {unknown}. plan_kwargs takes {list(PLAN_KEYS)}; train() also "
+                         f"takes {list(TRAINER_KEYS)}.")
+    both = sorted(set(plan) & set(trainer))
+    if both:
+        raise ValueError(f"{both} given both in plan_kwargs and as keyword arguments; give each once.")
+    return TrainConfig(max_epochs=int(max_epochs), early_stopping=bool(early_stopping),
+                       **{**(defaults or {}), **plan, **trainer})
 
 
 def kl_weight(epoch: int, step: int, n_epochs_kl_warmup: int | None, n_steps_kl_warmup: int | None,
@@ -104,10 +180,46 @@ class Adam:
 
 
 def make_optimizer(params, config: TrainConfig):
+    """Adam (L2 weight decay, our fused :class:`Adam` where PyTorch has the kernel) or AdamW."""
     params = [p for p in params if p.requires_grad]
+    if config.optimizer == "AdamW":
+        return torch.optim.AdamW(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
     if hasattr(torch, "_fused_adam_") and all(p.device.type in ("cpu", "cuda") for p in params):
         return Adam(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
     return torch.optim.Adam(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Set the learning rate of our :class:`Adam` or of a ``torch.optim`` optimizer."""
+    if isinstance(optimizer, Adam):
+        optimizer.lr = lr
+    else:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+
+class Plateau:
+    """Counts epochs without improvement of a metric, as early stopping and ReduceLROnPlateau do.
+
+    ``update(value)`` returns True when ``patience`` epochs in a row did not improve on the best value
+    by more than ``min_delta`` (absolute) or ``threshold`` (relative to the best), then starts counting again.
+    """
+
+    def __init__(self, patience: int, *, mode: str = "min", min_delta: float = 0.0, threshold: float = 0.0):
+        self.patience, self.sign, self.min_delta, self.threshold = patience, 1.0 if mode == "min" else -1.0, \
+            min_delta, threshold
+        self.best, self.bad = math.inf, 0
+
+    def update(self, value: float) -> bool:
+        v = self.sign * value
+        if v < self.best - self.min_delta - self.threshold * abs(self.best if math.isfinite(self.best) else 0.0):
+            self.best, self.bad = v, 0
+            return False
+        self.bad += 1
+        if self.bad >= self.patience:
+            self.bad = 0
+            return True
+        return False
 
 
 class _Totals:
@@ -166,22 +278,36 @@ def fit(
     n_obs_train: int,
     n_obs_val: int = 0,
 ) -> dict[str, list[float]]:
-    """Train ``module`` in place; returns the history, one value per epoch for each key."""
+    """Train ``module`` in place; returns the history, one value per epoch for each key.
+
+    Validation runs every ``check_val_every_n_epoch`` epochs, and every epoch when early stopping or
+    the lr schedule watch a validation metric; like scvi-tools, the validation loss uses the current
+    KL weight (``elbo_validation`` does not depend on it).
+    """
+    watched = config.watched_metrics()
+    has_val = val_batches is not None and n_obs_val > 0
+    needs_val = [m for m in watched if m.endswith("_validation") or m == "validation_loss"]
+    if needs_val and not has_val:
+        raise ValueError(f"{needs_val} need validation cells, but the validation set is empty. Lower train_size "
+                         "(e.g. 0.9) or monitor a training metric (e.g. 'elbo_train').")
     keep_freed_memory()
     optimizer = make_optimizer(module.parameters(), config)
     params = [p for p in module.parameters() if p.requires_grad]
-    val_every = 1 if config.early_stopping else config.check_val_every_n_epoch
+    val_every = 1 if needs_val else config.check_val_every_n_epoch
+    stopper = Plateau(config.early_stopping_patience, mode=config.early_stopping_mode,
+                      min_delta=config.early_stopping_min_delta)
+    scheduler = Plateau(config.lr_patience, threshold=config.lr_threshold)
+    lr = config.lr
     history: dict[str, list[float]] = {}
-    best, bad_epochs, step = math.inf, 0, 0
+    step = 0
+    warm = dict(n_epochs_kl_warmup=config.n_epochs_kl_warmup, n_steps_kl_warmup=config.n_steps_kl_warmup,
+                max_kl_weight=config.max_kl_weight, min_kl_weight=config.min_kl_weight)
     bar = tqdm(range(config.max_epochs), desc="Epochs", disable=not config.enable_progress_bar, leave=False)
     for epoch in bar:
-        w = kl_weight(epoch, step, config.n_epochs_kl_warmup, config.n_steps_kl_warmup,
-                      config.max_kl_weight, config.min_kl_weight)
         module.train()
         totals = _Totals()
         for batch in train_batches():
-            if config.n_steps_kl_warmup and not config.n_epochs_kl_warmup:
-                w = kl_weight(epoch, step, None, config.n_steps_kl_warmup, config.max_kl_weight, config.min_kl_weight)
+            w = kl_weight(epoch, step, **warm)
             out = module.loss(batch, kl_weight=w)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
@@ -191,33 +317,33 @@ def fit(
             totals.add(out)
             step += 1
         metrics = totals.read("train", n_obs_train)
-        metrics["kl_weight"] = w
+        metrics["kl_weight"] = kl_weight(epoch, max(step - 1, 0), **warm)  # the weight of the epoch's last step
         _check_finite(metrics, epoch)
-        if val_batches is not None and val_every and (epoch + 1) % val_every == 0 and n_obs_val > 0:
-            metrics.update(evaluate(module, val_batches(), "validation", n_obs_val))
+        if has_val and val_every and (epoch + 1) % val_every == 0:
+            metrics.update(evaluate(module, val_batches(), "validation", n_obs_val, kl_weight=metrics["kl_weight"]))
+        metrics["lr"] = lr
         for key, v in metrics.items():
             history.setdefault(key, []).append(v)
         bar.set_postfix(train_loss=f"{metrics['train_loss_epoch']:.1f}")
-        if config.early_stopping and config.early_stopping_monitor in metrics:
-            current = metrics[config.early_stopping_monitor]
-            if current < best - config.early_stopping_min_delta:
-                best, bad_epochs = current, 0
-            else:
-                bad_epochs += 1
-                if bad_epochs >= config.early_stopping_patience:
-                    break
+        if config.reduce_lr_on_plateau and scheduler.update(metrics[config.lr_scheduler_metric]):
+            lr = max(lr * config.lr_factor, config.lr_min)
+            set_lr(optimizer, lr)
+        if config.early_stopping and stopper.update(metrics[config.early_stopping_monitor]) \
+                and epoch >= config.early_stopping_warmup_epochs:
+            break
     bar.close()
     module.eval()
     return history
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, batches: Iterable[dict], split: str, n_obs: int) -> dict[str, float]:
-    """The history metrics of ``module`` over ``batches`` at full KL weight, in eval mode."""
+def evaluate(module: nn.Module, batches: Iterable[dict], split: str, n_obs: int,
+             kl_weight: float = 1.0) -> dict[str, float]:
+    """The history metrics of ``module`` over ``batches`` in eval mode; the loss at ``kl_weight``."""
     was_training = module.training
     module.eval()
     totals = _Totals()
     for batch in batches:
-        totals.add(module.loss(batch, kl_weight=1.0))
+        totals.add(module.loss(batch, kl_weight=kl_weight))
     module.train(was_training)
     return totals.read(split, n_obs)

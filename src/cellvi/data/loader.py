@@ -123,14 +123,26 @@ class CountData:
                 yield self.gather(idx)
 
 
-def split_indices(n: int, train_size: float, validation_size: float | None, generator: torch.Generator
-                  ) -> tuple[Tensor, Tensor]:
-    """Random train / validation split of ``range(n)`` (scvi-tools semantics for the two fractions)."""
+def split_indices(n: int, train_size: float | None, validation_size: float | None, *, shuffle: bool = True,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Train and validation rows of ``range(n)``, with scvi-tools' meaning of the two fractions.
+
+    ``train_size`` (default 0.9) of the cells train, ``ceil(train_size * n)`` of them; ``validation_size``
+    (default: the rest) validate, ``floor(validation_size * n)``. ``shuffle=False`` takes the rows in
+    order, validation first, then training (as scvi-tools' ``shuffle_set_split=False``).
+    """
+    train_size = 0.9 if train_size is None else float(train_size)
     if not 0.0 < train_size <= 1.0:
         raise ValueError(f"train_size must be in (0, 1], got {train_size}.")
-    if validation_size is not None and (validation_size < 0 or train_size + validation_size > 1.0 + 1e-9):
+    if validation_size is not None and not 0.0 <= validation_size < 1.0:
+        raise ValueError(f"validation_size must be in [0, 1), got {validation_size}.")
+    if validation_size is not None and train_size + validation_size > 1.0 + 1e-9:
         raise ValueError(f"train_size + validation_size must be <= 1, got {train_size} + {validation_size}.")
     n_train = int(np.ceil(train_size * n))
     n_val = n - n_train if validation_size is None else min(int(np.floor(validation_size * n + 1e-9)), n - n_train)
+    if n_train == 0:
+        raise ValueError(f"No training cells: {n} cells with train_size={train_size}.")
+    if not shuffle:
+        return torch.arange(n_val, n_val + n_train), torch.arange(n_val)
     perm = torch.randperm(n, generator=generator)
     return perm[:n_train].sort().values, perm[n_train : n_train + n_val].sort().values

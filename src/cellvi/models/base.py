@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -18,19 +19,20 @@ import pandas as pd
 import torch
 from anndata import AnnData
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from cellvi import settings
 from cellvi.data import DataSpec, check_compatible, get_spec, setup_anndata
 from cellvi.data.loader import CountData, split_indices
 from cellvi.data.setup import UNS_KEY
-from cellvi.train import TrainConfig, fit
+from cellvi.train import TrainConfig, fit, make_train_config
 
 FORMAT_VERSION = 1
 WEIGHTS, META, ADATA = "model.safetensors", "model.json", "adata.h5ad"
 
 
 def resolve_device(accelerator: str = "auto", device: int | str = "auto") -> torch.device:
-    """``accelerator`` in {"auto", "cpu", "gpu", "cuda", "mps"}; ``device`` an index or "auto"."""
+    """The torch device of ``accelerator`` ("auto", "cpu", "gpu"/"cuda", "mps") and a device index ``device``."""
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     if accelerator in ("gpu", "cuda"):
@@ -40,6 +42,17 @@ def resolve_device(accelerator: str = "auto", device: int | str = "auto") -> tor
     if accelerator in ("cpu", "mps"):
         return torch.device(accelerator)
     raise ValueError(f"Unknown accelerator {accelerator!r}; use 'auto', 'cpu' or 'gpu'.")
+
+
+def training_device(accelerator: str, devices) -> torch.device:
+    """``devices`` with Lightning's meaning: a count (1, or -1 for all), a list of indices, or "auto"."""
+    if isinstance(devices, (list, tuple)):
+        if len(devices) != 1:
+            raise ValueError(f"devices={devices!r}: training on several devices is not supported yet; name one.")
+        return resolve_device(accelerator, int(devices[0]))
+    if devices in ("auto", 1, -1, "1", "-1"):
+        return resolve_device(accelerator, "auto")
+    raise ValueError(f"devices={devices!r}: training on several devices is not supported yet; use devices=1.")
 
 
 def max_epochs_heuristic(n_obs: int) -> int:
@@ -62,6 +75,47 @@ def as_indices(indices, n_obs: int) -> np.ndarray:
     if arr.size and (arr.min() < -n_obs or arr.max() >= n_obs):
         raise ValueError(f"indices out of range for {n_obs} cells.")
     return arr % n_obs if arr.size else arr
+
+
+def check_library_size(library_size) -> None:
+    """``library_size`` of the expression methods: a positive number or ``"latent"``."""
+    if isinstance(library_size, str):
+        if library_size != "latent":
+            raise ValueError(f"library_size={library_size!r}: use a positive number (e.g. 1e4) or 'latent'.")
+    elif not (np.isscalar(library_size) and np.isfinite(library_size) and library_size > 0):
+        raise ValueError(f"library_size={library_size!r}: use a positive number (e.g. 1e4) or 'latent'.")
+
+
+def expression_from(px, library: Tensor, library_size) -> Tensor:
+    """What the expression methods report from p(x | z, l) (``library`` is log library size):
+
+    ``"latent"``: expected counts at the cell's library (scvi-tools' ``mu``); a number ``L``: the
+    normalized expression ``rho * L``; ``"mean"`` (DE): expected counts per unit library,
+    ``(1 - pi) * rho`` for ZINB.
+    """
+    if library_size == "mean":
+        return px.mean / torch.exp(library)
+    if library_size == "latent":
+        return px.mu
+    return px.scale * library_size
+
+
+def average_over_batches(decode: Callable[[Tensor], Tensor], own_batch: Tensor, codes: list[int | None]) -> Tensor:
+    """Mean of ``decode(batch codes)`` over ``codes`` (``None``: each cell's own batch): batch-corrected expression."""
+    total = 0.0
+    for code in codes:
+        total = total + decode(own_batch if code is None else torch.full_like(own_batch, code))
+    return total / len(codes)
+
+
+def _last_batch_min_size(batch_size: int, datasplitter_kwargs: dict | None) -> int:
+    """Smallest training minibatch kept: 3 (a batch of 1-2 cells breaks BatchNorm), or all with ``drop_last``."""
+    kwargs = dict(datasplitter_kwargs or {})
+    drop_last = kwargs.pop("drop_last", False)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("pin_memory", "num_workers", "persistent_workers")}
+    if kwargs:
+        raise ValueError(f"datasplitter_kwargs {sorted(kwargs)} are not supported; cellvi takes 'drop_last'.")
+    return batch_size if drop_last else 3
 
 
 class Model:
@@ -167,104 +221,132 @@ class Model:
         return codes
 
     def _gene_mask(self, gene_list) -> np.ndarray | None:
+        """Positions of ``gene_list`` in the model's genes, in the model's gene order (as scvi-tools)."""
         if gene_list is None:
             return None
         names = pd.Index(self.spec.var_names)
+        gene_list = [gene_list] if isinstance(gene_list, str) else list(gene_list)
         missing = [g for g in gene_list if g not in names]
         if missing:
             raise ValueError(f"gene_list has genes the model does not know: {missing[:10]}.")
-        return names.get_indexer(gene_list)
+        return np.flatnonzero(names.isin(gene_list))
 
     def _expression_rows(self, adata: AnnData | None, indices, n_samples_overall: int | None):
-        """(the AnnData, the rows) an expression method reads; ``n_samples_overall`` resamples the rows."""
+        """(the AnnData, the rows) an expression method reads; ``n_samples_overall`` draws that many rows
+        at random, with replacement, from ``indices`` (each then decoded with its own posterior draw)."""
         adata_ = self.adata if adata is None else adata
         idx = as_indices(indices, adata_.n_obs)
         if n_samples_overall is not None:
-            idx = np.random.default_rng(0).choice(idx, n_samples_overall)
+            if idx.size == 0:
+                raise ValueError("n_samples_overall needs at least one cell in `indices`.")
+            idx = np.random.default_rng(settings.seed).choice(idx, int(n_samples_overall))
         return adata_, idx
 
-    def _expression_output(self, expr: np.ndarray, adata: AnnData, idx: np.ndarray, gene_list, return_mean: bool,
-                           return_numpy: bool | None):
+    def _decode(self, adata: AnnData | None, idx: np.ndarray, batch_size: int | None, genes: np.ndarray | None,
+                decode: Callable[[dict], dict[str, Tensor]], kinds: tuple[str, ...],
+                n_samples: int) -> dict[str, np.ndarray]:
+        """Run ``decode`` (minibatch -> {kind: (n_samples, cells, genes) tensor}, ``kinds``) over the rows ``idx``
+        and gather each kind on the CPU, keeping only ``genes``; empty rows give ``(n_samples, 0, genes)``."""
+        self.module.eval()
+        chunks: dict[str, list[Tensor]] = {}
+        gene_idx = None if genes is None else torch.as_tensor(genes, device=self.device)
+        with torch.no_grad():
+            for batch in self._minibatches(adata, idx, batch_size):
+                for kind, expr in decode(batch).items():
+                    chunks.setdefault(kind, []).append((expr if gene_idx is None else expr[..., gene_idx]).cpu())
+        n_genes = self.spec.n_genes if genes is None else len(genes)
+        if not chunks:
+            return {kind: np.zeros((n_samples, 0, n_genes), np.float32) for kind in kinds}
+        return {kind: torch.cat(v, 1).numpy() for kind, v in chunks.items()}
+
+    def _expression_output(self, expr: np.ndarray, adata: AnnData, idx: np.ndarray, genes: np.ndarray | None,
+                           return_mean: bool, return_numpy: bool | None):
         """``(n_samples, cells, genes)`` draws -> scvi-tools' output: averaged over samples when ``return_mean``
         (or one sample), a DataFrame named by cells and genes unless numpy is asked for or the result is 3-D."""
         expr = expr.mean(0) if (return_mean or expr.shape[0] == 1) else expr
         if return_numpy or expr.ndim == 3:
             return expr
-        names = list(self.spec.var_names) if gene_list is None else list(gene_list)
-        return pd.DataFrame(expr, index=adata.obs_names[idx], columns=names)
+        names = pd.Index(self.spec.var_names)
+        return pd.DataFrame(expr, index=adata.obs_names[idx], columns=names if genes is None else names[genes])
 
     # ------------------------------------------------------------------ training
 
     def train(
         self,
         max_epochs: int | None = None,
-        lr: float = 1e-3,
         accelerator: str = "auto",
-        devices: int | str = "auto",
-        train_size: float = 0.9,
+        devices: int | list[int] | str = "auto",
+        train_size: float | None = None,
         validation_size: float | None = None,
         shuffle_set_split: bool = True,
+        load_sparse_tensor: bool = False,
         batch_size: int = 128,
         early_stopping: bool = False,
-        early_stopping_patience: int = 45,
-        early_stopping_monitor: str = "elbo_validation",
-        early_stopping_min_delta: float = 0.0,
-        n_epochs_kl_warmup: int | None = 400,
-        n_steps_kl_warmup: int | None = None,
-        max_kl_weight: float = 1.0,
-        weight_decay: float = 1e-6,
-        eps: float = 0.01,
-        gradient_clip_val: float | None = None,
-        check_val_every_n_epoch: int | None = None,
-        enable_progress_bar: bool | None = None,
+        datasplitter_kwargs: dict | None = None,
+        plan_config: dict | None = None,
+        plan_kwargs: dict | None = None,
+        datamodule=None,
+        trainer_config: dict | None = None,
+        *,
         seed: int | None = None,
+        **trainer_kwargs,
     ) -> None:
-        """Train the model with Adam on minibatches of cells.
+        """Train the model with Adam on minibatches of cells (scvi-tools' arguments, in its order).
 
         Parameters
         ----------
         max_epochs
             Passes over the training cells; default ``min(400, 400 * 20000 / n_cells)`` as in scvi-tools.
-        lr, weight_decay, eps
-            Adam settings.
         accelerator, devices
-            ``"auto"`` uses a CUDA GPU when present; ``"cpu"`` forces the CPU.
+            ``"auto"`` uses a CUDA GPU when present, ``"cpu"`` forces the CPU; ``devices`` is a count
+            (1) or a one-element list naming the GPU.
         train_size, validation_size
-            Fractions of cells for training and validation (the rest is unused).
+            Fractions of cells for training (default 0.9) and validation (default: the rest).
         shuffle_set_split
-            Split cells at random (``False``: the first cells train, the next validate).
+            Split cells at random (``False``: in order, validation cells first, as scvi-tools).
+        load_sparse_tensor
+            Accepted for compatibility and ignored: minibatches are always gathered from the sparse matrix.
         batch_size
             Cells per minibatch.
-        early_stopping, early_stopping_patience, early_stopping_monitor, early_stopping_min_delta
-            Stop when ``early_stopping_monitor`` (default ``elbo_validation``) has not improved by
-            ``min_delta`` for ``patience`` epochs.
-        n_epochs_kl_warmup, n_steps_kl_warmup, max_kl_weight
-            The KL term's weight rises linearly from 0 to ``max_kl_weight`` over these epochs (or steps).
-        gradient_clip_val
-            Clip the global gradient norm to this value (``None``, the default as in scvi-tools: no
-            clipping). Set it (e.g. 50) for data that produce occasional huge gradients.
-        check_val_every_n_epoch
-            Compute validation metrics every n epochs (every epoch with early stopping).
-        enable_progress_bar
-            Show a progress bar (default ``cellvi.settings.progress_bar``).
+        early_stopping
+            Stop when ``early_stopping_monitor`` (default ``"elbo_validation"``) has not improved by
+            ``early_stopping_min_delta`` for ``early_stopping_patience`` (45) epochs. Refused when the
+            monitored metric needs validation cells and there are none.
+        datasplitter_kwargs
+            ``{"drop_last": True}`` drops the last incomplete training minibatch of each epoch.
+        plan_kwargs, plan_config
+            scvi-tools' training-plan options: ``lr`` (1e-3), ``weight_decay`` (1e-6), ``eps`` (0.01),
+            ``optimizer`` ("Adam" or "AdamW"), ``n_epochs_kl_warmup`` (400), ``n_steps_kl_warmup``,
+            ``max_kl_weight``, ``min_kl_weight``, ``reduce_lr_on_plateau``, ``lr_factor``, ``lr_patience``,
+            ``lr_threshold``, ``lr_scheduler_metric``, ``lr_min``. See :class:`cellvi.train.TrainConfig`.
+        datamodule
+            Not supported (cellvi reads the model's AnnData); must be ``None``.
+        trainer_config, **trainer_kwargs
+            scvi-tools' trainer options: ``early_stopping_monitor``, ``early_stopping_patience``,
+            ``early_stopping_min_delta``, ``early_stopping_warmup_epochs``, ``early_stopping_mode``,
+            ``gradient_clip_val`` (``None``: no clipping), ``check_val_every_n_epoch``,
+            ``enable_progress_bar`` (default ``cellvi.settings.progress_bar``). Lightning-only options
+            (``logger``, ``log_every_n_steps``, ...) are ignored; unknown names are refused. As a
+            convenience, plan options may be given here too (``train(lr=1e-3)``).
         seed
-            Seed of the split, shuffling and sampling (default ``cellvi.settings.seed``): same seed, same model.
+            cellvi only: seed of the split, shuffling and sampling (default ``cellvi.settings.seed``).
+
+        Returns
+        -------
+        None; ``history_`` (and ``history``) get scvi-tools' keys (``elbo_train``, ``elbo_validation``, ...).
         """
-        data, config, generator = self._prepare_training(
-            max_epochs, lr, accelerator, devices, early_stopping, early_stopping_patience, early_stopping_monitor,
-            early_stopping_min_delta, n_epochs_kl_warmup, n_steps_kl_warmup, max_kl_weight, weight_decay, eps,
-            gradient_clip_val, check_val_every_n_epoch, enable_progress_bar, seed, n_obs=self.adata.n_obs)
-        if shuffle_set_split:
-            train_idx, val_idx = split_indices(data.n_obs, train_size, validation_size, generator)
-        else:
-            n_train = int(np.ceil(train_size * data.n_obs))
-            n_val = data.n_obs - n_train if validation_size is None else int(validation_size * data.n_obs)
-            train_idx, val_idx = torch.arange(n_train), torch.arange(n_train, n_train + n_val)
+        config, generator = self._training_setup(
+            max_epochs, accelerator, devices, early_stopping, datamodule,
+            {**(plan_config or {}), **(plan_kwargs or {})}, {**(trainer_config or {}), **trainer_kwargs}, seed)
+        data = self._data()
+        train_idx, val_idx = split_indices(data.n_obs, train_size, validation_size, shuffle=shuffle_set_split,
+                                           generator=generator)
         self.train_indices_, self.validation_indices_ = train_idx.numpy(), val_idx.numpy()
         train_idx, val_idx = train_idx.to(data.device), val_idx.to(data.device)
+        min_size = _last_batch_min_size(batch_size, datasplitter_kwargs)
         history = fit(
             self.module,
-            lambda: data.batches(train_idx, batch_size, shuffle=True, generator=generator, min_size=3),
+            lambda: data.batches(train_idx, batch_size, shuffle=True, generator=generator, min_size=min_size),
             lambda: data.batches(val_idx, batch_size),
             config,
             n_obs_train=train_idx.numel(),
@@ -272,25 +354,23 @@ class Model:
         )
         self._record(history)
 
-    def _prepare_training(self, max_epochs, lr, accelerator, devices, early_stopping, early_stopping_patience,
-                          early_stopping_monitor, early_stopping_min_delta, n_epochs_kl_warmup, n_steps_kl_warmup,
-                          max_kl_weight, weight_decay, eps, gradient_clip_val, check_val_every_n_epoch,
-                          enable_progress_bar, seed, *, n_obs: int):
-        """Device, seeds and TrainConfig: the part of ``train`` every model shares."""
+    train_defaults: dict = {}  # a model's own defaults for TrainConfig fields (e.g. MrVI's lr), as scvi-tools'
+
+    def _training_setup(self, max_epochs, accelerator, devices, early_stopping, datamodule, plan_kwargs: dict,
+                        trainer_kwargs: dict, seed: int | None) -> tuple[TrainConfig, torch.Generator]:
+        """The part of ``train`` every model shares: the config (built once, here), the device and the seeds."""
+        if datamodule is not None:
+            raise ValueError("datamodule is not supported: cellvi trains on the model's AnnData; pass datamodule=None.")
+        trainer_kwargs.setdefault("enable_progress_bar", settings.progress_bar)
+        config = make_train_config(
+            max_epochs=max_epochs_heuristic(self.adata.n_obs) if max_epochs is None else max_epochs,
+            early_stopping=early_stopping, plan_kwargs=plan_kwargs, trainer_kwargs=trainer_kwargs,
+            defaults=self.train_defaults)
         seed = settings.seed if seed is None else seed
         torch.manual_seed(seed)  # dropout and reparameterised samples
         generator = torch.Generator().manual_seed(seed)  # split and shuffling
-        self.module.to(resolve_device(accelerator, devices))
-        config = TrainConfig(
-            max_epochs=max_epochs_heuristic(n_obs) if max_epochs is None else int(max_epochs),
-            lr=lr, weight_decay=weight_decay, eps=eps, n_epochs_kl_warmup=n_epochs_kl_warmup,
-            n_steps_kl_warmup=n_steps_kl_warmup, max_kl_weight=max_kl_weight, early_stopping=early_stopping,
-            early_stopping_monitor=early_stopping_monitor, early_stopping_patience=early_stopping_patience,
-            early_stopping_min_delta=early_stopping_min_delta, gradient_clip_val=gradient_clip_val,
-            check_val_every_n_epoch=check_val_every_n_epoch,
-            enable_progress_bar=settings.progress_bar if enable_progress_bar is None else enable_progress_bar,
-        )
-        return self._data(), config, generator
+        self.module.to(training_device(accelerator, devices))
+        return config, generator
 
     def _record(self, history: dict[str, list[float]]) -> None:
         """Append a training run's history (a second ``train`` call continues the curves)."""
@@ -300,25 +380,39 @@ class Model:
 
     # ------------------------------------------------------------------ save / load
 
-    def save(self, dir_path: str | os.PathLike, overwrite: bool = False, save_anndata: bool = False) -> None:
+    def save(self, dir_path: str | os.PathLike, prefix: str | None = None, overwrite: bool = False,
+             save_anndata: bool = False) -> None:
         """Write ``model.safetensors`` (weights) and ``model.json`` (config, data set-up, history).
 
         Parameters
         ----------
         dir_path
             Folder to create (or overwrite, with ``overwrite=True``).
+        prefix
+            Prefix of the file names (``<prefix>model.json``, ...), as in scvi-tools.
+        overwrite
+            Replace the model files in an existing folder; a stale ``adata.h5ad`` of an earlier save
+            is removed unless ``save_anndata`` writes a new one.
         save_anndata
             Also write the AnnData to ``adata.h5ad`` in the folder.
         """
-        path = Path(dir_path)
+        path, names = Path(dir_path), _file_names(prefix)
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise ValueError(f"{path} already exists and is not empty; pass overwrite=True to replace it.")
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
-        save_file(state, str(path / WEIGHTS))
+        save_file(state, str(path / names[WEIGHTS]))
+        (path / names[META]).write_text(json.dumps(self._meta()))
+        if save_anndata:
+            self.adata.write_h5ad(path / names[ADATA])
+        else:
+            (path / names[ADATA]).unlink(missing_ok=True)  # never leave an older AnnData that load() would read
+
+    def _meta(self) -> dict:
+        """What ``model.json`` holds: format, class, config, data set-up, history, split (models may add)."""
         from cellvi import __version__
 
-        meta = {
+        return {
             "format": "cellvi-model",
             "format_version": FORMAT_VERSION,
             "cellvi_version": __version__,
@@ -330,41 +424,39 @@ class Model:
             "train_indices": None if self.train_indices_ is None else self.train_indices_.tolist(),
             "validation_indices": None if self.validation_indices_ is None else self.validation_indices_.tolist(),
         }
-        (path / META).write_text(json.dumps(meta))
-        if save_anndata:
-            self.adata.write_h5ad(path / ADATA)
 
     @classmethod
     def load(cls, dir_path: str | os.PathLike, adata: AnnData | None = None, accelerator: str = "auto",
-             device: int | str = "auto"):
+             device: int | str = "auto", prefix: str | None = None):
         """Load a model written by :meth:`save`; never unpickles anything.
 
         Parameters
         ----------
+        dir_path
+            Folder written by :meth:`save`.
         adata
             Data with the same genes (same order) and known categories; ``None`` reads the saved
             ``adata.h5ad``.
+        accelerator, device
+            Where to put the model (``"auto"``: a CUDA GPU when present) and the GPU index.
+        prefix
+            Prefix the files were saved with.
         """
-        path = Path(dir_path)
-        if not (path / META).exists() or not (path / WEIGHTS).exists():
-            raise ValueError(f"{path} does not hold a cellvi model ({META} and {WEIGHTS} expected).")
-        meta = json.loads((path / META).read_text())
-        if meta.get("format") != "cellvi-model" or meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path / META} is not a cellvi model file this version can read "
-                             f"(format_version {meta.get('format_version')}, supported <= {FORMAT_VERSION}).")
+        path, names = Path(dir_path), _file_names(prefix)
+        meta = _read_meta(path, names)
         if meta["model_class"] != cls.__name__:
             raise ValueError(f"{path} holds a {meta['model_class']} model; load it with cellvi.{meta['model_class']}.load.")
         spec = DataSpec.from_json(json.dumps(meta["spec"]))
         if adata is None:
-            if not (path / ADATA).exists():
+            if not (path / names[ADATA]).exists():
                 raise ValueError(f"No adata given and none saved in {path}; pass `adata=`.")
             import anndata
 
-            adata = anndata.read_h5ad(path / ADATA)
+            adata = anndata.read_h5ad(path / names[ADATA])
         _adopt_spec(adata, spec)
         config_fields = {f.name for f in fields(cls.config_class)}
         model = cls(adata, **{k: v for k, v in meta["config"].items() if k in config_fields})
-        model.module.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
+        model.module.load_state_dict(_read_weights(path / names[WEIGHTS]), strict=True)
         model.module.to(resolve_device(accelerator, device))
         model.module.eval()
         model.history_ = {k: list(v) for k, v in meta["history"].items()}
@@ -372,12 +464,52 @@ class Model:
         for name in ("train_indices", "validation_indices"):
             if meta.get(name) is not None:
                 setattr(model, name + "_", np.asarray(meta[name], dtype=np.int64))
+        model._restore(meta)
         return model
+
+    def _restore(self, meta: dict) -> None:
+        """Model-specific state from ``model.json`` (see :meth:`_meta`); nothing in the base model."""
 
     def __repr__(self) -> str:
         state = "trained" if self.is_trained_ else "not trained"
         return (f"{type(self).__name__}({self.adata.n_obs} cells x {self.spec.n_genes} genes, "
                 f"{self.spec.n_batches} batches; {state})")
+
+
+def _file_names(prefix: str | None) -> dict[str, str]:
+    return {name: f"{prefix or ''}{name}" for name in (WEIGHTS, META, ADATA)}
+
+
+def _read_meta(path: Path, names: dict[str, str]) -> dict:
+    """``model.json`` of a saved model, refusing folders, files and formats that are not cellvi's."""
+    meta_file, weights = path / names[META], path / names[WEIGHTS]
+    if not meta_file.exists() or not weights.exists():
+        hint = " It looks like a scvi-tools model (model.pt, a pickle), which cellvi does not read." \
+            if (path / "model.pt").exists() else ""
+        raise ValueError(f"{path} does not hold a cellvi model ({names[META]} and {names[WEIGHTS]} expected).{hint}")
+    try:
+        meta = json.loads(meta_file.read_text())
+        ok = isinstance(meta, dict) and meta.get("format") == "cellvi-model"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{meta_file} is damaged or not a cellvi model file (not the JSON cellvi writes). "
+                         "Save the model again.")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{meta_file} was written by a newer cellvi (format_version {meta.get('format_version')}, "
+                         f"this version reads <= {FORMAT_VERSION}); upgrade cellvi.")
+    missing = [k for k in ("model_class", "config", "spec", "history", "is_trained") if k not in meta]
+    if missing:
+        raise ValueError(f"{meta_file} is damaged: it lacks {missing}. Save the model again.")
+    return meta
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a clear error when it is truncated or not safetensors."""
+    try:
+        return load_file(str(file))
+    except Exception as err:  # safetensors raises its own error types for every kind of damage
+        raise ValueError(f"{file} is damaged or not a safetensors file ({err}). Save the model again.") from err
 
 
 def _adopt_spec(adata: AnnData, spec: DataSpec) -> None:

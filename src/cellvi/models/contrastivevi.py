@@ -21,12 +21,9 @@ E log p(x | z, s) - KL(q(z) || p(z)) - KL(q(s) || p(s)), and optionally penalise
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -38,8 +35,8 @@ from torch.distributions import kl_divergence
 
 from cellvi import distributions as dist
 from cellvi.data.loader import CountData, split_indices
-from cellvi.models.base import META, Model, as_indices
-from cellvi.models.scvi import flatten_samples
+from cellvi.models.base import Model, _last_batch_min_size, as_indices, average_over_batches, check_library_size, expression_from
+from cellvi.models.scvi import flatten_samples, repeat_samples
 from cellvi.nn import MLP, GaussianEncoder
 from cellvi.train import fit
 
@@ -264,26 +261,19 @@ class ContrastiveVI(Model):
         background_indices,
         target_indices,
         max_epochs: int | None = None,
-        lr: float = 1e-3,
         accelerator: str = "auto",
-        devices: int | str = "auto",
-        train_size: float = 0.9,
+        devices: int | list[int] | str = "auto",
+        train_size: float | None = None,
         validation_size: float | None = None,
         shuffle_set_split: bool = True,
+        load_sparse_tensor: bool = False,
         batch_size: int = 128,
         early_stopping: bool = False,
-        early_stopping_patience: int = 45,
-        early_stopping_monitor: str = "elbo_validation",
-        early_stopping_min_delta: float = 0.0,
-        n_epochs_kl_warmup: int | None = 400,
-        n_steps_kl_warmup: int | None = None,
-        max_kl_weight: float = 1.0,
-        weight_decay: float = 1e-6,
-        eps: float = 0.01,
-        gradient_clip_val: float | None = None,
-        check_val_every_n_epoch: int | None = None,
-        enable_progress_bar: bool | None = None,
+        datasplitter_kwargs: dict | None = None,
+        plan_kwargs: dict | None = None,
+        *,
         seed: int | None = None,
+        **trainer_kwargs,
     ) -> None:
         """Train on background and target cells; every step sees one minibatch of each.
 
@@ -301,8 +291,9 @@ class ContrastiveVI(Model):
         batch_size
             Cells per minibatch of each set (a step sees up to ``2 * batch_size`` cells).
 
-        The other parameters are those of :meth:`cellvi.SCVI.train` (Adam, KL warm-up of the z and s
-        KL terms and the Wasserstein penalty, gradient clipping, early stopping, seed).
+        The other parameters are those of :meth:`cellvi.SCVI.train` (``plan_kwargs`` for Adam and the KL
+        warm-up of the z and s KL terms and the Wasserstein penalty; trainer options for gradient
+        clipping and early stopping; ``seed``).
 
         Returns
         -------
@@ -320,40 +311,31 @@ class ContrastiveVI(Model):
         if overlap.size:
             raise ValueError(f"{overlap.size} cell(s) are both background and target (e.g. rows {overlap[:5].tolist()});"
                              " the two sets must be disjoint.")
-        data, config, generator = self._prepare_training(
-            max_epochs, lr, accelerator, devices, early_stopping, early_stopping_patience, early_stopping_monitor,
-            early_stopping_min_delta, n_epochs_kl_warmup, n_steps_kl_warmup, max_kl_weight, weight_decay, eps,
-            gradient_clip_val, check_val_every_n_epoch, enable_progress_bar, seed, n_obs=n_obs)
-        (bg_train, bg_val), (tg_train, tg_val) = (
-            self._split(rows, train_size, validation_size, shuffle_set_split, generator) for rows in (background, target))
+        config, generator = self._training_setup(max_epochs, accelerator, devices, early_stopping, None,
+                                                 dict(plan_kwargs or {}), trainer_kwargs, seed)
+        data = self._data()
+        def split(rows: np.ndarray) -> list[np.ndarray]:  # each set is split on its own
+            parts = split_indices(rows.size, train_size, validation_size, shuffle=shuffle_set_split, generator=generator)
+            return [rows[part.numpy()] for part in parts]
+
+        (bg_train, bg_val), (tg_train, tg_val) = split(background), split(target)
         self.background_indices_, self.target_indices_ = background, target
         self.train_indices_ = np.concatenate([bg_train, tg_train])
         self.validation_indices_ = np.concatenate([bg_val, tg_val])
         on = lambda a: torch.as_tensor(a, device=data.device)  # noqa: E731
         bg_train, bg_val, tg_train, tg_val = on(bg_train), on(bg_val), on(tg_train), on(tg_val)
         has_val = bg_val.numel() > 0 and tg_val.numel() > 0  # validation needs cells of both sets
+        min_size = _last_batch_min_size(batch_size, datasplitter_kwargs)
         history = fit(
             self.module,
             lambda: paired_batches(data, bg_train, tg_train, batch_size, shuffle=True, generator=generator,
-                                   min_size=3),
+                                   min_size=min_size),
             (lambda: paired_batches(data, bg_val, tg_val, batch_size)) if has_val else None,
             config,
             n_obs_train=bg_train.numel() + tg_train.numel(),
             n_obs_val=bg_val.numel() + tg_val.numel() if has_val else 0,
         )
         self._record(history)
-
-    @staticmethod
-    def _split(rows: np.ndarray, train_size: float, validation_size: float | None, shuffle: bool,
-               generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Training and validation rows of one cell set."""
-        n = rows.size
-        if shuffle:
-            train, val = split_indices(n, train_size, validation_size, generator)
-            return rows[train.numpy()], rows[val.numpy()]
-        n_train = int(np.ceil(train_size * n))  # as Model.train: the first cells train, the next validate
-        n_val = n - n_train if validation_size is None else int(validation_size * n)
-        return rows[:n_train], rows[n_train : n_train + n_val]
 
     # ------------------------------------------------------------------ latent spaces
 
@@ -405,22 +387,15 @@ class ContrastiveVI(Model):
         z, s, library = inf["z"], inf["s"], inf["library"]
         if n_samples > 1:
             z, s, library = flatten_samples(z), flatten_samples(s), flatten_samples(library)  # (S * B, ...)
-        rep = lambda t: t.repeat(n_samples, *([1] * (t.dim() - 1))) if n_samples > 1 else t  # noqa: E731
-        cat, cont, own = rep(batch["cat_covs"]), rep(batch["cont_covs"]), rep(batch["batch"])
+        cat, cont, own = (repeat_samples(batch[k], n_samples) for k in ("cat_covs", "cont_covs", "batch"))
         latents = {"background": torch.zeros_like(s), "salient": s}
         mix_background = "salient" in kinds and is_background is not None and bool(is_background.any())
         decode = (*kinds, "background") if mix_background and "background" not in kinds else kinds
-        totals: dict[str, Tensor | float] = dict.fromkeys(decode, 0.0)
-        for code in batch_codes:
-            b = own if code is None else torch.full_like(own, code)
-            for kind in decode:
-                px = m.generative(z, latents[kind], library, b, cat, cont)["px"]
-                if library_size == "mean":  # expected counts per unit library: (1 - pi) * rho
-                    expr = px.scale * torch.sigmoid(-px.zi_logits)
-                else:
-                    expr = px.mu if library_size == "latent" else px.scale * library_size
-                totals[kind] = totals[kind] + expr
-        out = {k: (v / len(batch_codes)).reshape(n_samples, -1, v.shape[-1]) for k, v in totals.items()}
+        out = {}
+        for kind in decode:
+            expr = average_over_batches(lambda b, kind=kind: expression_from(
+                m.generative(z, latents[kind], library, b, cat, cont)["px"], library, library_size), own, batch_codes)
+            out[kind] = expr.reshape(n_samples, -1, expr.shape[-1])
         if mix_background:  # known background cells: s = 0, so salient = background, exactly
             out["salient"] = torch.where(is_background[None, :, None], out["background"], out["salient"])
         return {k: out[k] for k in kinds}
@@ -428,28 +403,19 @@ class ContrastiveVI(Model):
     def _expression_chunks(self, adata, idx: np.ndarray, n_samples: int, transform_batch, library_size,
                            kinds: tuple[str, ...], batch_size: int | None, genes: np.ndarray | None):
         """Per kind, the ``(n_samples, cells, genes)`` expression of cells ``idx`` (on the CPU)."""
-        self.module.eval()
         codes = self._batch_codes(transform_batch)
         bg_mask = self._background_mask(adata)
         if bg_mask is not None:
             bg_mask = torch.as_tensor(bg_mask, device=self.device)
-        chunks: dict[str, list[Tensor]] = {k: [] for k in kinds}
-        for batch in self._minibatches(adata, idx, batch_size):
-            known_bg = None if bg_mask is None else bg_mask[batch["index"]]
-            out = self._expression(batch, n_samples, codes, library_size, kinds, known_bg)
-            for kind, expr in out.items():
-                if genes is not None:
-                    expr = expr[..., torch.as_tensor(genes, device=expr.device)]
-                chunks[kind].append(expr.cpu())
-        n_genes = self.spec.n_genes if genes is None else len(genes)
-        return {k: torch.cat(v, 1).numpy() if v else np.zeros((n_samples, 0, n_genes), np.float32)
-                for k, v in chunks.items()}
+        return self._decode(adata, idx, batch_size, genes, lambda batch: self._expression(
+            batch, n_samples, codes, library_size, kinds, None if bg_mask is None else bg_mask[batch["index"]]),
+            kinds, n_samples)
 
     @torch.no_grad()
     def get_normalized_expression(self, adata: AnnData | None = None, indices=None, transform_batch=None,
                                   gene_list=None, library_size: float | str = 1, n_samples: int = 1,
                                   n_samples_overall: int | None = None, batch_size: int | None = None,
-                                  return_mean: bool = True, return_numpy: bool | None = None
+                                  return_mean: bool = True, return_numpy: bool | None = None, silent: bool = True
                                   ) -> dict[str, np.ndarray | pd.DataFrame]:
         """Denoised, library-size-normalized expression decoded from the background latent alone
         (s = 0) and from both latents.
@@ -460,16 +426,19 @@ class ContrastiveVI(Model):
             ``None``: each cell decoded in its own batch. A batch name, or a list of them: each cell
             decoded as if from each listed batch, and the results averaged.
         gene_list
-            Return these genes only.
+            Return these genes only (in the model's gene order, as scvi-tools).
         library_size
             1 gives proportions (rows sum to 1 over all genes); ``"latent"`` gives expected counts at
             the cell's own library size.
         n_samples
             Posterior samples of (z, s) per cell; averaged when ``return_mean``.
         n_samples_overall
-            Sample this many cells (with replacement) from ``indices`` instead of using all of them.
+            Return this many rows, each one posterior draw of a cell drawn at random (with
+            replacement) from ``indices``, indexed by the drawn cells' names.
         return_numpy
             ``None``: DataFrames (cells x genes) unless the results are 3-D, then numpy arrays.
+        silent
+            Accepted for compatibility; cellvi shows no progress bar here.
 
         Returns
         -------
@@ -477,10 +446,12 @@ class ContrastiveVI(Model):
         ``(n_samples, cells, genes)`` arrays when ``n_samples > 1`` and ``return_mean=False``. Cells
         trained as background get s = 0 in both, so their two entries are equal.
         """
+        check_library_size(library_size)
         adata_, idx = self._expression_rows(adata, indices, n_samples_overall)
+        genes = self._gene_mask(gene_list)
         exprs = self._expression_chunks(adata, idx, n_samples, transform_batch, library_size,
-                                        ("background", "salient"), batch_size, self._gene_mask(gene_list))
-        return {kind: self._expression_output(expr, adata_, idx, gene_list, return_mean, return_numpy)
+                                        ("background", "salient"), batch_size, genes)
+        return {kind: self._expression_output(expr, adata_, idx, genes, return_mean, return_numpy)
                 for kind, expr in exprs.items()}
 
     @torch.no_grad()
@@ -489,10 +460,12 @@ class ContrastiveVI(Model):
                                           n_samples_overall: int | None = None, batch_size: int | None = None,
                                           return_mean: bool = True, return_numpy: bool | None = None):
         """The ``"salient"`` entry of :meth:`get_normalized_expression` (decoded from z and s), computed alone."""
+        check_library_size(library_size)
         adata_, idx = self._expression_rows(adata, indices, n_samples_overall)
+        genes = self._gene_mask(gene_list)
         expr = self._expression_chunks(adata, idx, n_samples, transform_batch, library_size, ("salient",),
-                                       batch_size, self._gene_mask(gene_list))["salient"]
-        return self._expression_output(expr, adata_, idx, gene_list, return_mean, return_numpy)
+                                       batch_size, genes)["salient"]
+        return self._expression_output(expr, adata_, idx, genes, return_mean, return_numpy)
 
     # ------------------------------------------------------------------ differential expression
 
@@ -581,23 +554,15 @@ class ContrastiveVI(Model):
 
     # ------------------------------------------------------------------ save / load
 
-    def save(self, dir_path: str | os.PathLike, overwrite: bool = False, save_anndata: bool = False) -> None:
-        """As :meth:`cellvi.SCVI.save`; ``model.json`` also records the background and target rows."""
-        super().save(dir_path, overwrite=overwrite, save_anndata=save_anndata)
-        path = Path(dir_path) / META
-        meta = json.loads(path.read_text())
+    def _meta(self) -> dict:
+        """As the base model's, plus the background and target rows."""
+        meta = super()._meta()
         for name in ("background_indices", "target_indices"):
             rows = getattr(self, name + "_")
             meta[name] = None if rows is None else rows.tolist()
-        path.write_text(json.dumps(meta))
+        return meta
 
-    @classmethod
-    def load(cls, dir_path: str | os.PathLike, adata: AnnData | None = None, accelerator: str = "auto",
-             device: int | str = "auto"):
-        """As :meth:`cellvi.SCVI.load`, restoring the background and target rows."""
-        model = super().load(dir_path, adata=adata, accelerator=accelerator, device=device)
-        meta = json.loads((Path(dir_path) / META).read_text())
+    def _restore(self, meta: dict) -> None:
         for name in ("background_indices", "target_indices"):
             if meta.get(name) is not None:
-                setattr(model, name + "_", np.asarray(meta[name], dtype=np.int64))
-        return model
+                setattr(self, name + "_", np.asarray(meta[name], dtype=np.int64))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from anndata import AnnData
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
 from cellvi import distributions as dist
-from cellvi.models.base import Model
+from cellvi.models.base import Model, as_indices, average_over_batches, check_library_size, expression_from
 from cellvi.nn import MLP, GaussianEncoder
 
 CHOICES = {
@@ -65,6 +66,11 @@ class SCVIConfig:
 def flatten_samples(t: Tensor) -> Tensor:
     """(S, B, ...) -> (S * B, ...)."""
     return t.reshape(-1, *t.shape[2:])
+
+
+def repeat_samples(t: Tensor, n: int) -> Tensor:
+    """(B, ...) -> (n * B, ...): a per-cell tensor repeated for ``n`` sample-major posterior draws."""
+    return t if n == 1 else t.repeat(n, *([1] * (t.dim() - 1)))
 
 
 class SCVIModule(nn.Module):
@@ -155,7 +161,7 @@ class SCVIModule(nn.Module):
         covs = [batch[k] for k in ("batch", "cat_covs", "cont_covs", "label")]
         if n_samples > 1:
             z, library = flatten_samples(z), flatten_samples(library)
-            covs = [c.repeat(n_samples, *([1] * (c.dim() - 1))) for c in covs]
+            covs = [repeat_samples(c, n_samples) for c in covs]
         b, cat, cont, lab = covs
         return inf, self.generative(z, library, b, cat, cont, lab)
 
@@ -241,9 +247,10 @@ class SCVI(Model):
             else:
                 z = qz.loc if give_mean else inf["z"]
             out.append(z.cpu())
+        empty = torch.zeros(0, self.config.n_latent)
         if return_dist:
-            return torch.cat(means).numpy(), torch.cat(variances).numpy()
-        return torch.cat(out).numpy()
+            return torch.cat([empty, *means]).numpy(), torch.cat([empty, *variances]).numpy()
+        return torch.cat([empty, *out]).numpy()
 
     # ------------------------------------------------------------------ expression
 
@@ -271,8 +278,7 @@ class SCVI(Model):
     @staticmethod
     def _repeat_covariates(batch: dict, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(batch, cat_covs, cont_covs, label) of a minibatch, repeated for ``n`` sample-major draws."""
-        return tuple(batch[k].repeat(n, *([1] * (batch[k].dim() - 1)))
-                     for k in ("batch", "cat_covs", "cont_covs", "label"))
+        return tuple(repeat_samples(batch[k], n) for k in ("batch", "cat_covs", "cont_covs", "label"))
 
     @torch.no_grad()
     def _expression_samples(self, batch: dict, n_samples: int, batch_codes: list[int | None],
@@ -281,15 +287,9 @@ class SCVI(Model):
         each), and the log importance weights ``(n_samples, cells)`` when asked for."""
         z, library, log_w = self._sample_posterior(batch, n_samples, with_log_weights)
         own_batch, cat, cont, lab = self._repeat_covariates(batch, n_samples)
-        total = 0.0
-        for code in batch_codes:
-            b = own_batch if code is None else torch.full_like(own_batch, code)
-            px = self.module.generative(z, library, b, cat, cont, lab)["px"]
-            if library_size == "mean":  # expected counts per unit library: (1 - pi) * rho for ZINB
-                total = total + px.mean / torch.exp(library)
-            else:
-                total = total + (px.mu if library_size == "latent" else px.scale * library_size)
-        expr = total / len(batch_codes)
+        expr = average_over_batches(
+            lambda b: expression_from(self.module.generative(z, library, b, cat, cont, lab)["px"], library, library_size),
+            own_batch, batch_codes)
         expr = expr.reshape(n_samples, -1, expr.shape[-1])
         return (expr, log_w) if with_log_weights else expr
 
@@ -313,27 +313,23 @@ class SCVI(Model):
         n_samples
             Posterior samples of z per cell; averaged when ``return_mean``.
         n_samples_overall
-            Sample this many cells (with replacement) from ``indices`` instead of using all of them.
+            Return this many rows, each one posterior draw of a cell drawn at random (with replacement)
+            from ``indices``: shape ``(n_samples_overall, genes)`` as in scvi-tools. Unlike scvi-tools,
+            the DataFrame is indexed by the drawn cells' names.
         return_numpy
             ``None``: a DataFrame (cells x genes) unless the result is 3-D, then a numpy array.
 
         Returns
         -------
-        ``(cells, genes)`` DataFrame/array, or ``(n_samples, cells, genes)`` array when ``n_samples > 1``
-        and ``return_mean=False``.
+        ``(cells, genes)`` DataFrame/array (genes in the model's order, also with ``gene_list``), or
+        ``(n_samples, cells, genes)`` array when ``n_samples > 1`` and ``return_mean=False``.
         """
-        self.module.eval()
+        check_library_size(library_size)
         adata_, idx = self._expression_rows(adata, indices, n_samples_overall)
-        codes = self._batch_codes(transform_batch)
-        genes = self._gene_mask(gene_list)
-        chunks = []
-        for batch in self._minibatches(adata, idx, batch_size):
-            expr = self._expression_samples(batch, n_samples, codes, library_size)
-            if genes is not None:
-                expr = expr[..., torch.as_tensor(genes, device=expr.device)]
-            chunks.append(expr.cpu())
-        expr = torch.cat(chunks, 1).numpy() if chunks else np.zeros((n_samples, 0, self.spec.n_genes), np.float32)
-        return self._expression_output(expr, adata_, idx, gene_list, return_mean, return_numpy)
+        codes, genes = self._batch_codes(transform_batch), self._gene_mask(gene_list)
+        expr = self._decode(adata, idx, batch_size, genes, lambda b: {
+            "expr": self._expression_samples(b, n_samples, codes, library_size)}, ("expr",), n_samples)["expr"]
+        return self._expression_output(expr, adata_, idx, genes, return_mean, return_numpy)
 
     # ------------------------------------------------------------------ likelihoods
 
@@ -428,22 +424,45 @@ class SCVI(Model):
             filter_outlier_cells=filter_outlier_cells, pseudocounts=pseudocounts, n_samples=n_samples, **kwargs)
 
     @torch.no_grad()
-    def posterior_predictive_sample(self, adata: AnnData | None = None, indices=None, n_samples: int = 1,
-                                    gene_list=None, batch_size: int | None = None) -> np.ndarray:
-        """Counts drawn from p(x | z) with z ~ q(z | x).
+    def posterior_predictive_sample(self, adata: AnnData | None = None, indices=None, transform_batch=None,
+                                    n_samples: int = 1, gene_list=None, batch_size: int | None = None):
+        """Counts drawn from p(x | z, l) with (z, l) ~ q(z, l | x).
+
+        Parameters
+        ----------
+        transform_batch
+            ``None``: each cell's own batch; a batch name: decode every cell in that batch; a list:
+            the draws of each listed batch averaged (as scvi-tools).
+        n_samples
+            Draws per cell.
+        gene_list
+            Return these genes only (in the model's gene order).
 
         Returns
         -------
-        ``(cells, genes)`` array, or ``(cells, genes, n_samples)`` when ``n_samples > 1``.
+        Sparse array of shape ``(cells, genes)`` (``scipy.sparse.csr_array``) when ``n_samples == 1``,
+        else ``(cells, genes, n_samples)`` (``scipy.sparse.coo_array``); ``.todense()`` gives numpy.
+        scvi-tools returns the same shapes as ``sparse.GCXS`` (pydata sparse, not a cellvi dependency).
         """
-        self.module.eval()
-        genes = self._gene_mask(gene_list)
-        out = []
-        for batch in self._minibatches(adata, indices, batch_size):
-            _, gen = self.module.forward_batch(batch, n_samples)
-            x = gen["px"].sample().reshape(n_samples, batch["x"].shape[0], -1)  # (S, B, G)
-            if genes is not None:
-                x = x[..., torch.as_tensor(genes, device=x.device)]
-            out.append(x.cpu())
-        x = torch.cat(out, 1).permute(1, 2, 0).numpy()  # (cells, genes, S)
-        return x[..., 0] if n_samples == 1 else x
+        adata_ = self.adata if adata is None else adata
+        idx = as_indices(indices, adata_.n_obs)
+        codes, genes = self._batch_codes(transform_batch), self._gene_mask(gene_list)
+
+        def draw(batch: dict) -> dict[str, Tensor]:
+            z, library, _ = self._sample_posterior(batch, n_samples)
+            own, cat, cont, lab = self._repeat_covariates(batch, n_samples)
+            x = average_over_batches(
+                lambda b: self.module.generative(z, library, b, cat, cont, lab)["px"].sample(), own, codes)
+            return {"x": x.reshape(n_samples, batch["x"].shape[0], -1)}  # (S, B, G)
+
+        x = self._decode(adata, idx, batch_size, genes, draw, ("x",), n_samples)["x"]  # (S, cells, G)
+        return sparse_counts(x)
+
+
+def sparse_counts(x: np.ndarray):
+    """``(S, cells, genes)`` draws -> sparse ``(cells, genes)`` (S = 1) or ``(cells, genes, S)``."""
+    s, c, g = np.nonzero(x)
+    values = x[s, c, g]
+    if x.shape[0] == 1:
+        return sp.csr_array((values, (c, g)), shape=x.shape[1:])
+    return sp.coo_array((values, (c, g, s)), shape=(x.shape[1], x.shape[2], x.shape[0]))
