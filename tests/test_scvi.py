@@ -200,3 +200,79 @@ def test_size_factors_replace_the_observed_library(small_adata):
     bad.obs["sf"] = 0.0
     with pytest.raises(ValueError, match="must be positive"):
         cellvi.SCVI.setup_anndata(bad, size_factor_key="sf")
+
+
+def test_split_options_reach_the_model(small_adata):
+    cellvi.SCVI.setup_anndata(small_adata, batch_key="batch")
+    m = cellvi.SCVI(small_adata, n_latent=3)
+    m.train(max_epochs=1, train_size=0.5, validation_size=0.25, check_val_every_n_epoch=1)
+    assert (len(m.train_indices_), len(m.validation_indices_)) == (300, 150)
+    assert not set(m.train_indices_) & set(m.validation_indices_) and "elbo_validation" in m.history_
+    m.train(max_epochs=1, train_size=0.8, shuffle_set_split=False)  # in order: the first 20 % validate
+    assert m.validation_indices_.tolist() == list(range(120)) and m.train_indices_.tolist() == list(range(120, 600))
+    with pytest.raises(ValueError, match="train_size \\+ validation_size"):
+        m.train(max_epochs=1, train_size=0.8, validation_size=0.3, shuffle_set_split=False)
+    with pytest.raises(ValueError, match="validation set is empty"):
+        m.train(max_epochs=2, train_size=1.0, early_stopping=True)
+    with pytest.raises(ValueError, match="never logged"):
+        m.train(max_epochs=2, early_stopping=True, early_stopping_monitor="elbo_valid")
+    with pytest.raises(ValueError, match="Unknown training option"):
+        m.train(max_epochs=1, learning_rate=1e-3)
+    with pytest.raises(ValueError, match="several devices"):
+        m.train(max_epochs=1, accelerator="cpu", devices=2)
+
+
+def test_plan_kwargs_match_keyword_conveniences(small_adata):
+    cellvi.SCVI.setup_anndata(small_adata, batch_key="batch")
+    a, b = cellvi.SCVI(small_adata, n_latent=3), cellvi.SCVI(small_adata, n_latent=3)
+    a.train(2, "cpu", 1, 0.9, None, True, False, 64, plan_kwargs={"lr": 5e-3, "n_epochs_kl_warmup": 1})
+    b.train(max_epochs=2, accelerator="cpu", batch_size=64, lr=5e-3, n_epochs_kl_warmup=1)
+    np.testing.assert_allclose(a.history_["elbo_train"], b.history_["elbo_train"], rtol=1e-6)
+    assert a.history_["kl_weight"] == [0.0, 1.0]
+
+
+def test_empty_selections_and_bad_library_size(trained_scvi):
+    m = trained_scvi
+    none = np.array([], dtype=int)
+    assert m.get_latent_representation(indices=none).shape == (0, 5)
+    assert m.get_normalized_expression(indices=none).shape == (0, m.adata.n_vars)
+    assert m.get_elbo(indices=none, return_mean=False).shape == (0,)
+    assert m.posterior_predictive_sample(indices=none).shape == (0, m.adata.n_vars)
+    with pytest.raises(ValueError, match="No cells selected"):
+        m.get_elbo(indices=none)
+    with pytest.raises(ValueError, match="No cells selected"):
+        m.get_marginal_ll(indices=none, n_mc_samples=5)
+    for bad in (0, -1.0, float("nan"), "observed"):
+        with pytest.raises(ValueError, match="library_size"):
+            m.get_normalized_expression(indices=[0], library_size=bad)
+
+
+def test_damaged_model_files_are_refused_by_name(trained_scvi, tmp_path):
+    m = trained_scvi
+    m.save(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(ValueError, match="model.safetensors is damaged"):
+        cellvi.SCVI.load(tmp_path / "m", adata=m.adata)
+    m.save(tmp_path / "m", overwrite=True)
+    (tmp_path / "m" / "model.json").write_text("{not json")
+    with pytest.raises(ValueError, match="model.json is damaged or not a cellvi model"):
+        cellvi.SCVI.load(tmp_path / "m", adata=m.adata)
+    (tmp_path / "scvi").mkdir()
+    (tmp_path / "scvi" / "model.pt").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match="scvi-tools model"):
+        cellvi.SCVI.load(tmp_path / "scvi", adata=m.adata)
+
+
+def test_overwrite_without_anndata_removes_the_stale_copy(trained_scvi, tmp_path):
+    m = trained_scvi
+    m.save(tmp_path / "m", save_anndata=True)
+    assert (tmp_path / "m" / "adata.h5ad").exists()
+    m.save(tmp_path / "m", overwrite=True)
+    assert not (tmp_path / "m" / "adata.h5ad").exists()
+    with pytest.raises(ValueError, match="No adata given"):
+        cellvi.SCVI.load(tmp_path / "m")
+    m.save(tmp_path / "p", prefix="run1_")
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["run1_model.json", "run1_model.safetensors"]
+    again = cellvi.SCVI.load(tmp_path / "p", adata=m.adata, prefix="run1_")
+    np.testing.assert_array_equal(again.get_latent_representation(), m.get_latent_representation())

@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from cellvi.train import Adam, TrainConfig, fit, kl_weight
+from cellvi.train import Adam, TrainConfig, fit, kl_weight, make_optimizer, make_train_config
 
 
 def test_kl_weight_warms_up_linearly():
@@ -69,3 +70,104 @@ def test_adam_matches_torch_optim_adam():
             opt.step()
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+class _Recorder(nn.Module):
+    """rec = (w - t)^2 per cell plus a constant KL of 1 per cell; records the KL weight of each call."""
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(3))
+        self.scale, self.weights = scale, []
+
+    def loss(self, batch, kl_weight=1.0):
+        self.weights.append(kl_weight)
+        rec = self.scale * ((self.w - batch["t"]) ** 2).sum(-1)
+        kl = torch.ones_like(rec)
+        return {"loss": (rec + kl_weight * kl).mean(), "reconstruction_loss": rec, "kl_local": kl}
+
+
+def test_step_based_kl_warmup_inside_fit():
+    m = _Recorder()
+    cfg = TrainConfig(max_epochs=3, n_epochs_kl_warmup=None, n_steps_kl_warmup=10, enable_progress_bar=False)
+    fit(m, _batches, None, cfg, n_obs_train=20)  # 5 steps per epoch: weights 0, 0.1, ..., 0.9, then 1
+    assert m.weights == pytest.approx([k / 10 for k in range(10)] + [1.0] * 5)
+
+
+def test_validation_loss_uses_the_current_kl_weight():
+    m = _Recorder()
+    cfg = TrainConfig(max_epochs=4, n_epochs_kl_warmup=4, check_val_every_n_epoch=1, enable_progress_bar=False)
+    h = fit(m, _batches, _batches, cfg, n_obs_train=20, n_obs_val=20)
+    assert h["kl_weight"] == [0.0, 0.25, 0.5, 0.75]
+    # KL is 1 per cell: the validation loss is reconstruction + current weight; the ELBO always counts it fully
+    np.testing.assert_allclose(np.subtract(h["validation_loss"], h["reconstruction_loss_validation"]), h["kl_weight"],
+                               atol=1e-6)
+    np.testing.assert_allclose(np.subtract(h["elbo_validation"], h["reconstruction_loss_validation"]), 1.0, atol=1e-6)
+
+
+def test_gradient_clipping_bounds_the_gradient_norm(monkeypatch):
+    import cellvi.train as train_mod
+
+    seen = []
+    real = train_mod.make_optimizer
+
+    def recording(params, config):
+        opt = real(params, config)
+        step = opt.step
+
+        def step_and_record():
+            seen.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in opt.params]))))
+            step()
+
+        opt.step = step_and_record
+        return opt
+
+    monkeypatch.setattr(train_mod, "make_optimizer", recording)
+    for clip in (None, 0.5):
+        seen.clear()
+        cfg = TrainConfig(max_epochs=2, lr=1e-3, gradient_clip_val=clip, enable_progress_bar=False)
+        fit(_Recorder(scale=100.0), _batches, None, cfg, n_obs_train=20)
+        if clip is None:
+            assert max(seen) > 100  # gradient of 100 * (w - 1)^2 at w ~ 0 is ~200 per coordinate
+        else:
+            assert max(seen) <= clip * (1 + 1e-5)
+
+
+def test_reduce_lr_on_plateau_lowers_the_learning_rate():
+    cfg = TrainConfig(max_epochs=7, lr=0.5, reduce_lr_on_plateau=True, lr_patience=2, lr_factor=0.5,
+                      lr_scheduler_metric="elbo_train", lr_min=0.1, enable_progress_bar=False)
+    h = fit(_Recorder(scale=0.0), _batches, None, cfg, n_obs_train=20)  # a constant loss: it never improves
+    # best at epoch 0, two epochs without improvement -> halve (from epoch 3 on), again (epoch 5), then the floor
+    assert h["lr"] == [0.5, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125]
+
+
+def test_watched_validation_metric_without_validation_cells_is_refused():
+    cfg = TrainConfig(max_epochs=3, early_stopping=True, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="validation set is empty"):
+        fit(_Quadratic(), _batches, None, cfg, n_obs_train=20)
+    with pytest.raises(ValueError, match="never logged"):
+        TrainConfig(max_epochs=3, early_stopping=True, early_stopping_monitor="elbo_val")
+
+
+def test_make_train_config_routes_and_refuses_names():
+    cfg = make_train_config(max_epochs=5, early_stopping=False, plan_kwargs={"lr": 0.01, "n_epochs_kl_warmup": 7},
+                            trainer_kwargs={"gradient_clip_val": 2.0, "log_every_n_steps": 5},
+                            defaults={"lr": 2e-3, "optimizer": "AdamW"})
+    assert (cfg.lr, cfg.n_epochs_kl_warmup, cfg.gradient_clip_val, cfg.optimizer) == (0.01, 7, 2.0, "AdamW")
+    assert make_train_config(max_epochs=5, early_stopping=False, plan_kwargs=None,
+                             trainer_kwargs={"lr": 0.02}).lr == 0.02  # plan options as keywords: a convenience
+    with pytest.raises(ValueError, match="Unknown training option.*'lrate'"):
+        make_train_config(max_epochs=5, early_stopping=False, plan_kwargs={"lrate": 1}, trainer_kwargs={})
+    with pytest.raises(ValueError, match="given both"):
+        make_train_config(max_epochs=5, early_stopping=False, plan_kwargs={"lr": 1}, trainer_kwargs={"lr": 2})
+    with pytest.raises(ValueError, match="min_kl_weight"):
+        make_train_config(max_epochs=5, early_stopping=False, plan_kwargs={"min_kl_weight": 2.0}, trainer_kwargs={})
+
+
+def test_adamw_decouples_weight_decay():
+    cfg = TrainConfig(max_epochs=1, optimizer="AdamW", lr=0.1, weight_decay=0.5)
+    p = nn.Parameter(torch.ones(2))
+    opt = make_optimizer([p], cfg)
+    p.grad = torch.zeros(2)
+    opt.step()  # zero gradient: AdamW still shrinks the weight by lr * wd; L2-Adam would not move it
+    torch.testing.assert_close(p.detach(), torch.full((2,), 1 - 0.1 * 0.5))

@@ -68,6 +68,13 @@ def flatten_samples(t: Tensor) -> Tensor:
     return t.reshape(-1, *t.shape[2:])
 
 
+def cell_mean(per_cell: np.ndarray) -> float:
+    """Mean of a per-cell quantity; refuses an empty selection instead of returning NaN."""
+    if per_cell.size == 0:
+        raise ValueError("No cells selected (`indices` is empty); select at least one cell.")
+    return float(per_cell.mean())
+
+
 def repeat_samples(t: Tensor, n: int) -> Tensor:
     """(B, ...) -> (n * B, ...): a per-cell tensor repeated for ``n`` sample-major posterior draws."""
     return t if n == 1 else t.repeat(n, *([1] * (t.dim() - 1)))
@@ -338,19 +345,19 @@ class SCVI(Model):
                  return_mean: bool = True):
         """The evidence lower bound per cell (higher is better), averaged over cells when ``return_mean``."""
         per_cell = self._per_cell(adata, indices, batch_size, lambda out: -(out["reconstruction_loss"] + out["kl_local"]))
-        return float(per_cell.mean()) if return_mean else per_cell
+        return cell_mean(per_cell) if return_mean else per_cell
 
     @torch.no_grad()
     def get_reconstruction_error(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None,
                                  return_mean: bool = True):
         """``{"reconstruction_loss": -E_q log p(x | z)}`` per cell (lower is better), averaged when ``return_mean``."""
         per_cell = self._per_cell(adata, indices, batch_size, lambda out: out["reconstruction_loss"])
-        return {"reconstruction_loss": float(per_cell.mean()) if return_mean else per_cell}
+        return {"reconstruction_loss": cell_mean(per_cell) if return_mean else per_cell}
 
     def _per_cell(self, adata, indices, batch_size, fn) -> np.ndarray:
         self.module.eval()
         vals = [fn(self.module.loss(b)).cpu() for b in self._minibatches(adata, indices, batch_size)]
-        return torch.cat(vals).numpy()
+        return torch.cat([torch.zeros(0), *vals]).numpy()
 
     @torch.no_grad()
     def get_marginal_ll(self, adata: AnnData | None = None, indices=None, n_mc_samples: int = 1000,
@@ -369,8 +376,8 @@ class SCVI(Model):
                 terms.append(self._log_weights(batch, s))
             log_w = torch.cat(terms, 0)  # (K, B)
             out.append((torch.logsumexp(log_w, 0) - np.log(n_mc_samples)).cpu())
-        per_cell = torch.cat(out).numpy()
-        return float(per_cell.mean()) if return_mean else per_cell
+        per_cell = torch.cat([torch.zeros(0), *out]).numpy()
+        return cell_mean(per_cell) if return_mean else per_cell
 
     def _log_weights(self, batch: dict, n: int) -> Tensor:
         """log p(x, z, l) - log q(z, l | x) for ``n`` posterior samples, shape ``(n, cells)``."""
