@@ -38,7 +38,7 @@ def test_fit_decreases_the_loss_and_logs_scvi_keys():
     m = _Quadratic()
     h = fit(m, _batches, None, TrainConfig(max_epochs=20, lr=0.1, enable_progress_bar=False), n_obs_train=20)
     assert h["elbo_train"][-1] < 0.1 * h["elbo_train"][0]
-    assert {"elbo_train", "reconstruction_loss_train", "kl_local_train", "train_loss_epoch"} <= set(h)
+    assert {"elbo_train", "reconstruction_loss_train", "kl_local_train", "train_loss"} <= set(h)
 
 
 def test_nan_loss_stops_with_a_clear_error():

@@ -73,7 +73,7 @@ class TrainConfig:
 
 # the per-epoch metrics every module logs (see _Totals.read); the names early stopping may monitor
 MONITORS = frozenset({f"{m}_{split}" for m in ("elbo", "reconstruction_loss", "kl_local", "kl_global")
-                      for split in ("train", "validation")} | {"train_loss_epoch", "validation_loss"})
+                      for split in ("train", "validation")} | {"train_loss", "validation_loss"})
 PLAN_KEYS = ("lr", "weight_decay", "eps", "optimizer", "n_epochs_kl_warmup", "n_steps_kl_warmup", "max_kl_weight",
              "min_kl_weight", "reduce_lr_on_plateau", "lr_factor", "lr_patience", "lr_threshold",
              "lr_scheduler_metric", "lr_min")
@@ -251,7 +251,7 @@ class _Totals:
             f"reconstruction_loss_{split}": rec,
             f"kl_local_{split}": kl_local,
             f"kl_global_{split}": kl_global,
-            ("train_loss_epoch" if split == "train" else "validation_loss"): loss,
+            ("train_loss" if split == "train" else "validation_loss"): loss,
         }
         for key, v in vals.items():  # model-specific extras (e.g. a penalty), as per-cell means
             if key not in ("loss", "reconstruction_loss", "kl_local", "kl_global"):
@@ -324,7 +324,7 @@ def fit(
         metrics["lr"] = lr
         for key, v in metrics.items():
             history.setdefault(key, []).append(v)
-        bar.set_postfix(train_loss=f"{metrics['train_loss_epoch']:.1f}")
+        bar.set_postfix(train_loss=f"{metrics['train_loss']:.1f}")
         if config.reduce_lr_on_plateau and scheduler.update(metrics[config.lr_scheduler_metric]):
             lr = max(lr * config.lr_factor, config.lr_min)
             set_lr(optimizer, lr)

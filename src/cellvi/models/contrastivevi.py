@@ -298,7 +298,7 @@ class ContrastiveVI(Model):
         Returns
         -------
         None. ``history_`` gets SCVI's keys: ``elbo_train``, ``reconstruction_loss_train`` and
-        ``kl_local_train`` per cell (background and target cells together), ``train_loss_epoch`` and
+        ``kl_local_train`` per cell (background and target cells together), ``train_loss`` and
         ``validation_loss`` per background/target pair (the optimised loss, as in scvi-tools), and
         ``wasserstein_penalty_train``, the unweighted W2^2 term per cell (0 for target cells).
         ``background_indices_``/``target_indices_`` hold the two sets; ``train_indices_`` and
