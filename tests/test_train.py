@@ -171,3 +171,15 @@ def test_adamw_decouples_weight_decay():
     p.grad = torch.zeros(2)
     opt.step()  # zero gradient: AdamW still shrinks the weight by lr * wd; L2-Adam would not move it
     torch.testing.assert_close(p.detach(), torch.full((2,), 1 - 0.1 * 0.5))
+
+
+def test_adam_falls_back_to_torch_optim_without_the_fused_kernel(monkeypatch):
+    import cellvi.train as train_mod
+
+    probe = train_mod._fused_adam_runs_on.__wrapped__  # uncached: does this torch have the CPU kernel?
+    assert probe("cpu") == (tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 4))
+    monkeypatch.setattr(train_mod, "_fused_adam_runs_on", lambda device_type: False)  # as on torch < 2.4 (CPU)
+    opt = make_optimizer([nn.Parameter(torch.ones(2))], TrainConfig(max_epochs=1))
+    assert isinstance(opt, torch.optim.Adam)
+    h = fit(_Quadratic(), _batches, None, TrainConfig(max_epochs=20, lr=0.1, enable_progress_bar=False), n_obs_train=20)
+    assert h["elbo_train"][-1] < 0.1 * h["elbo_train"][0]

@@ -10,6 +10,7 @@ Metrics are summed on the device and read once per epoch: no per-step synchronis
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import sys
 from collections.abc import Callable, Iterable
@@ -179,12 +180,27 @@ class Adam:
         )
 
 
+@functools.cache
+def _fused_adam_runs_on(device_type: str) -> bool:
+    """Whether this PyTorch has the fused Adam kernel for ``device_type`` (CPU needs torch >= 2.4): one tiny call."""
+    if device_type not in ("cpu", "cuda") or not hasattr(torch, "_fused_adam_"):
+        return False
+    t = [torch.zeros(1, device=device_type)]
+    try:
+        torch._fused_adam_(t, [torch.ones(1, device=device_type)], [torch.zeros(1, device=device_type)],
+                           [torch.zeros(1, device=device_type)], [], [torch.ones((), device=device_type)], lr=0.1,
+                           beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 def make_optimizer(params, config: TrainConfig):
     """Adam (L2 weight decay, our fused :class:`Adam` where PyTorch has the kernel) or AdamW."""
     params = [p for p in params if p.requires_grad]
     if config.optimizer == "AdamW":
         return torch.optim.AdamW(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
-    if hasattr(torch, "_fused_adam_") and all(p.device.type in ("cpu", "cuda") for p in params):
+    if params and all(_fused_adam_runs_on(p.device.type) for p in params):
         return Adam(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
     return torch.optim.Adam(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
 
