@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -214,6 +218,30 @@ def set_lr(optimizer, lr: float) -> None:
             group["lr"] = lr
 
 
+def optimizer_state(optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter tensors (moments, step counts), flat, keyed ``"<param>.<name>"``."""
+    if isinstance(optimizer, Adam):
+        return {f"{i}.{name}": t for name, ts in (("exp_avg", optimizer.exp_avg), ("exp_avg_sq", optimizer.exp_avg_sq),
+                                                  ("step", optimizer.steps)) for i, t in enumerate(ts)}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {f"{i}.{name}": torch.as_tensor(v) for i, p in enumerate(params)
+            for name, v in optimizer.state.get(p, {}).items()}
+
+
+def load_optimizer_state(optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`optimizer_state`, in place."""
+    if isinstance(optimizer, Adam):
+        for key, t in tensors.items():
+            i, name = key.split(".", 1)
+            {"exp_avg": optimizer.exp_avg, "exp_avg_sq": optimizer.exp_avg_sq, "step": optimizer.steps}[name][int(i)] \
+                .copy_(t)
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for key, t in tensors.items():
+        i, name = key.split(".", 1)
+        optimizer.state[params[int(i)]][name] = t.clone()
+
+
 class Plateau:
     """Counts epochs without improvement of a metric, as early stopping and ReduceLROnPlateau do.
 
@@ -285,6 +313,96 @@ def _check_finite(metrics: dict[str, float], epoch: int) -> None:
         )
 
 
+@dataclass
+class TrainState:
+    """Where a training run is: everything needed to continue it exactly (see :func:`save_state`).
+
+    The module's weights, the optimizer's moments, the epoch and step counters (the KL warm-up
+    position follows from them), the early-stopping and lr-plateau counters, the learning rate, the
+    random generators (global torch RNG and the shuffling generator) and the history so far.
+    """
+
+    module: nn.Module
+    optimizer: object
+    generator: torch.Generator | None
+    config: TrainConfig
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    lr: float = 0.0
+    stopper: Plateau | None = None
+    scheduler: Plateau | None = None
+    stopped: bool = False  # early stopping fired
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, module: nn.Module, config: TrainConfig, generator: torch.Generator | None = None) -> TrainState:
+        return cls(module, make_optimizer(module.parameters(), config), generator, config, lr=config.lr,
+                   stopper=Plateau(config.early_stopping_patience, mode=config.early_stopping_mode,
+                                   min_delta=config.early_stopping_min_delta),
+                   scheduler=Plateau(config.lr_patience, threshold=config.lr_threshold))
+
+
+STATE_TENSORS, STATE_JSON = "train_state.safetensors", "train_state.json"
+
+
+def save_state(state: TrainState, directory: str | os.PathLike, extra: dict | None = None) -> None:
+    """Write ``state`` to ``directory`` as safetensors (weights, optimizer moments, RNG states) + JSON (the rest).
+
+    Files are written under temporary names and renamed, so a run killed mid-write leaves the previous
+    checkpoint intact. ``extra`` (JSON-able) is stored alongside, e.g. what identifies the model and data.
+    """
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {f"module.{k}": v.detach().cpu().contiguous() for k, v in state.module.state_dict().items()}
+    tensors |= {f"optimizer.{k}": v.detach().cpu().contiguous() for k, v in optimizer_state(state.optimizer).items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    if state.generator is not None:
+        tensors["rng.generator"] = state.generator.get_state()
+    meta = {"format": "cellvi-train-state", "epoch": state.epoch, "step": state.step, "lr": state.lr,
+            "stopped": state.stopped, "stopper": vars(state.stopper), "scheduler": vars(state.scheduler),
+            "config": asdict(state.config), "history": state.history, "extra": extra or {}}
+    save_file(tensors, str(path / (STATE_TENSORS + ".tmp")))
+    (path / (STATE_JSON + ".tmp")).write_text(json.dumps(meta))
+    os.replace(path / (STATE_TENSORS + ".tmp"), path / STATE_TENSORS)
+    os.replace(path / (STATE_JSON + ".tmp"), path / STATE_JSON)
+
+
+def read_state_meta(directory: str | os.PathLike) -> dict:
+    """The JSON half of a checkpoint, with a clear error when ``directory`` holds none."""
+    path = Path(directory)
+    try:
+        meta = json.loads((path / STATE_JSON).read_text())
+        ok = meta.get("format") == "cellvi-train-state" and (path / STATE_TENSORS).exists()
+    except (OSError, json.JSONDecodeError, AttributeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{path} holds no cellvi training checkpoint ({STATE_JSON} + {STATE_TENSORS}); "
+                         "pass the checkpoint_dir of an earlier train() call.")
+    return meta
+
+
+def restore_state(state: TrainState, directory: str | os.PathLike) -> dict:
+    """Load a checkpoint written by :func:`save_state` into a freshly started ``state``; returns its ``extra``."""
+    meta = read_state_meta(directory)
+    try:
+        tensors = load_file(str(Path(directory) / STATE_TENSORS))
+    except Exception as err:  # safetensors has its own error types for damaged files
+        raise ValueError(f"{Path(directory) / STATE_TENSORS} is damaged ({err}).") from err
+    device = next(state.module.parameters()).device
+    take = lambda prefix: {k[len(prefix):]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    state.module.load_state_dict(take("module."), strict=True)
+    load_optimizer_state(state.optimizer, take("optimizer."))
+    torch.set_rng_state(tensors["rng.torch"])
+    if state.generator is not None and "rng.generator" in tensors:
+        state.generator.set_state(tensors["rng.generator"])
+    state.epoch, state.step, state.lr, state.stopped = meta["epoch"], meta["step"], meta["lr"], meta["stopped"]
+    vars(state.stopper).update(meta["stopper"])
+    vars(state.scheduler).update(meta["scheduler"])
+    state.history = {k: list(v) for k, v in meta["history"].items()}
+    set_lr(state.optimizer, state.lr)
+    return meta["extra"]
+
+
 def fit(
     module: nn.Module,
     train_batches: Callable[[], Iterable[dict]],
@@ -293,12 +411,16 @@ def fit(
     *,
     n_obs_train: int,
     n_obs_val: int = 0,
+    state: TrainState | None = None,
+    checkpoint: Callable[[TrainState], None] | None = None,
+    checkpoint_every: int = 1,
 ) -> dict[str, list[float]]:
     """Train ``module`` in place; returns the history, one value per epoch for each key.
 
     Validation runs every ``check_val_every_n_epoch`` epochs, and every epoch when early stopping or
     the lr schedule watch a validation metric; like scvi-tools, the validation loss uses the current
-    KL weight (``elbo_validation`` does not depend on it).
+    KL weight (``elbo_validation`` does not depend on it). ``state`` continues a run (a restored
+    checkpoint; default: a fresh start); ``checkpoint(state)`` is called every ``checkpoint_every`` epochs.
     """
     watched = config.watched_metrics()
     has_val = val_batches is not None and n_obs_val > 0
@@ -307,46 +429,47 @@ def fit(
         raise ValueError(f"{needs_val} need validation cells, but the validation set is empty. Lower train_size "
                          "(e.g. 0.9) or monitor a training metric (e.g. 'elbo_train').")
     keep_freed_memory()
-    optimizer = make_optimizer(module.parameters(), config)
+    state = TrainState.start(module, config) if state is None else state
+    optimizer, history = state.optimizer, state.history
     params = [p for p in module.parameters() if p.requires_grad]
     val_every = 1 if needs_val else config.check_val_every_n_epoch
-    stopper = Plateau(config.early_stopping_patience, mode=config.early_stopping_mode,
-                      min_delta=config.early_stopping_min_delta)
-    scheduler = Plateau(config.lr_patience, threshold=config.lr_threshold)
-    lr = config.lr
-    history: dict[str, list[float]] = {}
-    step = 0
     warm = dict(n_epochs_kl_warmup=config.n_epochs_kl_warmup, n_steps_kl_warmup=config.n_steps_kl_warmup,
                 max_kl_weight=config.max_kl_weight, min_kl_weight=config.min_kl_weight)
-    bar = tqdm(range(config.max_epochs), desc="Epochs", disable=not config.enable_progress_bar, leave=False)
+    bar = tqdm(range(state.epoch, config.max_epochs), desc="Epochs", disable=not config.enable_progress_bar,
+               leave=False, initial=state.epoch, total=config.max_epochs)
     for epoch in bar:
+        if state.stopped:
+            break
         module.train()
         totals = _Totals()
         for batch in train_batches():
-            w = kl_weight(epoch, step, **warm)
-            out = module.loss(batch, kl_weight=w)
+            out = module.loss(batch, kl_weight=kl_weight(epoch, state.step, **warm))
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             if config.gradient_clip_val is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.gradient_clip_val, foreach=True)
             optimizer.step()
             totals.add(out)
-            step += 1
+            state.step += 1
         metrics = totals.read("train", n_obs_train)
-        metrics["kl_weight"] = kl_weight(epoch, max(step - 1, 0), **warm)  # the weight of the epoch's last step
+        metrics["kl_weight"] = kl_weight(epoch, max(state.step - 1, 0), **warm)  # the weight of the last step
         _check_finite(metrics, epoch)
         if has_val and val_every and (epoch + 1) % val_every == 0:
             metrics.update(evaluate(module, val_batches(), "validation", n_obs_val, kl_weight=metrics["kl_weight"]))
-        metrics["lr"] = lr
+        metrics["lr"] = state.lr
         for key, v in metrics.items():
             history.setdefault(key, []).append(v)
         bar.set_postfix(train_loss=f"{metrics['train_loss']:.1f}")
-        if config.reduce_lr_on_plateau and scheduler.update(metrics[config.lr_scheduler_metric]):
-            lr = max(lr * config.lr_factor, config.lr_min)
-            set_lr(optimizer, lr)
-        if config.early_stopping and stopper.update(metrics[config.early_stopping_monitor]) \
+        if config.reduce_lr_on_plateau and state.scheduler.update(metrics[config.lr_scheduler_metric]):
+            state.lr = max(state.lr * config.lr_factor, config.lr_min)
+            set_lr(optimizer, state.lr)
+        if config.early_stopping and state.stopper.update(metrics[config.early_stopping_monitor]) \
                 and epoch >= config.early_stopping_warmup_epochs:
-            break
+            state.stopped = True
+        state.epoch = epoch + 1
+        if checkpoint is not None and (state.epoch % checkpoint_every == 0 or state.stopped
+                                       or state.epoch == config.max_epochs):
+            checkpoint(state)
     bar.close()
     module.eval()
     return history

@@ -8,6 +8,7 @@ space or expression live in that model's own file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from cellvi import settings
 from cellvi.data import DataSpec, check_compatible, get_spec, setup_anndata
 from cellvi.data.loader import CountData, split_indices
 from cellvi.data.setup import UNS_KEY
-from cellvi.train import TrainConfig, fit, make_train_config
+from cellvi.train import TrainConfig, TrainState, fit, make_train_config, read_state_meta, restore_state, save_state
 
 FORMAT_VERSION = 1
 WEIGHTS, META, ADATA = "model.safetensors", "model.json", "adata.h5ad"
@@ -289,6 +290,9 @@ class Model:
         trainer_config: dict | None = None,
         *,
         seed: int | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 1,
+        resume_from: str | os.PathLike | None = None,
         **trainer_kwargs,
     ) -> None:
         """Train the model with Adam on minibatches of cells (scvi-tools' arguments, in its order).
@@ -330,6 +334,12 @@ class Model:
             convenience, plan options may be given here too (``train(lr=1e-3)``).
         seed
             cellvi only: seed of the split, shuffling and sampling (default ``cellvi.settings.seed``).
+        checkpoint_dir, checkpoint_every
+            cellvi only: write the training state (weights, optimizer, counters, random generators,
+            history; safetensors + JSON) to this folder every ``checkpoint_every`` epochs and at the end.
+        resume_from
+            cellvi only: a ``checkpoint_dir`` of an earlier run of this model on the same data (same
+            seed and split): training continues from it and ends where an uninterrupted run ends.
 
         Returns
         -------
@@ -344,15 +354,38 @@ class Model:
         self.train_indices_, self.validation_indices_ = train_idx.numpy(), val_idx.numpy()
         train_idx, val_idx = train_idx.to(data.device), val_idx.to(data.device)
         min_size = _last_batch_min_size(batch_size, datasplitter_kwargs)
-        history = fit(
-            self.module,
+        self._fit(
+            config, generator,
             lambda: data.batches(train_idx, batch_size, shuffle=True, generator=generator, min_size=min_size),
             lambda: data.batches(val_idx, batch_size),
-            config,
-            n_obs_train=train_idx.numel(),
-            n_obs_val=val_idx.numel(),
+            n_obs_train=train_idx.numel(), n_obs_val=val_idx.numel(), checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every, resume_from=resume_from,
         )
+
+    def _fit(self, config: TrainConfig, generator: torch.Generator, train_batches, val_batches, *, n_obs_train: int,
+             n_obs_val: int, checkpoint_dir=None, checkpoint_every: int = 1, resume_from=None) -> None:
+        """Run :func:`cellvi.train.fit` from a fresh or a restored training state, checkpointing if asked."""
+        state = TrainState.start(self.module, config, generator)
+        identity = self._checkpoint_identity()
+        if resume_from is not None:
+            theirs = read_state_meta(resume_from)["extra"]
+            diff = [k for k in identity if theirs.get(k) != identity[k]]
+            if diff:
+                raise ValueError(f"The checkpoint in {resume_from} is of another model, other data or another "
+                                 f"split (differs in: {diff}); resume with the model, data and train() arguments "
+                                 "(seed, train_size, validation_size) of the interrupted run.")
+            restore_state(state, resume_from)
+        save = None if checkpoint_dir is None else (lambda st: save_state(st, checkpoint_dir, identity))
+        history = fit(self.module, train_batches, val_batches, config, n_obs_train=n_obs_train, n_obs_val=n_obs_val,
+                      state=state, checkpoint=save, checkpoint_every=checkpoint_every)
         self._record(history)
+
+    def _checkpoint_identity(self) -> dict:
+        """What a checkpoint must share with the run that resumes it: class, data set-up, config, split."""
+        digest = lambda a: hashlib.sha256(np.ascontiguousarray(a, dtype=np.int64).tobytes()).hexdigest()  # noqa: E731
+        return {"model_class": type(self).__name__, "spec": self.spec.to_json(),
+                "config": json.dumps(asdict(self.config), sort_keys=True),
+                "train_indices": digest(self.train_indices_), "validation_indices": digest(self.validation_indices_)}
 
     train_defaults: dict = {}  # a model's own defaults for TrainConfig fields (e.g. MrVI's lr), as scvi-tools'
 

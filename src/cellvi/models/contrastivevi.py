@@ -38,7 +38,6 @@ from cellvi.data.loader import CountData, split_indices
 from cellvi.models.base import Model, _last_batch_min_size, as_indices, average_over_batches, check_library_size, expression_from
 from cellvi.models.scvi import flatten_samples, repeat_samples
 from cellvi.nn import MLP, GaussianEncoder
-from cellvi.train import fit
 
 REPRESENTATION_KINDS = ("salient", "background")
 
@@ -273,6 +272,9 @@ class ContrastiveVI(Model):
         plan_kwargs: dict | None = None,
         *,
         seed: int | None = None,
+        checkpoint_dir: str | None = None,
+        checkpoint_every: int = 1,
+        resume_from: str | None = None,
         **trainer_kwargs,
     ) -> None:
         """Train on background and target cells; every step sees one minibatch of each.
@@ -293,7 +295,7 @@ class ContrastiveVI(Model):
 
         The other parameters are those of :meth:`cellvi.SCVI.train` (``plan_kwargs`` for Adam and the KL
         warm-up of the z and s KL terms and the Wasserstein penalty; trainer options for gradient
-        clipping and early stopping; ``seed``).
+        clipping and early stopping; ``seed``, ``checkpoint_dir``, ``checkpoint_every``, ``resume_from``).
 
         Returns
         -------
@@ -326,16 +328,15 @@ class ContrastiveVI(Model):
         bg_train, bg_val, tg_train, tg_val = on(bg_train), on(bg_val), on(tg_train), on(tg_val)
         has_val = bg_val.numel() > 0 and tg_val.numel() > 0  # validation needs cells of both sets
         min_size = _last_batch_min_size(batch_size, datasplitter_kwargs)
-        history = fit(
-            self.module,
+        self._fit(
+            config, generator,
             lambda: paired_batches(data, bg_train, tg_train, batch_size, shuffle=True, generator=generator,
                                    min_size=min_size),
             (lambda: paired_batches(data, bg_val, tg_val, batch_size)) if has_val else None,
-            config,
             n_obs_train=bg_train.numel() + tg_train.numel(),
             n_obs_val=bg_val.numel() + tg_val.numel() if has_val else 0,
+            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume_from=resume_from,
         )
-        self._record(history)
 
     # ------------------------------------------------------------------ latent spaces
 
