@@ -37,6 +37,26 @@ def _to_csr(X) -> sp.csr_matrix:
     return sp.csr_matrix(np.asarray(X, dtype=np.float32))
 
 
+def obs_arrays(adata: AnnData, spec: DataSpec) -> dict[str, np.ndarray]:
+    """The per-cell covariates of the minibatch vocabulary (all keys but ``x``, ``index``, ``nonzeros``)."""
+    n = adata.n_obs
+    zeros = np.zeros(n, dtype=np.int64)
+    obs = {
+        "batch": zeros if spec.batch_key is None else codes(adata, spec.batch_key, spec.batch_categories),
+        "label": zeros if spec.labels_key is None else codes(adata, spec.labels_key, spec.label_categories),
+        "cat_covs": np.stack([codes(adata, k, c) for k, c in zip(spec.categorical_covariate_keys,
+                                                                spec.covariate_categories)], 1)
+        if spec.categorical_covariate_keys else np.zeros((n, 0), dtype=np.int64),
+        "cont_covs": np.stack([_continuous(adata, k) for k in spec.continuous_covariate_keys], 1).astype(np.float32)
+        if spec.continuous_covariate_keys else np.zeros((n, 0), dtype=np.float32),
+    }
+    if spec.size_factor_key is not None:
+        obs["size_factor"] = size_factors(adata, spec.size_factor_key)[:, None].astype(np.float32)
+    for key, codes_arr in spec.extra.get("obs_codes", {}).items():  # model-specific integer columns
+        obs[key] = codes(adata, codes_arr["key"], tuple(codes_arr["categories"]))
+    return obs
+
+
 class CountData:
     """The tensors of one AnnData, read through a :class:`DataSpec`, on ``device``."""
 
@@ -44,44 +64,32 @@ class CountData:
         check_compatible(spec, adata)
         X = get_counts(adata, spec.layer)
         validate_counts(X, "adata.X" if spec.layer is None else f"adata.layers[{spec.layer!r}]", adata.obs_names)
-        csr = _to_csr(X)
+        self._init(_to_csr(X), obs_arrays(adata, spec), np.arange(adata.n_obs), device)
+
+    @classmethod
+    def from_parts(cls, csr: sp.csr_matrix, obs: dict[str, np.ndarray], index: np.ndarray,
+                   device: str | torch.device = "cpu") -> CountData:
+        """A CountData of some rows of a larger data set: their counts, covariates and global row numbers."""
+        data = cls.__new__(cls)
+        data._init(csr, obs, index, device)
+        return data
+
+    def _init(self, csr: sp.csr_matrix, obs: dict[str, np.ndarray], index: np.ndarray, device) -> None:
         self.device = torch.device(device)
         self.n_obs, self.n_vars = csr.shape
         as_t = lambda a, dt: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=self.device)  # noqa: E731
         self.indptr = as_t(csr.indptr, torch.int64)
         self.indices = as_t(csr.indices, torch.int64)
         self.values = as_t(csr.data, torch.float32)
-        n = self.n_obs
-        zeros = np.zeros(n, dtype=np.int64)
-        self.obs: dict[str, Tensor] = {
-            "batch": as_t(zeros if spec.batch_key is None else codes(adata, spec.batch_key, spec.batch_categories),
-                          torch.int64),
-            "label": as_t(zeros if spec.labels_key is None else codes(adata, spec.labels_key, spec.label_categories),
-                          torch.int64),
-            "cat_covs": as_t(np.stack([codes(adata, k, c) for k, c in
-                                       zip(spec.categorical_covariate_keys, spec.covariate_categories)], 1)
-                             if spec.categorical_covariate_keys else np.zeros((n, 0)), torch.int64),
-            "cont_covs": as_t(np.stack([_continuous(adata, k) for k in spec.continuous_covariate_keys], 1)
-                              if spec.continuous_covariate_keys else np.zeros((n, 0)), torch.float32),
-            "index": torch.arange(n, device=self.device),
-        }
-        if spec.size_factor_key is not None:
-            self.obs["size_factor"] = as_t(size_factors(adata, spec.size_factor_key)[:, None], torch.float32)
-        for key, codes_arr in spec.extra.get("obs_codes", {}).items():  # model-specific integer columns
-            self.obs[key] = as_t(codes(adata, codes_arr["key"], tuple(codes_arr["categories"])), torch.int64)
+        self.obs: dict[str, Tensor] = {key: as_t(v, torch.float32 if v.dtype.kind == "f" else torch.int64)
+                                       for key, v in obs.items()}
+        self.obs["index"] = as_t(index, torch.int64)  # row of each cell in the AnnData
 
     def __len__(self) -> int:
         return self.n_obs
 
     def library_log_stats(self, n_batches: int) -> tuple[Tensor, Tensor]:
-        """Mean and variance of log total counts per batch, shape ``(n_batches,)`` each (scVI's library prior)."""
-        log_lib = torch.log(self.row_sums()).double().cpu()
-        batch = self.obs["batch"].cpu()
-        n = torch.bincount(batch, minlength=n_batches).double()
-        mean = torch.bincount(batch, log_lib, minlength=n_batches) / n.clamp_min(1)
-        var = torch.bincount(batch, (log_lib - mean[batch]) ** 2, minlength=n_batches) / n.clamp_min(1)
-        var = torch.where(n > 1, var, torch.ones_like(var))  # a batch of one cell: unit variance
-        return mean.float(), var.float()
+        return library_log_stats(self.row_sums(), self.obs["batch"], n_batches)
 
     def row_sums(self) -> Tensor:
         """Total counts per cell, shape ``(n_obs,)``."""
@@ -121,6 +129,17 @@ class CountData:
             idx = indices[i : i + batch_size]
             if idx.numel() >= min_size:
                 yield self.gather(idx)
+
+
+def library_log_stats(totals: Tensor, batch: Tensor, n_batches: int) -> tuple[Tensor, Tensor]:
+    """Mean and variance of log total counts per batch, shape ``(n_batches,)`` each (scVI's library prior)."""
+    log_lib = torch.log(totals.double().cpu())
+    batch = batch.cpu()
+    n = torch.bincount(batch, minlength=n_batches).double()
+    mean = torch.bincount(batch, log_lib, minlength=n_batches) / n.clamp_min(1)
+    var = torch.bincount(batch, (log_lib - mean[batch]) ** 2, minlength=n_batches) / n.clamp_min(1)
+    var = torch.where(n > 1, var, torch.ones_like(var))  # a batch of one cell: unit variance
+    return mean.float(), var.float()
 
 
 def split_indices(n: int, train_size: float | None, validation_size: float | None, *, shuffle: bool = True,

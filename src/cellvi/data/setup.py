@@ -90,18 +90,23 @@ def get_counts(adata: AnnData, layer: str | None):
     return adata.layers[layer]
 
 
+VALIDATION_CHUNK = 8192  # rows read at a time when the counts stay on disk
+
+
 def validate_counts(X, where: str, obs_names: pd.Index) -> None:
     """Raise a ``ValueError`` naming the problem when ``X`` is not a matrix of raw counts.
 
-    Checks: finite values, no negatives, integers, and no cell with zero total counts.
+    Checks: finite values, no negatives, integers, and no cell with zero total counts. Counts on disk
+    (a backed .h5ad or a zarr store) are checked ``VALIDATION_CHUNK`` rows at a time.
     """
     if isinstance(X, pd.DataFrame):
         X = X.to_numpy()
     if not (sp.issparse(X) or isinstance(X, np.ndarray)):
-        if hasattr(X, "to_memory"):  # backed / lazy arrays
-            X = X.to_memory()
-        else:
-            X = np.asarray(X)
+        if hasattr(X, "shape") and hasattr(X, "__getitem__") and len(X.shape) == 2:  # on disk: chunk by chunk
+            for start in range(0, X.shape[0], VALIDATION_CHUNK):
+                validate_counts(X[start : start + VALIDATION_CHUNK], where, obs_names[start : start + VALIDATION_CHUNK])
+            return
+        X = np.asarray(X)
     values = X.data if sp.issparse(X) else np.asarray(X)
     if not np.issubdtype(values.dtype, np.number):
         raise ValueError(f"{where} has dtype {values.dtype}; counts must be numeric.")

@@ -24,8 +24,9 @@ from torch import Tensor
 
 from cellvi import settings
 from cellvi.data import DataSpec, check_compatible, get_spec, setup_anndata
+from cellvi.data.backed import BackedCountData, is_on_disk
 from cellvi.data.loader import CountData, split_indices
-from cellvi.data.setup import UNS_KEY
+from cellvi.data.setup import UNS_KEY, get_counts
 from cellvi.train import TrainConfig, TrainState, fit, make_train_config, read_state_meta, restore_state, save_state
 
 FORMAT_VERSION = 1
@@ -191,13 +192,15 @@ class Model:
             out[key] = pd.DataFrame({key: values}, index=pd.Index(np.arange(len(values)), name="epoch"))
         return out
 
-    def _data(self, adata: AnnData | None = None) -> CountData:
-        """Tensors of ``adata`` (default: the model's) on the model's device; cached for the model's own."""
+    def _data(self, adata: AnnData | None = None) -> CountData | BackedCountData:
+        """The minibatch source of ``adata`` (default: the model's): in memory, or read in chunks when its
+        counts stay on disk (backed .h5ad, zarr); cached for the model's own AnnData."""
         adata = self.adata if adata is None else adata
         key = (id(adata), str(self.device))
         if adata is self.adata and self._data_cache is not None and self._data_cache[0] == key:
             return self._data_cache[1]
-        data = CountData(adata, self.spec, self.device)
+        on_disk = is_on_disk(get_counts(adata, self.spec.layer))
+        data = (BackedCountData if on_disk else CountData)(adata, self.spec, self.device)
         if adata is self.adata:
             self._data_cache = (key, data)
         return data
