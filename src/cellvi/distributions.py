@@ -274,3 +274,91 @@ class Poisson:
     def sample(self, n: int | None = None) -> Tensor:
         rate = self.mu if n is None else self.mu.expand(n, *self.mu.shape)
         return torch.poisson(rate)
+
+
+# --------------------------------------------------------------------------- second modalities
+
+
+def nb_mixture_log_prob(x: Tensor, mu1: Tensor, mu2: Tensor, theta: Tensor, mixture_logits: Tensor,
+                        eps: float = EPS) -> Tensor:
+    """Log-probability of a two-component NB mixture (totalVI's proteins), elementwise.
+
+    .. math::
+        p(x) = \\pi\\,\\mathrm{NB}(x; \\mu_1, \\theta) + (1 - \\pi)\\,\\mathrm{NB}(x; \\mu_2, \\theta),
+        \\qquad \\pi = \\mathrm{sigmoid}(\\text{mixture\\_logits})
+
+    computed as a log-sum-exp of the two log terms (``log sigmoid(l)``, ``log sigmoid(-l)``).
+    """
+    a = nb_log_prob(x, mu1, theta, eps) - F.softplus(-mixture_logits)  # log pi + log NB_1
+    b = nb_log_prob(x, mu2, theta, eps) - F.softplus(mixture_logits)  # log (1 - pi) + log NB_2
+    return torch.logaddexp(a, b)
+
+
+class NegativeBinomialMixture:
+    """Background/foreground NB mixture over a ``(cells, proteins)`` matrix (Gayoso et al., 2021).
+
+    Parameters
+    ----------
+    mu1
+        Mean of the first component (totalVI: background), shape ``(cells, proteins)``.
+    mu2
+        Mean of the second component (foreground), same shape.
+    theta
+        Inverse dispersion shared by both components, broadcastable to ``mu1``.
+    mixture_logits
+        Logit of the probability of the first component.
+    """
+
+    def __init__(self, mu1: Tensor, mu2: Tensor, theta: Tensor, mixture_logits: Tensor):
+        self.mu1, self.mu2, self.theta, self.mixture_logits = mu1, mu2, theta, mixture_logits
+
+    @property
+    def mixture_probs(self) -> Tensor:
+        return torch.sigmoid(self.mixture_logits)
+
+    @property
+    def mean(self) -> Tensor:
+        pi = self.mixture_probs
+        return pi * self.mu1 + (1.0 - pi) * self.mu2
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return nb_mixture_log_prob(x, self.mu1, self.mu2, self.theta, self.mixture_logits)
+
+    @torch.no_grad()
+    def sample(self) -> Tensor:
+        """Counts: pick a component with probability ``pi``, then draw Gamma-Poisson from it."""
+        first = torch.rand_like(self.mu1) < self.mixture_probs
+        mu = torch.where(first, self.mu1, self.mu2)
+        theta = self.theta.expand_as(mu)
+        return torch.poisson(torch.distributions.Gamma(theta, theta / mu.clamp_min(EPS)).sample())
+
+
+def bernoulli_log_prob(x: Tensor, probs: Tensor, eps: float = EPS) -> Tensor:
+    """Bernoulli log-probability of 0/1 data, elementwise: ``x log p + (1 - x) log(1 - p)``."""
+    return x * torch.log(probs + eps) + (1.0 - x) * torch.log(1.0 - probs + eps)
+
+
+class Bernoulli:
+    """Bernoulli over a ``(cells, regions)`` 0/1 matrix (PeakVI), same interface as :class:`NegativeBinomial`."""
+
+    def __init__(self, probs: Tensor):
+        self.probs = probs
+
+    @property
+    def mean(self) -> Tensor:
+        return self.probs
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return bernoulli_log_prob(x, self.probs)
+
+    def log_prob_sum(self, x: Tensor, nz: Nonzeros | None = None) -> Tensor:
+        """``log_prob(x).sum(-1)`` for 0/1 ``x``: ``log(1 - p)`` everywhere (dense, the x = 0 term), plus
+        ``log p - log(1 - p)`` at the ones only (``nz``: the non-zero entries, whose values are ignored)."""
+        rows, cols, _ = nonzeros(x) if nz is None else nz
+        p_nz = self.probs[rows, cols]
+        correction = torch.log(p_nz + EPS) - torch.log(1.0 - p_nz + EPS)
+        return _row_sum_sparse(torch.log(1.0 - self.probs + EPS), correction, rows)
+
+    @torch.no_grad()
+    def sample(self) -> Tensor:
+        return torch.bernoulli(self.probs)
