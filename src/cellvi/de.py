@@ -480,6 +480,7 @@ def differential_expression(
     shrink_lfc: bool = True,
     draws_fn: Callable | None = None,
     latent_fn: Callable | None = None,
+    features: tuple | None = None,
 ) -> pd.DataFrame:
     """Bayesian DE between two populations of cells (see the module docstring for the method).
 
@@ -537,6 +538,10 @@ def differential_expression(
     draws_fn, latent_fn
         Overrides of the model's ``_de_draws`` and latent means (for models with several kinds of
         expression, e.g. ContrastiveVI).
+    features
+        ``(names, counts)`` of the features ``draws_fn`` decodes: their names and a ``(cells, features)``
+        matrix of observed counts of ``adata``'s cells. Default: the model's genes and count matrix; a model
+        with another modality passes its own (TotalVI's proteins).
 
     Returns
     -------
@@ -566,8 +571,9 @@ def differential_expression(
     rng = np.random.default_rng(seed)
     batches1 = _batch_list(model, batch_correction, batchid1)
     batches2 = _batch_list(model, batch_correction, batchid2)
-    names = pd.Index(model.spec.var_names)
-    X = get_counts(adata, model.spec.layer)
+    if features is None:  # the model's genes
+        features = (model.spec.var_names, get_counts(adata, model.spec.layer))
+    names, X = pd.Index(features[0]), features[1]
     X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(X)  # once, not per comparison
     library = np.asarray(X.sum(1)).ravel()  # observed total counts per cell
     tables = []

@@ -13,6 +13,10 @@ indexed the same way. Keys of a minibatch (the one vocabulary all modules read):
 ``size_factor``  float32 (B, 1)   present only when a size_factor_key was set up
 ``index``        int64   (B,)     row of each cell in the AnnData
 ``nonzeros``     Nonzeros         (rows, cols, values) of the non-zero entries of ``x``
+``proteins``     float32 (B, P)   protein counts (TotalVI only; 0 where not measured)
+``protein_mask`` float32 (B, P)   1 where the protein was measured in the cell: its value is not NaN and
+                                  the protein is not missing from the cell's panel (or batch); the
+                                  likelihood skips the 0 entries, it never reads them as zero counts
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import torch
 from anndata import AnnData
 from torch import Tensor
 
-from cellvi.data.setup import DataSpec, _continuous, check_compatible, codes, get_counts, size_factors, validate_counts
+from cellvi.data.setup import (DataSpec, _continuous, check_compatible, codes, get_counts, read_proteins, size_factors,
+                               validate_counts)
 from cellvi.distributions import Nonzeros
 
 
@@ -54,6 +59,9 @@ def obs_arrays(adata: AnnData, spec: DataSpec) -> dict[str, np.ndarray]:
         obs["size_factor"] = size_factors(adata, spec.size_factor_key)[:, None].astype(np.float32)
     for key, codes_arr in spec.extra.get("obs_codes", {}).items():  # model-specific integer columns
         obs[key] = codes(adata, codes_arr["key"], tuple(codes_arr["categories"]))
+    if spec.protein_expression_obsm_key is not None:  # second modality, dense: panels are small
+        panel = obs["batch"] if spec.panel_key is None else codes(adata, spec.panel_key, spec.panel_categories)
+        obs["proteins"], obs["protein_mask"] = read_proteins(adata, spec, panel)
     return obs
 
 

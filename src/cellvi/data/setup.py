@@ -10,7 +10,7 @@ categories.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import pandas as pd
@@ -35,10 +35,20 @@ class DataSpec:
     label_categories: tuple[str, ...] = ("0",)
     covariate_categories: tuple[tuple[str, ...], ...] = ()  # one tuple per categorical covariate
     extra: dict = field(default_factory=dict)  # model-specific keys (e.g. sample_key for MrVI)
+    # second modality: surface proteins (TotalVI); empty when the model reads counts only
+    protein_expression_obsm_key: str | None = None  # proteins from adata.obsm[key] (cells x proteins)
+    protein_names: tuple[str, ...] = ()  # in model order
+    panel_key: str | None = None  # .obs column of protein panels; None: each batch is its own panel
+    panel_categories: tuple[str, ...] = ()  # panels (or batches when panel_key is None)
+    protein_missing: tuple[tuple[int, ...], ...] = ()  # per panel: proteins never measured (all zero) there
 
     @property
     def n_genes(self) -> int:
         return len(self.var_names)
+
+    @property
+    def n_proteins(self) -> int:
+        return len(self.protein_names)
 
     @property
     def n_batches(self) -> int:
@@ -67,9 +77,12 @@ class DataSpec:
         if unknown:
             raise ValueError(f"Unknown fields {sorted(unknown)} in a cellvi data set-up: was it written by a newer cellvi?")
         for key in ("var_names", "categorical_covariate_keys", "continuous_covariate_keys",
-                    "batch_categories", "label_categories"):
-            raw[key] = tuple(raw[key])
-        raw["covariate_categories"] = tuple(tuple(c) for c in raw["covariate_categories"])
+                    "batch_categories", "label_categories", "protein_names", "panel_categories"):
+            if key in raw:
+                raw[key] = tuple(raw[key])
+        for key in ("covariate_categories", "protein_missing"):
+            if key in raw:
+                raw[key] = tuple(tuple(c) for c in raw[key])
         return cls(**raw)
 
 
@@ -189,6 +202,75 @@ def size_factors(adata: AnnData, key: str) -> np.ndarray:
     return v
 
 
+# --------------------------------------------------------------------------- proteins (second modality)
+
+
+def protein_table(adata: AnnData, key: str, names_uns_key: str | None = None) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Protein counts of ``adata.obsm[key]`` as a float64 ``(cells, proteins)`` array (NaN kept) and their names.
+
+    The names are the DataFrame's columns, else ``adata.uns[names_uns_key]``, else ``protein_0, ...``.
+    """
+    if key not in adata.obsm:
+        raise ValueError(f"protein_expression_obsm_key={key!r} is not in adata.obsm (keys: {list(adata.obsm.keys())}); "
+                         "store the protein counts there as a cells x proteins DataFrame or array.")
+    table = adata.obsm[key]
+    if isinstance(table, pd.DataFrame):
+        names = tuple(map(str, table.columns))
+        table = table.to_numpy()
+    else:
+        table = table.toarray() if sp.issparse(table) else np.asarray(table)
+        if names_uns_key is not None:
+            if names_uns_key not in adata.uns:
+                raise ValueError(f"protein_names_uns_key={names_uns_key!r} is not in adata.uns.")
+            names = tuple(map(str, adata.uns[names_uns_key]))
+        else:
+            names = tuple(f"protein_{i}" for i in range(table.shape[1] if table.ndim == 2 else 0))
+    if table.ndim != 2 or not np.issubdtype(table.dtype, np.number):
+        raise ValueError(f"adata.obsm[{key!r}] must be a numeric cells x proteins table, got {table.dtype} "
+                         f"with shape {table.shape}.")
+    if len(names) != table.shape[1]:
+        raise ValueError(f"{len(names)} protein names for {table.shape[1]} columns of adata.obsm[{key!r}].")
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"Protein names of adata.obsm[{key!r}] must be unique and at least one.")
+    return table.astype(np.float64), names
+
+
+def validate_proteins(values: np.ndarray, where: str, obs_names: pd.Index) -> None:
+    """Raise a ``ValueError`` unless ``values`` are raw protein counts. NaN is allowed: it marks a value not
+    measured in that cell, which is left out of the likelihood."""
+    if np.isinf(values).any():
+        raise ValueError(f"{where} contains infinite values; protein counts must be finite (NaN marks unmeasured).")
+    bad = np.flatnonzero((values < 0).any(1))
+    if bad.size:
+        raise ValueError(f"{where} has negative protein counts in {bad.size} cells (e.g. {list(obs_names[bad[:5]])}, "
+                         f"min {np.nanmin(values):g}); totalVI needs raw antibody counts, not normalized (e.g. CLR) "
+                         "values. Pass the raw counts, or set unmeasured values to NaN.")
+    frac = np.isfinite(values) & (values != np.round(values))
+    if frac.any():
+        raise ValueError(f"{where} has {int(frac.sum())} non-integer protein counts (e.g. {values[frac][0]:g}); "
+                         "pass raw antibody counts.")
+
+
+def read_proteins(adata: AnnData, spec: DataSpec, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Protein counts ``(cells, proteins)`` float32 with unmeasured values set to 0, and the float32 mask of
+    measured values: finite, and not missing from the cell's panel (``group``: panel codes, see :class:`DataSpec`)."""
+    values, _ = protein_table(adata, spec.protein_expression_obsm_key)
+    validate_proteins(values, f"adata.obsm[{spec.protein_expression_obsm_key!r}]", adata.obs_names)
+    measured = np.isfinite(values)
+    panel_missing = np.zeros((len(spec.panel_categories), spec.n_proteins), dtype=bool)
+    for g, missing in enumerate(spec.protein_missing):
+        panel_missing[g, list(missing)] = True
+    measured &= ~panel_missing[group]
+    return np.where(measured, values, 0.0).astype(np.float32), measured.astype(np.float32)
+
+
+def missing_proteins(values: np.ndarray, group: np.ndarray, n_groups: int) -> tuple[tuple[int, ...], ...]:
+    """For each panel, the proteins with no non-zero count there (scvi-tools' rule: all zero = not measured)."""
+    seen = np.zeros((n_groups, values.shape[1]), dtype=bool)
+    np.logical_or.at(seen, group, np.nan_to_num(values) > 0)
+    return tuple(tuple(int(t) for t in np.flatnonzero(~row)) for row in seen)
+
+
 def setup_anndata(
     adata: AnnData,
     *,
@@ -199,6 +281,9 @@ def setup_anndata(
     categorical_covariate_keys: list[str] | None = None,
     continuous_covariate_keys: list[str] | None = None,
     extra: dict | None = None,
+    protein_expression_obsm_key: str | None = None,
+    protein_names_uns_key: str | None = None,
+    panel_key: str | None = None,
 ) -> DataSpec:
     """Validate ``adata`` and record what a model will read from it.
 
@@ -231,8 +316,25 @@ def setup_anndata(
         covariate_categories=tuple(_categories(_obs_column(adata, k, "Categorical covariate"), k) for k in cat_keys),
         extra=dict(extra or {}),
     )
+    if protein_expression_obsm_key is not None:
+        spec = _with_proteins(adata, spec, protein_expression_obsm_key, protein_names_uns_key, panel_key)
     adata.uns[UNS_KEY] = spec.to_json()
     return spec
+
+
+def _with_proteins(adata: AnnData, spec: DataSpec, key: str, names_uns_key: str | None,
+                   panel_key: str | None) -> DataSpec:
+    """``spec`` with the protein fields: names, panels, and the proteins missing from each panel."""
+    values, names = protein_table(adata, key, names_uns_key)
+    validate_proteins(values, f"adata.obsm[{key!r}]", adata.obs_names)
+    if panel_key is None:
+        panels = spec.batch_categories
+        group = codes(adata, spec.batch_key, panels) if spec.batch_key else np.zeros(adata.n_obs, np.int64)
+    else:
+        panels = _categories(_obs_column(adata, panel_key, "panel_key"), panel_key)
+        group = codes(adata, panel_key, panels)
+    return replace(spec, protein_expression_obsm_key=key, protein_names=names, panel_key=panel_key,
+                   panel_categories=panels, protein_missing=missing_proteins(values, group, len(panels)))
 
 
 def get_spec(adata: AnnData) -> DataSpec:
@@ -244,7 +346,9 @@ def get_spec(adata: AnnData) -> DataSpec:
 
 
 def check_compatible(spec: DataSpec, adata: AnnData) -> None:
-    """Raise when ``adata`` has other genes than ``spec`` (categories are checked when read)."""
+    """Raise when ``adata`` has other genes (or proteins) than ``spec`` (categories are checked when read)."""
+    if spec.protein_expression_obsm_key is not None:
+        _check_proteins(spec, adata)
     names = tuple(map(str, adata.var_names))
     if names != spec.var_names:
         ours, theirs = set(spec.var_names), set(names)
@@ -257,3 +361,17 @@ def check_compatible(spec: DataSpec, adata: AnnData) -> None:
             f"{len(missing)} missing (e.g. {missing[:5]}), {len(extra)} unexpected (e.g. {extra[:5]}). "
             "Subset or reorder adata to the model's var_names."
         )
+
+
+def _check_proteins(spec: DataSpec, adata: AnnData) -> None:
+    key = spec.protein_expression_obsm_key
+    if key not in adata.obsm:
+        raise ValueError(f"The model reads proteins from adata.obsm[{key!r}], which this AnnData lacks; store the "
+                         f"protein counts there (columns {list(spec.protein_names[:5])}...).")
+    table = adata.obsm[key]
+    names = tuple(map(str, table.columns)) if isinstance(table, pd.DataFrame) else None
+    n = table.shape[1] if len(table.shape) == 2 else -1
+    if (names is not None and names != spec.protein_names) or n != spec.n_proteins:
+        theirs = names or f"{n} unnamed columns"
+        raise ValueError(f"adata.obsm[{key!r}] has other proteins than the model ({theirs} vs "
+                         f"{list(spec.protein_names)}); reorder or subset its columns to the model's protein_names.")

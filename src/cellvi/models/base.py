@@ -554,7 +554,7 @@ def _adopt_spec(adata: AnnData, spec: DataSpec) -> None:
     if UNS_KEY in adata.uns:
         theirs = get_spec(adata)
         keys = ["layer", "batch_key", "labels_key", "size_factor_key", "categorical_covariate_keys",
-                "continuous_covariate_keys"]
+                "continuous_covariate_keys", "protein_expression_obsm_key", "panel_key"]
         diff = [f"{k}: model {getattr(spec, k)!r} vs adata {getattr(theirs, k)!r}"
                 for k in keys if getattr(spec, k) != getattr(theirs, k)]
         if diff:
