@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "SCVI": "cellvi.models.scvi",
     "ContrastiveVI": "cellvi.models.contrastivevi",
+    "TotalVI": "cellvi.models.totalvi",
+    "TOTALVI": "cellvi.models.totalvi",
     "datasets": "cellvi.datasets",
     "pl": "cellvi.pl",
     "data": "cellvi.data",

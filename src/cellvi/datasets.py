@@ -144,6 +144,70 @@ def simulate(
     return adata
 
 
+def simulate_citeseq(
+    n_cells: int = 1000,
+    n_genes: int = 200,
+    n_proteins: int = 20,
+    *,
+    n_batches: int = 2,
+    n_cell_types: int = 4,
+    markers_per_type: int = 2,
+    foreground_lfc: tuple[float, float] = (1.5, 3.0),
+    protein_theta: float = 5.0,
+    missing_proteins: dict[str, list[int]] | None = None,
+    seed: int = 0,
+) -> AnnData:
+    """CITE-seq: the RNA of :func:`simulate` plus antibody counts with a known background and foreground.
+
+    Every protein has a background rate per batch (log-normal around ``exp(3)``); the marker proteins
+    of a cell type add a foreground on top in the cells of that type, ``exp(u)`` times the background,
+    ``u ~ Uniform(foreground_lfc)`` (natural log). Counts are NB with inverse dispersion ``protein_theta``.
+
+    Parameters
+    ----------
+    n_cells, n_genes, n_batches, n_cell_types
+        As in :func:`simulate` (same seed: the same RNA).
+    n_proteins, markers_per_type
+        Panel size and marker proteins per cell type (distinct across types while the panel allows).
+    missing_proteins
+        ``{batch name: [protein positions]}``: proteins not in that batch's panel, stored as zeros
+        (scvi-tools' convention for a protein not measured).
+
+    Returns
+    -------
+    AnnData with RNA counts in ``X``, protein counts in ``obsm["protein_expression"]`` (DataFrame),
+    ``obs`` as :func:`simulate`, and the truth in ``uns["protein_markers"]`` (proteins x cell types, bool)
+    and ``uns["protein_background"]`` (log background rate, proteins x batches).
+    """
+    adata = simulate(n_cells, n_genes, n_batches=n_batches, n_cell_types=n_cell_types, seed=seed)
+    rng = np.random.default_rng([seed, 1])
+    ct = adata.obs["cell_type"].cat.codes.to_numpy()
+    batch = adata.obs["batch"].cat.codes.to_numpy()
+    background = rng.normal(3.0, 0.7, n_proteins)[None] + rng.normal(0.0, 0.3, (n_batches, n_proteins))
+    markers = np.zeros((n_cell_types, n_proteins), bool)
+    order = rng.permutation(n_proteins)
+    for k in range(n_cell_types):
+        chosen = order[k * markers_per_type : (k + 1) * markers_per_type]
+        if chosen.size < markers_per_type:  # panel too small for distinct markers: reuse proteins
+            chosen = rng.choice(n_proteins, markers_per_type, replace=False)
+        markers[k, chosen] = True
+    effect = rng.uniform(*foreground_lfc, n_proteins)
+    log_rate = background[batch] + markers[ct] * effect[None] + rng.normal(0.0, 0.2, (n_cells, n_proteins))
+    mu = np.exp(log_rate)
+    counts = rng.poisson(rng.gamma(protein_theta, mu / protein_theta)).astype(np.float32)
+    names = [f"prot_{t}" for t in range(n_proteins)]
+    batches = list(adata.obs["batch"].cat.categories)
+    for name, positions in (missing_proteins or {}).items():
+        if name not in batches:
+            raise ValueError(f"missing_proteins names batch {name!r}; batches are {batches}.")
+        counts[np.ix_(batch == batches.index(name), list(positions))] = 0.0
+    adata.obsm["protein_expression"] = pd.DataFrame(counts, index=adata.obs_names, columns=names)
+    types = list(adata.obs["cell_type"].cat.categories)
+    adata.uns["protein_markers"] = pd.DataFrame(markers.T, index=names, columns=types)
+    adata.uns["protein_background"] = pd.DataFrame(background.T, index=names, columns=batches)
+    return adata
+
+
 # --------------------------------------------------------------------------- readers
 
 

@@ -1,0 +1,658 @@
+"""totalVI: RNA and surface proteins of CITE-seq in one latent space (Gayoso et al., 2021, Nat. Methods 18:272).
+
+Generative model, for a cell with RNA counts x, protein counts y, batch s and covariates c:
+
+    z ~ Normal(0, I)                                         latent state (n_latent)
+    l = log(sum x)                                           log library size (observed)
+    rho = softmax(f_rho(z, s, c))                            normalized RNA expression
+    x_g ~ NB(exp(l) * rho_g, theta_g) [zero-inflated]        RNA counts, as in scVI
+    log beta_t ~ Normal(a_t(z, s, c), b_t(z, s, c))          protein background rate; prior Normal(c_ts, d_ts)
+    alpha_t = 1 + softplus(f_alpha(z, s, c))_t >= 1          foreground / background ratio
+    pi_t = sigmoid(f_pi(z, s, c))_t                          probability that the protein is background only
+    y_t ~ pi_t NB(beta_t, phi_t) + (1 - pi_t) NB(alpha_t beta_t, phi_t)
+
+The background prior ``N(c_ts, d_ts)`` is one per protein and batch, learned, and initialised
+empirical-Bayes style from the data (the lower component of a two-Gaussian fit to ``log(1 + y)``,
+:func:`fit_background_prior`). Proteins not measured in a cell (missing from its panel, or NaN)
+are left out of the likelihood and of the background KL through the loader's ``protein_mask``; they are
+never read as zero counts. The encoder q(z | x, y, s) reads ``log(1 + x)`` and ``log(1 + y)`` (0 where
+not measured) with the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from anndata import AnnData
+from torch import Tensor, nn
+from torch.distributions import kl_divergence
+
+from cellvi import distributions as dist
+from cellvi import settings
+from cellvi.data.loader import obs_arrays
+from cellvi.data.setup import get_counts, setup_anndata
+from cellvi.models.base import Model, average_over_batches, check_library_size, expression_from
+from cellvi.models.scvi import flatten_samples, repeat_samples
+from cellvi.nn import MLP, GaussianEncoder
+
+CHOICES = {
+    "gene_dispersion": ("gene", "gene-batch", "gene-label"),
+    "protein_dispersion": ("protein", "protein-batch", "protein-label"),
+    "gene_likelihood": ("nb", "zinb"),
+    "latent_distribution": ("normal", "ln"),
+    "use_batch_norm": ("encoder", "decoder", "none", "both"),
+    "use_layer_norm": ("encoder", "decoder", "none", "both"),
+}
+MIN_PROTEINS_EMPIRICAL = 10  # scvi-tools' default: the empirical background prior with more than 10 proteins
+
+
+@dataclass(frozen=True)
+class TotalVIConfig:
+    n_latent: int = 20  # size of z
+    gene_dispersion: str = "gene"  # theta per gene, gene-batch or gene-label
+    protein_dispersion: str = "protein"  # phi per protein, protein-batch or protein-label
+    gene_likelihood: str = "nb"  # nb or zinb
+    latent_distribution: str = "normal"  # normal, or ln (z = softmax(Normal))
+    empirical_protein_background_prior: bool | None = None  # None: True when there are more than 10 proteins
+    override_missing_proteins: bool = False  # True: an all-zero protein in a panel counts as measured (zeros)
+    n_hidden: int = 256
+    n_layers_encoder: int = 2
+    n_layers_decoder: int = 1
+    dropout_rate_encoder: float = 0.2
+    dropout_rate_decoder: float = 0.2
+    encode_covariates: bool = True  # the encoder reads batch and covariates too
+    use_batch_norm: str = "both"
+    use_layer_norm: str = "none"
+
+    def __post_init__(self):
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
+
+
+# --------------------------------------------------------------------------- empirical background prior
+
+
+def fit_background_prior(log_y: np.ndarray, measured: np.ndarray, n_iter: int = 200,
+                         min_sd: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sd of the lower component of a two-component 1-D Gaussian mixture, per column, by EM.
+
+    Parameters
+    ----------
+    log_y
+        ``(cells, proteins)`` values, e.g. ``log(1 + y)``.
+    measured
+        Boolean mask of the entries to fit; each column is fitted to its measured entries only.
+    n_iter
+        EM iterations (all columns at once).
+    min_sd
+        Floor of each component's sd (a column of identical values would otherwise collapse to sd 0).
+
+    Returns
+    -------
+    ``(mean, sd)``, each ``(proteins,)``; NaN for columns with fewer than two measured entries.
+    """
+    x = np.asarray(log_y, dtype=np.float64)
+    w = np.asarray(measured, dtype=np.float64)
+    n = w.sum(0)
+    m = (w * x).sum(0) / np.maximum(n, 1)
+    sd = np.sqrt((w * (x - m) ** 2).sum(0) / np.maximum(n, 1)) + min_sd
+    mu = np.stack([m - sd, m + sd])  # (2, P): start one component below and one above the mean
+    var = np.stack([sd**2, sd**2])
+    log_pi = np.log(np.full((2, x.shape[1]), 0.5))
+    for _ in range(n_iter):
+        logp = log_pi[:, None] - 0.5 * ((x[None] - mu[:, None]) ** 2 / var[:, None] + np.log(2 * np.pi * var[:, None]))
+        r = np.exp(logp - np.logaddexp(logp[0], logp[1])[None]) * w[None]  # (2, N, P) responsibilities
+        nk = r.sum(1) + 1e-12
+        log_pi = np.log(nk / nk.sum(0))
+        mu = (r * x[None]).sum(1) / nk
+        var = np.maximum((r * (x[None] - mu[:, None]) ** 2).sum(1) / nk, min_sd**2)
+    lower = np.argmin(mu, 0)
+    cols = np.arange(x.shape[1])
+    mean, sd = mu[lower, cols], np.sqrt(var[lower, cols])
+    mean[n < 2], sd[n < 2] = np.nan, np.nan
+    return mean, sd
+
+
+def background_prior_init(proteins: np.ndarray, mask: np.ndarray, batch: np.ndarray, n_batches: int,
+                          empirical: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Initial ``(mean, log sd)`` of the background prior, each ``(proteins, batches)``.
+
+    Empirical: :func:`fit_background_prior` per batch; a protein not measured in a batch takes its mean
+    over the batches where it is (0 and sd 1 when it is measured nowhere). Otherwise random, as scvi-tools.
+    """
+    P = proteins.shape[1]
+    if not empirical:
+        rng = np.random.default_rng(seed)
+        return rng.standard_normal((P, n_batches)), np.clip(rng.standard_normal((P, n_batches)), -10, 1)
+    mean, sd = np.full((P, n_batches), np.nan), np.full((P, n_batches), np.nan)
+    for b in range(n_batches):
+        rows = batch == b
+        if rows.any():
+            mean[:, b], sd[:, b] = fit_background_prior(np.log1p(proteins[rows]), mask[rows] > 0)
+    n_fitted = (~np.isnan(mean)).sum(1, keepdims=True)  # batches where each protein is measured
+    fill_mean = np.where(n_fitted > 0, np.nansum(mean, 1, keepdims=True) / np.maximum(n_fitted, 1), 0.0)
+    fill_sd = np.where(n_fitted > 0, np.nansum(sd, 1, keepdims=True) / np.maximum(n_fitted, 1), 1.0)
+    return np.where(np.isnan(mean), fill_mean, mean), np.log(np.where(np.isnan(sd), fill_sd, sd))
+
+
+# --------------------------------------------------------------------------- module
+
+
+class TotalVIModule(nn.Module):
+    """q(z | x, y, s) and p(x, y | z, s, c) (see the module docstring)."""
+
+    def __init__(self, n_genes: int, n_proteins: int, n_batches: int, n_labels: int, n_cats_per_cov: list[int],
+                 n_continuous_cov: int, config: TotalVIConfig, prior_mean: np.ndarray, prior_log_scale: np.ndarray):
+        super().__init__()
+        self.config = cfg = config
+        self.n_genes, self.n_proteins = n_genes, n_proteins
+        enc_cats = [n_batches, *n_cats_per_cov] if cfg.encode_covariates else []
+        n_enc_in = n_genes + n_proteins + (n_continuous_cov if cfg.encode_covariates else 0)
+        bn = lambda part: cfg.use_batch_norm in (part, "both")  # noqa: E731
+        ln = lambda part: cfg.use_layer_norm in (part, "both")  # noqa: E731
+        self.z_encoder = GaussianEncoder(n_enc_in, cfg.n_latent, n_cats=enc_cats, n_hidden=cfg.n_hidden,
+                                         n_layers=cfg.n_layers_encoder, dropout_rate=cfg.dropout_rate_encoder,
+                                         use_batch_norm=bn("encoder"), use_layer_norm=ln("encoder"))
+        self.decoder = MLP(cfg.n_latent + n_continuous_cov, cfg.n_hidden, n_cats=[n_batches, *n_cats_per_cov],
+                           n_hidden=cfg.n_hidden, n_layers=cfg.n_layers_decoder, dropout_rate=cfg.dropout_rate_decoder,
+                           use_batch_norm=bn("decoder"), use_layer_norm=ln("decoder"))
+        # one matmul for every per-feature output:
+        # [RNA scale logits (G) | RNA zero-inflation logits (G, zinb) | background mean, log sd | foreground | mixing (P each)]
+        self.n_gene_heads = 2 if cfg.gene_likelihood == "zinb" else 1
+        self.heads = nn.Linear(cfg.n_hidden, self.n_gene_heads * n_genes + 4 * n_proteins)
+        n_theta = {"gene": 1, "gene-batch": n_batches, "gene-label": n_labels}[cfg.gene_dispersion]
+        n_phi = {"protein": 1, "protein-batch": n_batches, "protein-label": n_labels}[cfg.protein_dispersion]
+        self.log_theta = nn.Parameter(torch.randn(n_theta, n_genes))  # RNA inverse dispersion
+        self.log_phi = nn.Parameter(2 * torch.rand(n_phi, n_proteins))  # protein inverse dispersion
+        # background prior N(c_ts, d_ts), learned from its empirical-Bayes start
+        self.prior_mean = nn.Parameter(torch.as_tensor(prior_mean, dtype=torch.float32))  # (P, batches)
+        self.prior_log_scale = nn.Parameter(torch.as_tensor(prior_log_scale, dtype=torch.float32))
+
+    # q(z | x, y, s, c)
+    def inference(self, batch: dict[str, Tensor], n_samples: int = 1) -> dict:
+        x, y = batch["x"], batch["proteins"]
+        nz = batch.get("nonzeros")
+        h = torch.cat([torch.log1p(x) if nz is None else dist.log1p_dense(x, nz), torch.log1p(y)], -1)
+        cats: list[Tensor] = []
+        if self.config.encode_covariates:
+            cont = batch["cont_covs"]
+            h = torch.cat([h, cont], -1) if cont.shape[-1] else h
+            cats = [batch["batch"], *batch["cat_covs"].unbind(-1)]
+        qz = self.z_encoder(h, cats)  # (B, n_latent)
+        z = qz.rsample() if n_samples == 1 else qz.rsample((n_samples,))  # (B, L) or (S, B, L)
+        if self.config.latent_distribution == "ln":
+            z = F.softmax(z, -1)
+        sf = batch.get("size_factor")
+        library = torch.log(x.sum(-1, keepdim=True) if sf is None else sf)  # (B, 1)
+        if n_samples > 1:
+            library = library.expand(n_samples, *library.shape)
+        return {"qz": qz, "z": z, "library": library}
+
+    # p(x, y | z, l, s, c): all inputs 2-D (cells, ...)
+    def generative(self, z: Tensor, library: Tensor, batch: Tensor, cat_covs: Tensor, cont_covs: Tensor,
+                   label: Tensor) -> dict:
+        cfg, G, P = self.config, self.n_genes, self.n_proteins
+        h = torch.cat([z, cont_covs], -1) if cont_covs.shape[-1] else z
+        h = self.decoder(h, [batch, *cat_covs.unbind(-1)])  # (B, n_hidden)
+        heads = self.heads(h)
+        scale = F.softmax(heads[:, :G], -1)  # (B, G)
+        zi = heads[:, G : 2 * G] if cfg.gene_likelihood == "zinb" else None
+        back_mean, back_log_sd, fore, mixing = heads[:, self.n_gene_heads * G :].split(P, -1)  # (B, P) each
+        theta = torch.exp(self.log_theta[0] if cfg.gene_dispersion == "gene" else
+                          self.log_theta[batch if cfg.gene_dispersion == "gene-batch" else label])
+        phi = torch.exp(self.log_phi[0] if cfg.protein_dispersion == "protein" else
+                        self.log_phi[batch if cfg.protein_dispersion == "protein-batch" else label])
+        px = dist.NegativeBinomial(torch.exp(library) * scale, theta, zi, scale=scale)
+        q_back = dist.normal(back_mean, F.softplus(back_log_sd) + 1e-4)  # q(log beta | z)
+        rate_back = torch.exp(q_back.rsample().clamp(max=20.0))  # clamp: no overflow from a wild start
+        rate_fore = rate_back * (1.0 + F.softplus(fore) + 1e-8)  # alpha >= 1
+        py = dist.NegativeBinomialMixture(rate_back, rate_fore, phi, mixing)
+        p_back = dist.normal(self.prior_mean.T[batch], torch.exp(self.prior_log_scale.T[batch]))  # (B, P)
+        return {"px": px, "py": py, "q_back": q_back, "p_back": p_back}
+
+    def forward_batch(self, batch: dict[str, Tensor], n_samples: int = 1) -> tuple[dict, dict]:
+        """Inference then generative; ``n_samples > 1`` flattens samples into the cell axis (row ``s * B + b``)."""
+        inf = self.inference(batch, n_samples)
+        z, library = inf["z"], inf["library"]
+        covs = [batch[k] for k in ("batch", "cat_covs", "cont_covs", "label")]
+        if n_samples > 1:
+            z, library = flatten_samples(z), flatten_samples(library)
+            covs = [repeat_samples(c, n_samples) for c in covs]
+        return inf, self.generative(z, library, *covs)
+
+    def loss(self, batch: dict[str, Tensor], kl_weight: float = 1.0) -> dict[str, Tensor]:
+        inf, gen = self.forward_batch(batch)
+        mask = batch["protein_mask"]  # (B, P): unmeasured proteins add nothing
+        rec_rna = -gen["px"].log_prob_sum(batch["x"], batch.get("nonzeros"))  # (B,)
+        rec_pro = -(gen["py"].log_prob(batch["proteins"]) * mask).sum(-1)  # (B,)
+        kl_z = dist.kl_standard_normal(inf["qz"]).sum(-1)
+        kl_back = (kl_divergence(gen["q_back"], gen["p_back"]) * mask).sum(-1)
+        loss = torch.mean(rec_rna + rec_pro + kl_weight * (kl_z + kl_back))
+        return {"loss": loss, "reconstruction_loss": rec_rna + rec_pro, "kl_local": kl_z + kl_back}
+
+
+def protein_values(py: dist.NegativeBinomialMixture, sample_protein_mixing: bool, include_protein_background: bool,
+                   scale_protein: bool) -> Tensor:
+    """Denoised protein expression from p(y | z): the foreground rate weighted by the foreground probability
+    ``(1 - pi) * alpha * beta`` (``+ pi * beta`` with the background); with ``sample_protein_mixing`` the
+    component is drawn instead of weighted; ``scale_protein`` makes each cell's values sum to 1."""
+    pi = py.mixture_probs
+    if sample_protein_mixing:
+        pi = torch.bernoulli(pi)
+    value = py.mu2 * (1.0 - pi)
+    if include_protein_background:
+        value = value + py.mu1 * pi
+    return value / value.sum(-1, keepdim=True) if scale_protein else value
+
+
+# --------------------------------------------------------------------------- user class
+
+
+class TotalVI(Model):
+    """total Variational Inference for CITE-seq (Gayoso et al., 2021).
+
+    ``TotalVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression", batch_key="batch")``,
+    then ``model = TotalVI(adata); model.train()``.
+
+    Parameters
+    ----------
+    adata
+        AnnData set up with :meth:`setup_anndata`.
+    n_latent
+        Size of z.
+    gene_dispersion
+        ``"gene"``, ``"gene-batch"`` or ``"gene-label"``: what the RNA inverse dispersion may vary with.
+    protein_dispersion
+        ``"protein"``, ``"protein-batch"`` or ``"protein-label"``.
+    gene_likelihood
+        ``"nb"`` or ``"zinb"``.
+    latent_distribution
+        ``"normal"``, or ``"ln"`` (logistic normal).
+    empirical_protein_background_prior
+        Start the background prior from the data (:func:`fit_background_prior`); ``None``: when there are
+        more than 10 proteins (as scvi-tools), else a random start.
+    override_missing_proteins
+        Read a protein that is all zero in a panel (or batch) as measured zeros; by default it is taken as
+        not measured there and left out of the likelihood (as scvi-tools).
+    **model_kwargs
+        Other fields of :class:`TotalVIConfig` (``n_hidden``, ``n_layers_encoder``, ``n_layers_decoder``,
+        ``dropout_rate_encoder``, ``dropout_rate_decoder``, ``encode_covariates``, ``use_batch_norm``,
+        ``use_layer_norm``).
+    """
+
+    config_class = TotalVIConfig
+
+    def __init__(self, adata: AnnData, n_latent: int = 20, gene_dispersion: str = "gene",
+                 protein_dispersion: str = "protein", gene_likelihood: str = "nb", latent_distribution: str = "normal",
+                 empirical_protein_background_prior: bool | None = None, override_missing_proteins: bool = False,
+                 **model_kwargs):
+        config = TotalVIConfig(n_latent=n_latent, gene_dispersion=gene_dispersion,
+                               protein_dispersion=protein_dispersion, gene_likelihood=gene_likelihood,
+                               latent_distribution=latent_distribution,
+                               empirical_protein_background_prior=empirical_protein_background_prior,
+                               override_missing_proteins=override_missing_proteins, **model_kwargs)
+        super().__init__(adata, config)
+        spec = self.spec
+        if spec.protein_expression_obsm_key is None:
+            raise ValueError("This AnnData was not set up with proteins: call "
+                             "`TotalVI.setup_anndata(adata, protein_expression_obsm_key=...)` first.")
+        if override_missing_proteins:  # every protein counts as measured in every panel (NaN still masks)
+            self.spec = dataclasses.replace(spec, protein_missing=tuple(() for _ in spec.panel_categories))
+            spec = self.spec
+        obs = obs_arrays(adata, spec)
+        proteins, mask, batch = obs["proteins"], obs["protein_mask"], obs["batch"]
+        if not mask.any():
+            raise ValueError(f"No protein is measured in any cell of adata.obsm[{spec.protein_expression_obsm_key!r}] "
+                             "(all zero or NaN); totalVI needs protein counts.")
+        empirical = (spec.n_proteins > MIN_PROTEINS_EMPIRICAL if empirical_protein_background_prior is None
+                     else bool(empirical_protein_background_prior))
+        prior_mean, prior_log_scale = background_prior_init(proteins, mask, batch, spec.n_batches, empirical,
+                                                            settings.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
+            self.module = TotalVIModule(spec.n_genes, spec.n_proteins, spec.n_batches, spec.n_labels,
+                                        spec.n_cats_per_cov, spec.n_continuous_cov, config, prior_mean, prior_log_scale)
+        self.module.eval()
+
+    # ------------------------------------------------------------------ set-up
+
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        protein_expression_obsm_key: str,
+        protein_names_uns_key: str | None = None,
+        batch_key: str | None = None,
+        panel_key: str | None = None,
+        layer: str | None = None,
+        size_factor_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+    ) -> None:
+        """Validate ``adata`` and record the RNA layer, the protein table and the ``.obs`` columns read.
+
+        Parameters
+        ----------
+        adata
+            Raw RNA counts in ``X`` or ``layers[layer]``.
+        protein_expression_obsm_key
+            ``adata.obsm`` key of the raw protein counts, cells x proteins: a DataFrame (columns are the
+            protein names) or an array. NaN marks a value not measured in that cell; negative or
+            non-integer values are refused.
+        protein_names_uns_key
+            ``adata.uns`` key of the protein names when the table is an array (default ``protein_0``, ...).
+        batch_key
+            ``.obs`` column of batches, corrected for; each batch has its own background prior.
+        panel_key
+            ``.obs`` column of antibody panels; a protein with no non-zero count in a panel is taken as
+            not measured there (default: each batch is a panel).
+        layer, size_factor_key, categorical_covariate_keys, continuous_covariate_keys
+            As in :meth:`cellvi.SCVI.setup_anndata`.
+
+        Returns
+        -------
+        None; the set-up is stored as JSON in ``adata.uns["_cellvi_setup"]``.
+        """
+        setup_anndata(adata, layer=layer, batch_key=batch_key, size_factor_key=size_factor_key,
+                      categorical_covariate_keys=categorical_covariate_keys,
+                      continuous_covariate_keys=continuous_covariate_keys,
+                      protein_expression_obsm_key=protein_expression_obsm_key,
+                      protein_names_uns_key=protein_names_uns_key, panel_key=panel_key)
+
+    # ------------------------------------------------------------------ training
+
+    train_defaults = {"lr": 4e-3, "reduce_lr_on_plateau": True, "n_epochs_kl_warmup": None}
+
+    def train(self, max_epochs: int | None = None, lr: float = 4e-3, accelerator: str = "auto",
+              devices: int | list[int] | str = "auto", train_size: float | None = None,
+              validation_size: float | None = None, shuffle_set_split: bool = True, batch_size: int = 256,
+              early_stopping: bool = True, check_val_every_n_epoch: int | None = None,
+              reduce_lr_on_plateau: bool = True, n_steps_kl_warmup: int | None = None,
+              n_epochs_kl_warmup: int | None = None, adversarial_classifier: bool | None = None,
+              datasplitter_kwargs: dict | None = None, plan_kwargs: dict | None = None, external_indexing=None,
+              **kwargs) -> None:
+        """Train with scvi-tools' TOTALVI defaults (its arguments, in its order).
+
+        Parameters
+        ----------
+        max_epochs
+            Default ``min(400, 400 * 20000 / n_cells)``.
+        lr
+            Learning rate (4e-3).
+        batch_size
+            Cells per minibatch (256).
+        early_stopping
+            On ``elbo_validation`` (on by default, as scvi-tools' TOTALVI).
+        reduce_lr_on_plateau
+            Lower the learning rate when ``elbo_validation`` stalls (on by default).
+        n_steps_kl_warmup, n_epochs_kl_warmup
+            KL warm-up; by default over ``0.75 * n_cells`` steps, as scvi-tools.
+        adversarial_classifier
+            scvi-tools' adversarial batch classifier is not implemented: ``True`` is refused, ``None`` and
+            ``False`` train without it.
+        plan_kwargs
+            Other training-plan options (see :meth:`cellvi.models.base.Model.train`); they override the
+            arguments above (in scvi-tools the arguments win).
+        **kwargs
+            Everything else :meth:`cellvi.models.base.Model.train` takes (``seed``, ``checkpoint_dir``,
+            trainer options such as ``early_stopping_patience``).
+        """
+        if adversarial_classifier:
+            raise ValueError("adversarial_classifier=True is not implemented in cellvi's TotalVI; use None or False.")
+        if external_indexing is not None:
+            raise ValueError("external_indexing is not supported; use train_size/validation_size.")
+        plan = {"lr": lr, "reduce_lr_on_plateau": reduce_lr_on_plateau, "n_epochs_kl_warmup": n_epochs_kl_warmup,
+                "n_steps_kl_warmup": int(0.75 * self.adata.n_obs) if n_steps_kl_warmup is None else n_steps_kl_warmup,
+                **(plan_kwargs or {})}
+        if check_val_every_n_epoch is not None:
+            kwargs["check_val_every_n_epoch"] = check_val_every_n_epoch
+        super().train(max_epochs=max_epochs, accelerator=accelerator, devices=devices, train_size=train_size,
+                      validation_size=validation_size, shuffle_set_split=shuffle_set_split, batch_size=batch_size,
+                      early_stopping=early_stopping, datasplitter_kwargs=datasplitter_kwargs, plan_kwargs=plan,
+                      **kwargs)
+
+    # ------------------------------------------------------------------ latent space
+
+    @torch.no_grad()
+    def get_latent_representation(self, adata: AnnData | None = None, indices=None, give_mean: bool = True,
+                                  mc_samples: int = 5000, batch_size: int | None = None, return_dist: bool = False):
+        """Latent z of each cell (RNA and proteins together).
+
+        Returns
+        -------
+        ``(n_cells, n_latent)`` array: the posterior mean (``give_mean``) or one sample; with
+        ``return_dist=True`` a tuple ``(means, variances)`` of q(z | x, y).
+        """
+        self.module.eval()
+        out, variances = [], []
+        for batch in self._minibatches(adata, indices, batch_size):
+            inf = self.module.inference(batch)
+            qz = inf["qz"]
+            if return_dist:
+                out.append(qz.loc.cpu())
+                variances.append(qz.variance.cpu())
+            elif self.config.latent_distribution == "ln":
+                out.append((F.softmax(qz.sample((mc_samples,)), -1).mean(0) if give_mean else inf["z"]).cpu())
+            else:
+                out.append((qz.loc if give_mean else inf["z"]).cpu())
+        empty = torch.zeros(0, self.config.n_latent)
+        if return_dist:
+            return torch.cat([empty, *out]).numpy(), torch.cat([empty, *variances]).numpy()
+        return torch.cat([empty, *out]).numpy()
+
+    # ------------------------------------------------------------------ decoding
+
+    def _posterior_decode(self, batch: dict, n_samples: int, batch_codes: list[int | None], read) -> Tensor:
+        """``read(gen, library)`` for ``n_samples`` posterior draws of z per cell, averaged over ``batch_codes``
+        (the same z decoded in each batch): shape ``(n_samples, cells, features)``."""
+        inf = self.module.inference(batch)
+        B = batch["x"].shape[0]
+        z_raw = inf["qz"].sample((n_samples,))  # (S, B, L)
+        z = flatten_samples(F.softmax(z_raw, -1) if self.config.latent_distribution == "ln" else z_raw)
+        library = flatten_samples(inf["library"].expand(n_samples, B, 1))
+        own, cat, cont, lab = (repeat_samples(batch[k], n_samples) for k in ("batch", "cat_covs", "cont_covs", "label"))
+        out = average_over_batches(lambda b: read(self.module.generative(z, library, b, cat, cont, lab), library),
+                                   own, batch_codes)
+        return out.reshape(n_samples, B, -1)
+
+    def _protein_mask(self, protein_list) -> np.ndarray | None:
+        """Positions of ``protein_list`` in the model's proteins, in the model's order."""
+        if protein_list is None:
+            return None
+        names = pd.Index(self.spec.protein_names)
+        protein_list = [protein_list] if isinstance(protein_list, str) else list(protein_list)
+        missing = [p for p in protein_list if p not in names]
+        if missing:
+            raise ValueError(f"protein_list has proteins the model does not know: {missing[:10]} "
+                             f"(known: {list(names[:10])}).")
+        return np.flatnonzero(names.isin(protein_list))
+
+    def _decode_two(self, adata, idx, batch_size, n_samples, codes, read) -> tuple[np.ndarray, np.ndarray]:
+        """``read`` over the rows ``idx``: ``(S, cells, genes)`` and ``(S, cells, proteins)`` arrays on the CPU."""
+        self.module.eval()
+        G, P = self.spec.n_genes, self.spec.n_proteins
+        chunks = [torch.zeros(n_samples, 0, G + P)]
+        with torch.no_grad():
+            for batch in self._minibatches(adata, idx, batch_size):
+                chunks.append(self._posterior_decode(batch, n_samples, codes, read).cpu())
+        both = torch.cat(chunks, 1).numpy()
+        return both[..., :G], both[..., G:]
+
+    def _frames(self, values: np.ndarray, names, adata: AnnData, idx: np.ndarray, columns: np.ndarray | None,
+                return_mean: bool, return_numpy: bool | None):
+        """``(S, cells, features)`` -> scvi-tools' output (see :meth:`Model._expression_output`)."""
+        if columns is not None:
+            values = values[..., columns]
+        values = values.mean(0) if (return_mean or values.shape[0] == 1) else values
+        if return_numpy or values.ndim == 3:
+            return values
+        names = pd.Index(names)
+        return pd.DataFrame(values, index=adata.obs_names[idx], columns=names if columns is None else names[columns])
+
+    @torch.no_grad()
+    def get_normalized_expression(self, adata: AnnData | None = None, indices=None,
+                                  n_samples_overall: int | None = None, transform_batch=None, gene_list=None,
+                                  protein_list=None, library_size: float | str = 1, n_samples: int = 1,
+                                  sample_protein_mixing: bool = False, scale_protein: bool = False,
+                                  include_protein_background: bool = False, batch_size: int | None = None,
+                                  return_mean: bool = True, return_numpy: bool | None = None):
+        """Denoised RNA and protein expression.
+
+        Parameters
+        ----------
+        transform_batch
+            ``None``: each cell decoded in its own batch; a batch name or a list of them: decoded in each and
+            averaged (batch-corrected expression).
+        gene_list, protein_list
+            Return these genes / proteins only (in the model's order).
+        library_size
+            RNA scale: 1 gives proportions; ``"latent"`` expected counts at the cell's library size.
+        n_samples
+            Posterior samples of z per cell; averaged when ``return_mean``.
+        n_samples_overall
+            Return this many rows, each one posterior draw of a cell drawn at random from ``indices``.
+        sample_protein_mixing
+            Draw the background/foreground component instead of weighting by its probability.
+        scale_protein
+            Make each cell's protein values sum to 1.
+        include_protein_background
+            Add the background component ``pi * beta`` to the foreground ``(1 - pi) * alpha * beta``.
+        return_numpy
+            ``None``: DataFrames unless the result is 3-D.
+
+        Returns
+        -------
+        ``(rna, protein)``: ``(cells, genes)`` and ``(cells, proteins)`` DataFrames/arrays, or
+        ``(n_samples, cells, features)`` arrays when ``n_samples > 1`` and ``return_mean=False``.
+        """
+        check_library_size(library_size)
+        adata_, idx = self._expression_rows(adata, indices, n_samples_overall)
+        codes, genes, proteins = self._batch_codes(transform_batch), self._gene_mask(gene_list), \
+            self._protein_mask(protein_list)
+
+        def read(gen: dict, library: Tensor) -> Tensor:
+            pro = protein_values(gen["py"], sample_protein_mixing, include_protein_background, scale_protein)
+            return torch.cat([expression_from(gen["px"], library, library_size), pro], -1)
+
+        rna, pro = self._decode_two(adata_, idx, batch_size, n_samples, codes, read)
+        return (self._frames(rna, self.spec.var_names, adata_, idx, genes, return_mean, return_numpy),
+                self._frames(pro, self.spec.protein_names, adata_, idx, proteins, return_mean, return_numpy))
+
+    @torch.no_grad()
+    def get_protein_foreground_probability(self, adata: AnnData | None = None, indices=None, transform_batch=None,
+                                           protein_list=None, n_samples: int = 1, batch_size: int | None = None,
+                                           return_mean: bool = True, return_numpy: bool | None = None):
+        """Probability that each protein's counts come from the foreground, ``1 - pi`` in the totalVI paper.
+
+        Returns
+        -------
+        ``(cells, proteins)`` DataFrame (or array), or ``(n_samples, cells, proteins)`` when ``n_samples > 1``
+        and ``return_mean=False``.
+        """
+        adata_, idx = self._expression_rows(adata, indices, None)
+        codes, proteins = self._batch_codes(transform_batch), self._protein_mask(protein_list)
+        G = self.spec.n_genes
+
+        def read(gen: dict, library: Tensor) -> Tensor:  # padded to (genes + proteins) for _decode_two
+            fg = torch.sigmoid(-gen["py"].mixture_logits)
+            return torch.cat([fg.new_zeros(fg.shape[0], G), fg], -1)
+
+        _, fg = self._decode_two(adata_, idx, batch_size, n_samples, codes, read)
+        return self._frames(fg, self.spec.protein_names, adata_, idx, proteins, return_mean, return_numpy)
+
+    # ------------------------------------------------------------------ differential expression
+
+    @torch.no_grad()
+    def _de_draws(self, adata: AnnData | None, indices: np.ndarray, n_samples: int, transform_batch,
+                  batch_size: int | None, protein_prior_count: float = 0.1, scale_protein: bool = False,
+                  sample_protein_mixing: bool = False, include_protein_background: bool = False) -> np.ndarray:
+        """Draws for :mod:`cellvi.de`: ``(n_samples * cells, genes + proteins)``, sample-major: RNA expected
+        counts per unit library, then protein values plus ``protein_prior_count``."""
+        codes = self._batch_codes(transform_batch)
+
+        def read(gen: dict, library: Tensor) -> Tensor:
+            pro = protein_values(gen["py"], sample_protein_mixing, include_protein_background, scale_protein)
+            return torch.cat([expression_from(gen["px"], library, "mean"), pro + protein_prior_count], -1)
+
+        rna, pro = self._decode_two(adata, indices, batch_size, n_samples, codes, read)
+        return np.concatenate([rna, pro], -1).reshape(-1, self.spec.n_genes + self.spec.n_proteins)
+
+    def _protein_counts(self, adata: AnnData) -> sp.csr_matrix:
+        """Observed protein counts of ``adata`` (0 where not measured), CSR."""
+        return sp.csr_matrix(obs_arrays(adata, self.spec)["proteins"])
+
+    def differential_expression(self, adata: AnnData | None = None, groupby: str | None = None, group1=None,
+                                group2: str | None = None, idx1=None, idx2=None, mode: str = "change",
+                                delta: float | None = 0.25, batch_size: int | None = None, all_stats: bool = True,
+                                batch_correction: bool = False, batchid1=None, batchid2=None,
+                                fdr_target: float = 0.05, silent: bool = False, protein_prior_count: float = 0.1,
+                                scale_protein: bool = False, sample_protein_mixing: bool = False,
+                                include_protein_background: bool = False, use_field=None,
+                                pseudocounts: float | None = 1e-5, **kwargs) -> pd.DataFrame:
+        """Bayesian DE of genes and proteins between two groups of cells, in one table (as scvi-tools).
+
+        The engine (:func:`cellvi.de.differential_expression`, all its options apply) runs once per
+        modality, so that each has its own compositional centring, model-error estimate and shrinkage
+        prior (a protein rate is not a share of a library); the tables are merged per comparison.
+
+        Parameters
+        ----------
+        protein_prior_count
+            Added to protein values before the log fold change.
+        scale_protein, sample_protein_mixing, include_protein_background
+            How protein values are decoded (see :meth:`get_normalized_expression`).
+        use_field
+            ``["rna", "protein"]`` (default both): which modalities to test.
+
+        Returns
+        -------
+        DataFrame indexed by gene and protein names with scvi-tools' columns (``proba_de``, ``bayes_factor``,
+        ``lfc_mean``, ``is_de_fdr_<fdr_target>``, ``comparison``, ...).
+        """
+        from cellvi import de
+
+        adata_ = self.adata if adata is None else adata
+        use_field = ["rna", "protein"] if use_field is None else list(use_field)
+        unknown = set(use_field) - {"rna", "protein"}
+        if unknown or not use_field:
+            raise ValueError(f"use_field={use_field!r}: give a non-empty list of 'rna' and 'protein'.")
+        G = self.spec.n_genes
+        opts = dict(protein_prior_count=protein_prior_count, scale_protein=scale_protein,
+                    sample_protein_mixing=sample_protein_mixing, include_protein_background=include_protein_background)
+        parts = {"rna": (slice(0, G), (self.spec.var_names, get_counts(adata_, self.spec.layer))),
+                 "protein": (slice(G, None), (self.spec.protein_names, self._protein_counts(adata_)))}
+        tables = []
+        for field in ("rna", "protein"):
+            if field not in use_field:
+                continue
+            cols, features = parts[field]
+            draws = lambda rows, n, b, bs, cols=cols: self._de_draws(adata_, rows, n, b, bs, **opts)[:, cols]  # noqa: E731
+            tables.append(de.differential_expression(
+                self, adata_, groupby=groupby, group1=group1, group2=group2, idx1=idx1, idx2=idx2, mode=mode,
+                delta=delta, batch_size=batch_size, all_stats=all_stats, batch_correction=batch_correction,
+                batchid1=batchid1, batchid2=batchid2, fdr_target=fdr_target, silent=silent,
+                pseudocounts=pseudocounts, draws_fn=draws, features=features, **kwargs))
+        return merge_tables(tables)
+
+
+def merge_tables(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """Per comparison (in the order of the first table), the rows of every table, sorted by evidence."""
+    if len(tables) == 1:
+        return tables[0]
+    both = pd.concat(tables)
+    out = []
+    for comp in pd.unique(tables[0]["comparison"]):
+        part = both[both["comparison"] == comp]
+        out.append(part.sort_values(["proba_de", "lfc_mean"], ascending=False,
+                                    key=lambda c: c.abs() if c.name == "lfc_mean" else c))
+    return pd.concat(out)
+
+
+TOTALVI = TotalVI  # scvi-tools' spelling

@@ -1,0 +1,325 @@
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+import cellvi
+from cellvi.data.loader import CountData
+from cellvi.distributions import NegativeBinomialMixture, nb_mixture_log_prob
+from cellvi.models.totalvi import fit_background_prior
+
+KEY = "protein_expression"
+
+
+def setup(a, **kwargs):
+    cellvi.TotalVI.setup_anndata(a, protein_expression_obsm_key=KEY, batch_key="batch", **kwargs)
+    return a
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """TotalVI on simulated CITE-seq with three proteins missing from batch_1's panel."""
+    cellvi.settings.progress_bar = False
+    cellvi.settings.seed = 0
+    a = setup(cellvi.datasets.simulate_citeseq(800, 150, 20, missing_proteins={"batch_1": [0, 1, 2]}, seed=0))
+    model = cellvi.TotalVI(a, n_latent=10)
+    model.train(max_epochs=120, early_stopping=False, seed=0)
+    return model
+
+
+def marker_truth(a) -> np.ndarray:
+    """(cells, proteins): whether the protein is a marker of the cell's type (simulated foreground)."""
+    markers = a.uns["protein_markers"]
+    return markers.loc[:, a.obs["cell_type"].astype(str)].T.to_numpy()
+
+
+# --------------------------------------------------------------------------- likelihood and prior
+
+
+@pytest.mark.parametrize("mu1, mu2, theta, pi", [(5.0, 40.0, 2.0, 0.3), (0.5, 3.0, 10.0, 0.9), (100.0, 800.0, 0.7, 0.5)])
+def test_nb_mixture_log_prob_matches_scipy(mu1, mu2, theta, pi):
+    x = np.arange(0, 300.0)
+    nb = lambda mu: scipy.stats.nbinom.pmf(x, n=theta, p=theta / (theta + mu))  # noqa: E731
+    ref = np.log(pi * nb(mu1) + (1 - pi) * nb(mu2))
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    ours = nb_mixture_log_prob(t(x), t(mu1), t(mu2), t(theta), t(np.log(pi) - np.log1p(-pi))).numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-6)  # EPS = 1e-8 inside the logs
+
+
+def test_nb_mixture_mean_and_samples():
+    torch.manual_seed(0)
+    d = NegativeBinomialMixture(torch.full((20000, 1), 4.0), torch.full((20000, 1), 60.0), torch.tensor(5.0),
+                                torch.full((20000, 1), 0.0))  # pi = 0.5
+    assert float(d.mean[0, 0]) == pytest.approx(32.0)
+    assert float(d.sample().mean()) == pytest.approx(32.0, rel=0.03)
+
+
+def test_background_prior_recovers_lower_component():
+    rng = np.random.default_rng(0)
+    n = 4000
+    fg = rng.random((n, 3)) < [0.2, 0.5, 0.0]  # foreground fraction per column; the last has none
+    x = np.where(fg, rng.normal(6.0, 0.5, (n, 3)), rng.normal([2.0, 3.0, 1.0], 0.4, (n, 3)))
+    mean, sd = fit_background_prior(x, np.ones_like(x, bool))
+    np.testing.assert_allclose(mean[:2], [2.0, 3.0], atol=0.05)
+    np.testing.assert_allclose(sd[:2], [0.4, 0.4], atol=0.05)
+    assert mean[2] < 1.0  # one component only: the lower half of it
+    measured = np.ones_like(x, bool)
+    measured[:, 0] = False
+    measured[0, 0] = True  # a single measured value is not enough
+    assert np.isnan(fit_background_prior(x, measured)[0][0])
+
+
+# --------------------------------------------------------------------------- set-up and minibatches
+
+
+def test_setup_records_proteins_panels_and_minibatch_vocabulary():
+    a = setup(cellvi.datasets.simulate_citeseq(200, 50, 12, missing_proteins={"batch_1": [3]}, seed=1))
+    spec = cellvi.data.get_spec(a)
+    assert spec.protein_names == tuple(f"prot_{i}" for i in range(12))
+    assert spec.panel_categories == ("batch_0", "batch_1")
+    assert spec.protein_missing == ((), (3,))
+    data = CountData(a, spec)
+    b = data.gather(torch.arange(200))
+    assert b["proteins"].dtype == torch.float32 and b["proteins"].shape == (200, 12)
+    in_b1 = (a.obs["batch"] == "batch_1").to_numpy()
+    mask = b["protein_mask"].numpy()
+    assert (mask[in_b1, 3] == 0).all() and (mask[~in_b1, 3] == 1).all() and mask[:, [0, 1, 2, 4]].all()
+    np.testing.assert_array_equal(b["proteins"].numpy(), a.obsm[KEY].to_numpy())
+
+
+def test_setup_with_array_and_names_in_uns_and_panel_key():
+    a = cellvi.datasets.simulate_citeseq(200, 50, 12, seed=1)
+    names = list(a.obsm[KEY].columns)
+    a.obsm[KEY] = a.obsm[KEY].to_numpy()
+    a.uns["prot_names"] = np.array([n.upper() for n in names])
+    a.obs["panel"] = np.where(np.arange(200) < 50, "small", "full")
+    a.obsm[KEY][:50, 6:] = 0
+    cellvi.TotalVI.setup_anndata(a, protein_expression_obsm_key=KEY, protein_names_uns_key="prot_names",
+                                 batch_key="batch", panel_key="panel")
+    spec = cellvi.data.get_spec(a)
+    assert spec.protein_names[0] == "PROT_0" and spec.panel_categories == ("full", "small")
+    assert spec.protein_missing == ((), tuple(range(6, 12)))
+
+
+def test_new_data_with_other_proteins_is_refused(trained):
+    a = trained.adata.copy()
+    a.obsm[KEY] = a.obsm[KEY].iloc[:, ::-1]
+    with pytest.raises(ValueError, match="other proteins than the model"):
+        trained.get_latent_representation(a)
+    del a.obsm[KEY]
+    with pytest.raises(ValueError, match="lacks"):
+        trained.get_latent_representation(a)
+
+
+def test_model_needs_proteins():
+    a = cellvi.datasets.simulate(100, 30, seed=0)
+    cellvi.SCVI.setup_anndata(a)
+    with pytest.raises(ValueError, match="protein_expression_obsm_key"):
+        cellvi.TotalVI(a)
+
+
+# --------------------------------------------------------------------------- messy panels
+
+
+def finite_history(model) -> bool:
+    return all(np.isfinite(v).all() for v in model.history_.values())
+
+
+def test_negative_protein_counts_are_refused_before_training():
+    a = cellvi.datasets.simulate_citeseq(100, 30, 12, seed=0)
+    a.obsm[KEY].iloc[7, 2] = -3
+    with pytest.raises(ValueError, match="negative protein counts in 1 cells.*cell_7"):
+        setup(a)
+
+
+def test_fractional_and_infinite_protein_values_are_refused():
+    a = cellvi.datasets.simulate_citeseq(100, 30, 12, seed=0)
+    a.obsm[KEY].iloc[7, 2] = 0.5
+    with pytest.raises(ValueError, match="non-integer"):
+        setup(a)
+    a.obsm[KEY].iloc[7, 2] = np.inf
+    with pytest.raises(ValueError, match="infinite"):
+        setup(a)
+
+
+def test_nan_protein_values_are_masked_not_zero_filled():
+    a = cellvi.datasets.simulate_citeseq(300, 50, 12, seed=0)
+    a.obsm[KEY].iloc[5, :] = np.nan  # a cell with no protein values
+    a.obsm[KEY].iloc[9, [1, 4]] = np.nan
+    setup(a)
+    model = cellvi.TotalVI(a, n_latent=5)
+    b = model._data().gather(torch.arange(300))
+    assert b["protein_mask"][5].sum() == 0 and b["protein_mask"][9, [1, 4]].sum() == 0
+    assert torch.isfinite(b["proteins"]).all()
+    model.train(max_epochs=5, early_stopping=False)
+    assert finite_history(model)
+
+
+def test_likelihood_skips_masked_entries():
+    a = setup(cellvi.datasets.simulate_citeseq(200, 40, 12, seed=0))
+    model = cellvi.TotalVI(a, n_latent=5)
+    model.module.eval()
+    b = model._data().gather(torch.arange(200))
+    gen = model.module.forward_batch(b)[1]
+    full = gen["py"].log_prob(b["proteins"])
+    b["protein_mask"][:, 0] = 0
+    out_masked = -(gen["py"].log_prob(b["proteins"]) * b["protein_mask"]).sum(-1)
+    torch.testing.assert_close(out_masked, -full[:, 1:].sum(-1))
+
+
+def test_panel_missing_in_one_batch_trains_and_is_imputed(trained):
+    a = trained.adata
+    assert finite_history(trained)
+    assert cellvi.data.get_spec(a).protein_missing == ((), (0, 1, 2))
+    _, pro = trained.get_normalized_expression(n_samples=5)
+    truth = marker_truth(a)
+    in_b1 = (a.obs["batch"] == "batch_1").to_numpy()
+    tested = [t for t in range(3) if truth[in_b1, t].any() and (~truth[in_b1, t]).any()]
+    assert tested  # at least one of the missing proteins is a marker
+    for t in tested:  # proteins never measured in batch_1: imputed from batch_0's RNA-protein relation
+        assert roc_auc_score(truth[in_b1, t], pro.iloc[in_b1, t]) > 0.9
+
+
+def test_protein_all_zero_in_a_batch_and_override():
+    a = setup(cellvi.datasets.simulate_citeseq(300, 50, 12, missing_proteins={"batch_0": [5]}, seed=2))
+    model = cellvi.TotalVI(a, n_latent=5)
+    in_b0 = (a.obs["batch"] == "batch_0").to_numpy()
+    mask = model._data().gather(torch.arange(300))["protein_mask"].numpy()
+    assert (mask[in_b0, 5] == 0).all()
+    model.train(max_epochs=5, early_stopping=False)
+    assert finite_history(model)
+    over = cellvi.TotalVI(a, n_latent=5, override_missing_proteins=True)
+    assert over._data().gather(torch.arange(300))["protein_mask"].numpy().all()
+    over.train(max_epochs=5, early_stopping=False)
+    assert finite_history(over)
+
+
+def test_fewer_than_ten_proteins_train_with_random_prior():
+    a = setup(cellvi.datasets.simulate_citeseq(300, 50, 4, n_cell_types=2, markers_per_type=1, seed=3))
+    model = cellvi.TotalVI(a, n_latent=5)
+    empirical = cellvi.TotalVI(a, n_latent=5, empirical_protein_background_prior=True)
+    assert not torch.allclose(model.module.prior_mean, empirical.module.prior_mean)
+    truth = a.uns["protein_background"].to_numpy()  # simulated log background rate, (proteins, batches)
+    fitted = empirical.module.prior_mean.detach().numpy()
+    markers = a.uns["protein_markers"].any(axis=1).to_numpy()  # with a foreground the two components separate
+    np.testing.assert_allclose(fitted[markers], truth[markers], atol=0.3)
+    assert (fitted <= truth + 0.3).all()  # without one, the lower half of the background: never above it
+    model.train(max_epochs=5, early_stopping=False)
+    assert finite_history(model)
+    single = setup(cellvi.datasets.simulate_citeseq(300, 50, 1, n_cell_types=2, markers_per_type=1, seed=3))
+    one = cellvi.TotalVI(single, n_latent=5)
+    one.train(max_epochs=3, early_stopping=False)
+    assert finite_history(one)
+
+
+def test_all_proteins_missing_everywhere_is_refused():
+    a = cellvi.datasets.simulate_citeseq(100, 30, 5, seed=0)
+    a.obsm[KEY].iloc[:, :] = 0
+    setup(a)
+    with pytest.raises(ValueError, match="No protein is measured"):
+        cellvi.TotalVI(a)
+
+
+# --------------------------------------------------------------------------- results
+
+
+def test_output_names_shapes_and_semantics(trained):
+    a = trained.adata
+    z = trained.get_latent_representation()
+    assert z.shape == (800, 10)
+    mean, var = trained.get_latent_representation(return_dist=True)
+    np.testing.assert_allclose(mean, z) and (var > 0).all()
+    rna, pro = trained.get_normalized_expression()
+    assert isinstance(rna, pd.DataFrame) and list(rna.columns) == list(a.var_names)
+    assert list(pro.columns) == list(a.obsm[KEY].columns) and list(pro.index) == list(a.obs_names)
+    np.testing.assert_allclose(rna.sum(1), 1.0, rtol=1e-4)
+    assert (pro.to_numpy() > 0).all()
+    rna_l, _ = trained.get_normalized_expression(library_size=1e4, indices=[0, 1])
+    np.testing.assert_allclose(rna_l.sum(1), 1e4, rtol=1e-3)
+    _, scaled = trained.get_normalized_expression(scale_protein=True, indices=np.arange(10))
+    np.testing.assert_allclose(scaled.sum(1), 1.0, rtol=1e-4)
+    torch.manual_seed(0)
+    _, fore = trained.get_normalized_expression(indices=np.arange(50), n_samples=20)
+    torch.manual_seed(0)
+    _, with_bg = trained.get_normalized_expression(indices=np.arange(50), n_samples=20, include_protein_background=True)
+    assert (with_bg.to_numpy() > fore.to_numpy()).all()
+    _, mixing = trained.get_normalized_expression(indices=np.arange(20), sample_protein_mixing=True)
+    assert np.isfinite(mixing.to_numpy()).all()
+    rna3, pro3 = trained.get_normalized_expression(indices=np.arange(7), n_samples=3, return_mean=False,
+                                                   gene_list=["gene_5", "gene_2"], protein_list=["prot_3"])
+    assert rna3.shape == (3, 7, 2) and pro3.shape == (3, 7, 1)
+    rna_o, pro_o = trained.get_normalized_expression(n_samples_overall=11, transform_batch=["batch_0", "batch_1"])
+    assert rna_o.shape == (11, 150) and pro_o.shape == (11, 20)
+    fg = trained.get_protein_foreground_probability(protein_list=["prot_1", "prot_0"])
+    assert list(fg.columns) == ["prot_0", "prot_1"] and ((fg >= 0) & (fg <= 1)).all().all()
+    with pytest.raises(ValueError, match="protein_list has proteins"):
+        trained.get_protein_foreground_probability(protein_list=["CD3"])
+
+
+def test_foreground_probability_separates_marker_cells(trained):
+    a = trained.adata
+    fg = trained.get_protein_foreground_probability(n_samples=5).to_numpy()
+    truth = marker_truth(a)
+    measured = ~((a.obs["batch"] == "batch_1").to_numpy()[:, None] & (np.arange(20) < 3)[None])
+    aucs = [roc_auc_score(truth[measured[:, t], t], fg[measured[:, t], t]) for t in range(20)
+            if truth[:, t].any()]
+    assert np.median(aucs) > 0.9, aucs
+
+
+def test_de_recovers_protein_markers_in_one_table(trained):
+    a = trained.adata
+    res = trained.differential_expression(groupby="cell_type")
+    assert set(res.index) == set(a.var_names) | set(a.obsm[KEY].columns)
+    for col in ("proba_de", "bayes_factor", "lfc_mean", "scale1", "raw_mean1", "is_de_fdr_0.05", "comparison"):
+        assert col in res.columns
+    markers = a.uns["protein_markers"]
+    aps = []
+    for ct in markers.columns:
+        part = res[(res["group1"] == ct) & res.index.isin(markers.index)]
+        assert len(part) == 20
+        aps.append(average_precision_score(markers.loc[part.index, ct], part["proba_de"] * np.sign(part["lfc_mean"])))
+    assert min(aps) > 0.8, aps
+    only = trained.differential_expression(groupby="cell_type", group1="type_0", use_field=["protein"])
+    assert set(only.index) == set(markers.index)
+    with pytest.raises(ValueError, match="use_field"):
+        trained.differential_expression(groupby="cell_type", use_field=["atac"])
+
+
+def test_save_load_round_trip_is_exact(trained, tmp_path):
+    trained.save(tmp_path / "m", save_anndata=True)
+    loaded = cellvi.TOTALVI.load(tmp_path / "m")
+    assert isinstance(loaded, cellvi.TotalVI)
+    np.testing.assert_array_equal(loaded.get_latent_representation(), trained.get_latent_representation())
+    for name, t in trained.module.state_dict().items():
+        torch.testing.assert_close(loaded.module.state_dict()[name], t, rtol=0, atol=0)
+    torch.manual_seed(1)
+    a1 = trained.get_protein_foreground_probability(indices=np.arange(30))
+    torch.manual_seed(1)
+    a2 = loaded.get_protein_foreground_probability(indices=np.arange(30))
+    pd.testing.assert_frame_equal(a1, a2)
+    assert loaded.spec == trained.spec
+
+
+def test_train_signature_follows_scvi_tools(trained):
+    a = setup(cellvi.datasets.simulate_citeseq(200, 40, 12, seed=0))
+    model = cellvi.TotalVI(a, n_latent=5)
+    with pytest.raises(ValueError, match="adversarial_classifier"):
+        model.train(max_epochs=1, adversarial_classifier=True)
+    model.train(2, 1e-3, early_stopping=False)
+    assert model.history_["lr"][0] == pytest.approx(1e-3)
+
+
+def test_counts_on_disk_train_like_in_memory(tmp_path):
+    import anndata
+
+    a = setup(cellvi.datasets.simulate_citeseq(200, 40, 12, missing_proteins={"batch_1": [2]}, seed=4))
+    a.write_h5ad(tmp_path / "cite.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "cite.h5ad", backed="r")
+    model = cellvi.TotalVI(backed, n_latent=5)
+    model.train(max_epochs=2, early_stopping=False)
+    assert finite_history(model)
+    mem = cellvi.TotalVI(a, n_latent=5)
+    mem.module.load_state_dict(model.module.state_dict())
+    np.testing.assert_allclose(model.get_latent_representation(), mem.get_latent_representation(), rtol=1e-5, atol=1e-6)
