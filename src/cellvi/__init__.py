@@ -15,6 +15,8 @@ _LAZY = {
     "ContrastiveVI": "cellvi.models.contrastivevi",
     "TotalVI": "cellvi.models.totalvi",
     "TOTALVI": "cellvi.models.totalvi",
+    "PeakVI": "cellvi.models.peakvi",
+    "PEAKVI": "cellvi.models.peakvi",
     "datasets": "cellvi.datasets",
     "pl": "cellvi.pl",
     "data": "cellvi.data",

@@ -1,0 +1,456 @@
+"""PeakVI: chromatin accessibility (scATAC) in a latent space (Ashuach et al., 2022, Cell Rep. Methods 2:100182).
+
+Generative model, for a cell with peak counts x (read as accessible or not, ``x > 0``), batch s and
+covariates c:
+
+    z ~ Normal(0, I)                               latent state (n_latent)
+    y_r = 1[x_r > 0]                               binarised accessibility
+    p = sigmoid(f(z, s, c))                        accessibility of each region in this cell state
+    d = sigmoid(g(y)) in (0, 1)                    cell factor (sequencing depth, signal-to-noise), encoded
+    f_r = sigmoid(r_r)                             region factor (a learned parameter per region)
+    y_r ~ Bernoulli(p_r * d * f_r)
+
+The peak matrix stays sparse (CSR) until a minibatch is gathered, and the likelihood sums
+``log(1 - q)`` densely plus ``log q - log(1 - q)`` on the accessible entries only
+(:meth:`cellvi.distributions.Bernoulli.log_prob_sum`). The encoders read the binarised minibatch.
+Counts are binarised in the model; the AnnData is left alone. A cell with no accessible region
+is refused at set-up.
+
+Differential accessibility (:meth:`PeakVI.differential_accessibility`) follows the DE guide's choice for
+accessibility: the effect is a *difference* of population accessibilities, ``h2 - h1``, not a log ratio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from anndata import AnnData
+from torch import Tensor, nn
+
+from cellvi import de, settings
+from cellvi import distributions as dist
+from cellvi.data.setup import get_counts
+from cellvi.models.base import Model, average_over_batches
+from cellvi.nn import MLP, GaussianEncoder
+
+CHOICES = {
+    "latent_distribution": ("normal", "ln"),
+    "use_batch_norm": ("encoder", "decoder", "none", "both"),
+    "use_layer_norm": ("encoder", "decoder", "none", "both"),
+}
+
+
+@dataclass(frozen=True)
+class PeakVIConfig:
+    n_hidden: int | None = None  # None: int(sqrt(n_regions))
+    n_latent: int | None = None  # None: int(sqrt(n_hidden))
+    n_layers_encoder: int = 2
+    n_layers_decoder: int = 2
+    dropout_rate: float = 0.1  # encoder dropout
+    model_depth: bool = True  # learn the cell factor d (else d = 1)
+    region_factors: bool = True  # learn the region factors f (else f = 1)
+    use_batch_norm: str = "none"
+    use_layer_norm: str = "both"
+    latent_distribution: str = "normal"
+    deeply_inject_covariates: bool = False  # covariates enter every decoder layer, not only the first
+    encode_covariates: bool = False  # the encoder reads batch and covariates too
+
+    def __post_init__(self):
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
+
+
+class PeakVIModule(nn.Module):
+    """q(z | y), d(y) and p(y | z, d, f, s, c)."""
+
+    def __init__(self, n_regions: int, n_batches: int, n_cats_per_cov: list[int], n_continuous_cov: int,
+                 config: PeakVIConfig):
+        super().__init__()
+        self.config = cfg = config
+        n_hidden = cfg.n_hidden or max(int(np.sqrt(n_regions)), 1)
+        self.n_latent = cfg.n_latent or max(int(np.sqrt(n_hidden)), 1)
+        enc_cats = [n_batches, *n_cats_per_cov] if cfg.encode_covariates else []
+        n_enc_in = n_regions + (n_continuous_cov if cfg.encode_covariates else 0)
+        bn = lambda part: cfg.use_batch_norm in (part, "both")  # noqa: E731
+        ln = lambda part: cfg.use_layer_norm in (part, "both")  # noqa: E731
+        enc = dict(n_cats=enc_cats, n_hidden=n_hidden, n_layers=cfg.n_layers_encoder, dropout_rate=cfg.dropout_rate,
+                   use_batch_norm=bn("encoder"), use_layer_norm=ln("encoder"), inject_all=cfg.deeply_inject_covariates)
+        self.z_encoder = GaussianEncoder(n_enc_in, self.n_latent, **enc)
+        if cfg.model_depth:
+            self.d_body = MLP(n_enc_in, n_hidden, **enc)
+            self.d_head = nn.Linear(n_hidden, 1)
+        self.decoder = MLP(self.n_latent + n_continuous_cov, n_hidden, n_cats=[n_batches, *n_cats_per_cov],
+                           n_hidden=n_hidden, n_layers=cfg.n_layers_decoder, dropout_rate=0.0,
+                           use_batch_norm=bn("decoder"), use_layer_norm=ln("decoder"),
+                           inject_all=cfg.deeply_inject_covariates)
+        self.head = nn.Linear(n_hidden, n_regions)
+        self.region_factors = nn.Parameter(torch.zeros(n_regions)) if cfg.region_factors else None
+
+    # q(z | y) and the cell factor d(y)
+    def inference(self, batch: dict[str, Tensor], n_samples: int = 1) -> dict:
+        cfg = self.config
+        h = (batch["x"] > 0).float()  # binarised accessibility
+        cats: list[Tensor] = []
+        if cfg.encode_covariates:
+            cont = batch["cont_covs"]
+            h = torch.cat([h, cont], -1) if cont.shape[-1] else h
+            cats = [batch["batch"], *batch["cat_covs"].unbind(-1)]
+        qz = self.z_encoder(h, cats)
+        z = qz.rsample() if n_samples == 1 else qz.rsample((n_samples,))
+        if cfg.latent_distribution == "ln":
+            z = F.softmax(z, -1)
+        d = torch.sigmoid(self.d_head(self.d_body(h, cats))) if cfg.model_depth else h.new_ones(h.shape[0], 1)
+        return {"qz": qz, "z": z, "d": d}  # z (B, L), d (B, 1)
+
+    # p(y | z, s, c): the accessibility p before the cell and region factors
+    def generative(self, z: Tensor, batch: Tensor, cat_covs: Tensor, cont_covs: Tensor) -> dict:
+        h = torch.cat([z, cont_covs], -1) if cont_covs.shape[-1] else z
+        p = torch.sigmoid(self.head(self.decoder(h, [batch, *cat_covs.unbind(-1)])))  # (B, R)
+        return {"p": p}
+
+    def region_factor(self) -> Tensor | float:
+        return 1.0 if self.region_factors is None else torch.sigmoid(self.region_factors)
+
+    def loss(self, batch: dict[str, Tensor], kl_weight: float = 1.0) -> dict[str, Tensor]:
+        inf = self.inference(batch)
+        gen = self.generative(inf["z"], batch["batch"], batch["cat_covs"], batch["cont_covs"])
+        y = (batch["x"] > 0).float()
+        nz = batch.get("nonzeros")  # the accessible entries (their count values are not read)
+        rec = -dist.Bernoulli(gen["p"] * inf["d"] * self.region_factor()).log_prob_sum(y, nz)  # (B,)
+        kl_z = dist.kl_standard_normal(inf["qz"]).sum(-1)
+        return {"loss": torch.mean(rec + kl_weight * kl_z), "reconstruction_loss": rec, "kl_local": kl_z}
+
+
+class PeakVI(Model):
+    """Peak Variational Inference for scATAC-seq (Ashuach et al., 2022).
+
+    ``PeakVI.setup_anndata(adata, batch_key="batch")``, then ``model = PeakVI(adata); model.train()``.
+
+    Parameters
+    ----------
+    adata
+        AnnData set up with :meth:`setup_anndata`: peak (or fragment) counts, cells x regions.
+    n_hidden, n_latent
+        Hidden width (default ``sqrt(n_regions)``) and size of z (default ``sqrt(n_hidden)``).
+    n_layers_encoder, n_layers_decoder, dropout_rate
+        Network depth and encoder dropout.
+    model_depth, region_factors
+        Learn the cell factor ``d`` and the region factors ``f`` (each 1 when off).
+    use_batch_norm, use_layer_norm
+        ``"encoder"``, ``"decoder"``, ``"none"`` or ``"both"``.
+    latent_distribution
+        ``"normal"`` or ``"ln"``.
+    deeply_inject_covariates, encode_covariates
+        Covariates in every decoder layer; covariates given to the encoder too.
+    """
+
+    config_class = PeakVIConfig
+
+    def __init__(self, adata: AnnData, n_hidden: int | None = None, n_latent: int | None = None,
+                 n_layers_encoder: int = 2, n_layers_decoder: int = 2, dropout_rate: float = 0.1,
+                 model_depth: bool = True, region_factors: bool = True, use_batch_norm: str = "none",
+                 use_layer_norm: str = "both", latent_distribution: str = "normal",
+                 deeply_inject_covariates: bool = False, encode_covariates: bool = False):
+        config = PeakVIConfig(n_hidden=n_hidden, n_latent=n_latent, n_layers_encoder=n_layers_encoder,
+                              n_layers_decoder=n_layers_decoder, dropout_rate=dropout_rate, model_depth=model_depth,
+                              region_factors=region_factors, use_batch_norm=use_batch_norm,
+                              use_layer_norm=use_layer_norm, latent_distribution=latent_distribution,
+                              deeply_inject_covariates=deeply_inject_covariates, encode_covariates=encode_covariates)
+        super().__init__(adata, config)
+        spec = self.spec
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
+            self.module = PeakVIModule(spec.n_genes, spec.n_batches, spec.n_cats_per_cov, spec.n_continuous_cov,
+                                       config)
+        self.module.eval()
+
+    @classmethod
+    def setup_anndata(cls, adata: AnnData, batch_key: str | None = None, labels_key: str | None = None,
+                      categorical_covariate_keys: list[str] | None = None,
+                      continuous_covariate_keys: list[str] | None = None, layer: str | None = None) -> None:
+        """Validate ``adata`` and record the layer and ``.obs`` columns read.
+
+        Parameters
+        ----------
+        adata
+            Peak counts in ``X`` or ``layers[layer]``: non-negative integers, read as accessible (``> 0``) or
+            not; a cell with no accessible region is refused.
+        batch_key, labels_key, categorical_covariate_keys, continuous_covariate_keys, layer
+            As in :meth:`cellvi.SCVI.setup_anndata`.
+        """
+        super().setup_anndata(adata, layer=layer, batch_key=batch_key, labels_key=labels_key,
+                              categorical_covariate_keys=categorical_covariate_keys,
+                              continuous_covariate_keys=continuous_covariate_keys)
+
+    train_defaults = {"lr": 1e-4, "weight_decay": 1e-3, "eps": 1e-8, "n_epochs_kl_warmup": 50,
+                      "early_stopping_patience": 50}
+
+    def train(self, max_epochs: int = 500, lr: float = 1e-4, accelerator: str = "auto",
+              devices: int | list[int] | str = "auto", train_size: float | None = None,
+              validation_size: float | None = None, shuffle_set_split: bool = True, batch_size: int = 128,
+              weight_decay: float = 1e-3, eps: float = 1e-8, early_stopping: bool = True,
+              early_stopping_patience: int = 50, check_val_every_n_epoch: int | None = None,
+              n_steps_kl_warmup: int | None = None, n_epochs_kl_warmup: int | None = 50,
+              datasplitter_kwargs: dict | None = None, plan_kwargs: dict | None = None, **kwargs) -> None:
+        """Train with scvi-tools' PEAKVI defaults (its arguments, in its order): 500 epochs, lr 1e-4,
+        weight decay 1e-3, early stopping (patience 50), KL warm-up over 50 epochs.
+
+        ``plan_kwargs`` override the arguments; ``**kwargs`` go to :meth:`cellvi.models.base.Model.train`.
+        """
+        plan = {"lr": lr, "weight_decay": weight_decay, "eps": eps, "n_steps_kl_warmup": n_steps_kl_warmup,
+                "n_epochs_kl_warmup": n_epochs_kl_warmup, **(plan_kwargs or {})}
+        kwargs["early_stopping_patience"] = early_stopping_patience
+        if check_val_every_n_epoch is not None:
+            kwargs["check_val_every_n_epoch"] = check_val_every_n_epoch
+        super().train(max_epochs=max_epochs, accelerator=accelerator, devices=devices, train_size=train_size,
+                      validation_size=validation_size, shuffle_set_split=shuffle_set_split, batch_size=batch_size,
+                      early_stopping=early_stopping, datasplitter_kwargs=datasplitter_kwargs, plan_kwargs=plan,
+                      **kwargs)
+
+    # ------------------------------------------------------------------ latent space and factors
+
+    @torch.no_grad()
+    def get_latent_representation(self, adata: AnnData | None = None, indices=None, give_mean: bool = True,
+                                  mc_samples: int = 5000, batch_size: int | None = None, return_dist: bool = False):
+        """Latent z of each cell: ``(cells, n_latent)`` posterior means (``give_mean``) or samples; with
+        ``return_dist`` a tuple ``(means, variances)``."""
+        self.module.eval()
+        out, variances = [], []
+        for batch in self._minibatches(adata, indices, batch_size):
+            inf = self.module.inference(batch)
+            qz = inf["qz"]
+            if return_dist:
+                out.append(qz.loc.cpu())
+                variances.append(qz.variance.cpu())
+            elif self.config.latent_distribution == "ln":
+                out.append((F.softmax(qz.sample((mc_samples,)), -1).mean(0) if give_mean else inf["z"]).cpu())
+            else:
+                out.append((qz.loc if give_mean else inf["z"]).cpu())
+        empty = torch.zeros(0, self.module.n_latent)
+        if return_dist:
+            return torch.cat([empty, *out]).numpy(), torch.cat([empty, *variances]).numpy()
+        return torch.cat([empty, *out]).numpy()
+
+    @torch.no_grad()
+    def get_library_size_factors(self, adata: AnnData | None = None, indices=None, batch_size: int = 128) -> np.ndarray:
+        """The cell factor ``d`` in (0, 1) of each cell, shape ``(cells,)`` (scvi-tools returns the same array)."""
+        self.module.eval()
+        out = [self.module.inference(b)["d"].cpu() for b in self._minibatches(adata, indices, batch_size)]
+        return torch.cat([torch.zeros(0, 1), *out]).numpy().ravel()
+
+    @torch.no_grad()
+    def get_region_factors(self) -> np.ndarray:
+        """The region factors ``f = sigmoid(r)``, shape ``(regions,)``."""
+        if self.module.region_factors is None:
+            raise ValueError("This model was built with region_factors=False; it has no region factors.")
+        return torch.sigmoid(self.module.region_factors).cpu().numpy()
+
+    # ------------------------------------------------------------------ accessibility
+
+    def _accessibility(self, batch: dict, n_samples: int, codes: list[int | None], use_z_mean: bool,
+                       normalize_cells: bool, normalize_regions: bool) -> Tensor:
+        """``(n_samples, cells, regions)`` accessibility, averaged over the batches ``codes`` (same z)."""
+        inf = self.module.inference(batch)
+        qz, B = inf["qz"], batch["x"].shape[0]
+        z = qz.loc.expand(n_samples, *qz.loc.shape) if use_z_mean else qz.sample((n_samples,))
+        if self.config.latent_distribution == "ln":
+            z = F.softmax(z, -1)
+        z = z.reshape(n_samples * B, -1)
+        rep = lambda t: t.repeat(n_samples, *([1] * (t.dim() - 1)))  # noqa: E731
+        cat, cont = rep(batch["cat_covs"]), rep(batch["cont_covs"])
+        p = average_over_batches(lambda b: self.module.generative(z, b, cat, cont)["p"], rep(batch["batch"]), codes)
+        if normalize_cells:
+            p = p * rep(inf["d"])
+        if normalize_regions:
+            p = p * self.module.region_factor()
+        return p.reshape(n_samples, B, -1)
+
+    @torch.no_grad()
+    def get_normalized_accessibility(self, adata: AnnData | None = None, indices=None,
+                                     n_samples_overall: int | None = None, region_list=None, transform_batch=None,
+                                     use_z_mean: bool = True, threshold: float | None = None,
+                                     normalize_cells: bool = False, normalize_regions: bool = False,
+                                     batch_size: int = 128, return_numpy: bool = False):
+        """Estimated accessibility of each region in each cell.
+
+        Parameters
+        ----------
+        n_samples_overall
+            Return this many rows: cells drawn at random (with replacement) from ``indices``.
+        region_list
+            Return these regions only (in the model's order).
+        transform_batch
+            Decode every cell as if from this batch (a list: averaged over them).
+        use_z_mean
+            Decode the posterior mean of z (else one sample).
+        threshold
+            Set values below it to 0 and return a sparse result (``csr_matrix``, or a sparse DataFrame).
+        normalize_cells, normalize_regions
+            Multiply by the cell factor ``d`` / the region factors ``f`` (the Bernoulli's probability).
+
+        Returns
+        -------
+        ``(cells, regions)`` DataFrame (or numpy array / CSR matrix with ``return_numpy``).
+        """
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold={threshold} must be between 0 and 1.")
+        adata_, idx = self._expression_rows(adata, indices, n_samples_overall)
+        codes, regions = self._batch_codes(transform_batch), self._gene_mask(region_list)
+        p = self._decode(adata_, idx, batch_size, regions, lambda b: {"p": self._accessibility(
+            b, 1, codes, use_z_mean, normalize_cells, normalize_regions)}, ("p",), 1)["p"][0]
+        names = pd.Index(self.spec.var_names) if regions is None else pd.Index(self.spec.var_names)[regions]
+        if threshold:
+            p = sp.csr_matrix(np.where(p < threshold, 0.0, p))
+            return p if return_numpy else pd.DataFrame.sparse.from_spmatrix(p, index=adata_.obs_names[idx],
+                                                                             columns=names)
+        return p if return_numpy else pd.DataFrame(p, index=adata_.obs_names[idx], columns=names)
+
+    get_accessibility_estimates = get_normalized_accessibility  # the name in older scvi-tools notebooks
+
+    # ------------------------------------------------------------------ differential accessibility
+
+    @torch.no_grad()
+    def _da_draws(self, adata: AnnData, rows: np.ndarray, n_draws: int, codes: list[int | None],
+                  batch_size: int | None) -> np.ndarray:
+        """``(n_draws, cells, regions)`` accessibility draws, z from its posterior (as scvi-tools' DA)."""
+        return self._decode(adata, rows, batch_size, None, lambda b: {"p": self._accessibility(
+            b, n_draws, codes, False, False, False)}, ("p",), n_draws)["p"]
+
+    def differential_accessibility(self, adata: AnnData | None = None, groupby: str | None = None, group1=None,
+                                   group2: str | None = None, idx1=None, idx2=None, mode: str = "change",
+                                   delta: float = 0.05, batch_size: int | None = None, all_stats: bool = True,
+                                   batch_correction: bool = False, batchid1=None, batchid2=None,
+                                   fdr_target: float = 0.05, silent: bool = False, n_samples: int = 5000,
+                                   n_bootstrap: int = 1000, seed: int | None = None) -> pd.DataFrame:
+        """Bayesian differential accessibility between two groups of cells.
+
+        The steps of :mod:`cellvi.de`, with the effect of the DE guide for accessibility, a difference:
+
+        1. population accessibilities ``h1``, ``h2``: bootstrap means over each group's cells of posterior
+           draws, widened to the binomial precision of the group's observed accessibility;
+        2. effect draws ``h2 - h1``, plus the decoder's own error (:func:`model_error_sd`);
+        3. empirical-Bayes spike-and-slab shrinkage of the effects (:func:`cellvi.de.shrink_lfc`), so that a
+           region the data say little about keeps the prior's null weight;
+        4. ``mode="change"``: ``prob_da = P(|h2 - h1| > delta)``; ``mode="vanilla"``: ``prob_da = P(h1 > h2)``
+           (as scvi-tools, which then leaves ``is_da_fdr`` empty); calls at posterior expected FDR
+           ``fdr_target`` (:func:`cellvi.de.expected_fdr_calls`).
+
+        Parameters
+        ----------
+        groupby, group1, group2, idx1, idx2
+            The populations, as in :func:`cellvi.de.differential_expression`.
+        delta
+            Smallest difference of accessibility that counts (change mode).
+        batch_correction, batchid1, batchid2
+            Decode each population in every batch (or those listed) and average.
+        fdr_target
+            Posterior expected FDR of the ``is_da_fdr`` calls.
+        silent
+            Accepted for scvi-tools compatibility.
+        n_samples, n_bootstrap, seed
+            Decoded draws per population, population-level draws, and their seed (cellvi only).
+
+        Returns
+        -------
+        DataFrame indexed by region, sorted by ``prob_da``, with scvi-tools' columns ``prob_da``,
+        ``is_da_fdr``, ``bayes_factor``, ``effect_size`` (``est_prob2 - est_prob1``, scvi-tools' sign),
+        ``emp_effect``, ``est_prob1``, ``est_prob2``, ``emp_prob1``, ``emp_prob2``, and ``comparison``,
+        ``group1``, ``group2``.
+        """
+        if mode not in ("vanilla", "change"):
+            raise ValueError(f"mode={mode!r} is not one of ('vanilla', 'change').")
+        if delta is None or delta < 0:
+            raise ValueError(f"delta={delta!r}: give a difference of accessibility >= 0 (e.g. 0.05).")
+        if not 0.0 < fdr_target < 1.0:
+            raise ValueError(f"fdr_target must be in (0, 1), got {fdr_target}.")
+        adata_ = self.adata if adata is None else adata
+        seed = settings.seed if seed is None else seed
+        rng = np.random.default_rng(seed)
+        codes1 = self._da_batches(batch_correction, batchid1)
+        codes2 = self._da_batches(batch_correction, batchid2)
+        Y = sp.csr_matrix(get_counts(adata_, self.spec.layer), dtype=np.float32)
+        Y.data = (Y.data > 0).astype(np.float32)  # binarised, as the likelihood reads it
+        f = self.module.region_factor()
+        f = np.ones(self.spec.n_genes) if isinstance(f, float) else f.detach().cpu().numpy()
+        tables = []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for name1, name2, rows1, rows2 in de.comparisons(adata_, groupby, group1, group2, idx1, idx2):
+                emp1, emp2 = (np.asarray(Y[r].mean(0)).ravel() for r in (rows1, rows2))
+                h1, v1 = self._population(adata_, rows1, codes1, emp1, f, n_samples, n_bootstrap, batch_size, rng)
+                h2, v2 = self._population(adata_, rows2, codes2, emp2, f, n_samples, n_bootstrap, batch_size, rng)
+                effect = h2 - h1
+                tau = model_error_sd(effect.mean(0), v2[1] - v1[1], v1[0] + v2[0])
+                effect = effect + rng.standard_normal(effect.shape) * tau
+                slab, w = de.shrink_lfc(effect)  # spike-and-slab: P(non-null) w, effect given non-null
+                if mode == "change":
+                    prob = w * (np.abs(slab) > delta).mean(0)
+                    calls = de.expected_fdr_calls(prob, fdr_target)
+                else:  # P(h1 > h2); an effect of exactly 0 counts half
+                    prob, calls = w * (slab < 0).mean(0) + 0.5 * (1.0 - w), None
+                table = pd.DataFrame({
+                    "prob_da": prob, "is_da_fdr": calls, "bayes_factor": de.bayes_factor(prob),
+                    "effect_size": h2.mean(0) - h1.mean(0), "emp_effect": emp2 - emp1,
+                    "est_prob1": h1.mean(0), "est_prob2": h2.mean(0), "emp_prob1": emp1, "emp_prob2": emp2,
+                    "comparison": f"{name1} vs {name2}", "group1": name1, "group2": name2,
+                }, index=pd.Index(self.spec.var_names))
+                if not all_stats:
+                    table = table.drop(columns=["emp_effect", "emp_prob1", "emp_prob2"])
+                tables.append(table.sort_values("prob_da", ascending=False, kind="stable"))
+        return pd.concat(tables)
+
+    def _da_batches(self, batch_correction: bool, batchid) -> list[int | None]:
+        if not batch_correction:
+            if batchid is not None:
+                raise ValueError("batchid1/batchid2 are only used with batch_correction=True.")
+            return [None]
+        return self._batch_codes(list(self.spec.batch_categories) if batchid is None else batchid)
+
+    def _population(self, adata: AnnData, rows: np.ndarray, codes: list[int | None], emp: np.ndarray,
+                    region_factor: np.ndarray, n_samples: int, n_bootstrap: int, batch_size: int | None,
+                    rng: np.random.Generator) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """Draws ``(n_bootstrap, regions)`` of a population's mean accessibility ``p``, and the observed
+        accessibility on the same scale with its sampling variance.
+
+        A bounded subsample of cells (``n_samples`` decoded draws in all) gives bootstrap means
+        (:func:`cellvi.de.population_draws`). The observed fraction ``e`` of accessible cells estimates
+        ``c * p`` with ``c = mean(d) * f`` (cell and region factors), so ``e / c`` is an observed ``p`` with
+        variance ``e (1 - e) / (n c^2)``; each draw is widened by that much (a region is never known better
+        than its cells say; the decoder's smooth estimates carry no such floor).
+
+        Returns
+        -------
+        ``(h, (sampling_var, observed_p))``.
+        """
+        n_draws = max(1, min(25, -(-n_samples // rows.size)))
+        n_cells = max(1, min(rows.size, n_samples // n_draws))
+        chosen = np.sort(rng.choice(rows, n_cells, replace=False)) if n_cells < rows.size else rows
+        h = de.population_draws(self._da_draws(adata, chosen, n_draws, codes, batch_size), n_bootstrap, rng)
+        c = float(self.get_library_size_factors(adata, chosen, batch_size or 128).mean()) * region_factor
+        e = np.clip(emp, 0.5 / (rows.size + 1), 1.0 - 0.5 / (rows.size + 1))
+        var = e * (1.0 - e) / (rows.size + 1) / c**2
+        h = h + rng.standard_normal(h.shape) * np.sqrt(var)
+        return h, (var, emp / c)
+
+
+def model_error_sd(model_effect: np.ndarray, observed_effect: np.ndarray, sampling_var: np.ndarray) -> float:
+    """How far the model's effects stray from the observed ones beyond sampling noise.
+
+    ``model - observed`` has variance ``tau^2 + sampling_var`` per region; ``tau`` (the decoder's own error,
+    unknown to its posterior) is estimated from the mean square over regions, as
+    :func:`cellvi.de.model_error_sd` does for log fold changes. 0 with fewer than 20 regions.
+    """
+    ok = np.isfinite(model_effect) & np.isfinite(observed_effect)
+    if ok.sum() < 20:
+        return 0.0
+    d = model_effect[ok] - observed_effect[ok]
+    return float(np.sqrt(max(np.mean((d - np.median(d)) ** 2) - np.mean(sampling_var[ok]), 0.0)))
+
+
+PEAKVI = PeakVI  # scvi-tools' spelling

@@ -1,0 +1,162 @@
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import scipy.stats
+import torch
+from sklearn.metrics import average_precision_score
+
+import cellvi
+from cellvi.distributions import Bernoulli, bernoulli_log_prob, nonzeros
+from cellvi.models.peakvi import model_error_sd
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """PeakVI on simulated scATAC with known DA regions (network sizes for 800 regions, not 100k)."""
+    cellvi.settings.progress_bar = False
+    cellvi.settings.seed = 0
+    a = cellvi.datasets.simulate_atac(800, 800, seed=0)
+    cellvi.PeakVI.setup_anndata(a, batch_key="batch")
+    model = cellvi.PEAKVI(a, n_hidden=128, n_latent=10)
+    model.train(max_epochs=100, lr=1e-3, early_stopping=False, seed=0)
+    return model
+
+
+# --------------------------------------------------------------------------- likelihood
+
+
+def test_bernoulli_log_prob_matches_scipy_and_sparse_sum_matches_dense():
+    torch.manual_seed(0)
+    p = torch.rand(50, 30, dtype=torch.float64) * 0.98 + 0.01
+    y = torch.bernoulli(torch.full((50, 30), 0.2, dtype=torch.float64))
+    ref = scipy.stats.bernoulli.logpmf(y.numpy(), p.numpy())
+    np.testing.assert_allclose(bernoulli_log_prob(y, p).numpy(), ref, rtol=1e-6)
+    d = Bernoulli(p)
+    np.testing.assert_allclose(d.log_prob_sum(y).numpy(), ref.sum(1), rtol=1e-6)
+    counts = y * 3  # count values are not read: only which entries are non-zero
+    np.testing.assert_allclose(d.log_prob_sum(y, nonzeros(counts)).numpy(), ref.sum(1), rtol=1e-6)
+
+
+def test_model_error_sd_by_hand():
+    rng = np.random.default_rng(0)
+    observed = rng.normal(0, 1, 5000)
+    model = observed + rng.normal(0, 0.3, 5000)  # tau = 0.3 beyond sampling variance 0.04
+    assert model_error_sd(model + rng.normal(0, 0.2, 5000), observed, np.full(5000, 0.04)) == pytest.approx(0.3, abs=0.03)
+    assert model_error_sd(model[:10], observed[:10], np.zeros(10)) == 0.0
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def test_setup_refuses_cells_without_accessible_regions():
+    a = cellvi.datasets.simulate_atac(50, 100, seed=1)
+    X = a.X.toarray()
+    X[3] = 0
+    a.X = sp.csr_matrix(X)
+    with pytest.raises(ValueError, match="1 cells have zero total counts.*cell_3"):
+        cellvi.PeakVI.setup_anndata(a)
+
+
+def test_counts_are_binarised_for_the_likelihood():
+    a = cellvi.datasets.simulate_atac(100, 200, seed=1)
+    cellvi.PeakVI.setup_anndata(a)
+    model = cellvi.PeakVI(a, n_hidden=16, n_latent=4)
+    model.module.eval()
+    b = model._data().gather(torch.arange(100))
+    torch.manual_seed(0)
+    ref = model.module.loss(b)["reconstruction_loss"]
+    b2 = model._data().gather(torch.arange(100))
+    b2["x"] = b2["x"] * 7
+    b2["nonzeros"] = b2["nonzeros"]._replace(values=b2["nonzeros"].values * 7)
+    torch.manual_seed(0)
+    torch.testing.assert_close(model.module.loss(b2)["reconstruction_loss"], ref)
+    assert a.X.max() > 1  # the AnnData is left alone
+
+
+def test_default_sizes_follow_scvi_tools():
+    a = cellvi.datasets.simulate_atac(60, 400, seed=1)
+    cellvi.PeakVI.setup_anndata(a)
+    model = cellvi.PeakVI(a)
+    assert model.module.head.in_features == 20 and model.module.n_latent == 4  # sqrt(400), sqrt(20)
+
+
+# --------------------------------------------------------------------------- results
+
+
+def test_latent_factors_and_accessibility_names_shapes(trained):
+    a = trained.adata
+    z = trained.get_latent_representation()
+    assert z.shape == (800, 10)
+    from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    assert cross_val_score(KNeighborsClassifier(15), z, a.obs["cell_type"], cv=3).mean() > 0.9
+    d = trained.get_library_size_factors()
+    assert d.shape == (800,) and ((d > 0) & (d < 1)).all()
+    assert np.corrcoef(d, a.obs["cell_factor"])[0, 1] > 0.7  # the simulated cell factor is recovered
+    f = trained.get_region_factors()
+    assert f.shape == (800,) and ((f > 0) & (f < 1)).all()
+    acc = trained.get_normalized_accessibility()
+    assert isinstance(acc, pd.DataFrame) and acc.shape == (800, 800) and list(acc.columns) == list(a.var_names)
+    assert ((acc.to_numpy() > 0) & (acc.to_numpy() < 1)).all()
+    # DA regions of a type are more accessible in its cells
+    t0 = (a.obs["cell_type"] == "type_0").to_numpy()
+    da0 = a.var["da_type_0"].to_numpy()
+    assert acc.to_numpy()[np.ix_(t0, da0)].mean() > 2 * acc.to_numpy()[np.ix_(~t0, da0)].mean()
+    regions = list(a.var_names[[5, 2]])
+    part = trained.get_normalized_accessibility(indices=[0, 1, 2], region_list=regions, return_numpy=True)
+    assert part.shape == (3, 2)
+    np.testing.assert_allclose(part, acc.iloc[:3, [2, 5]].to_numpy(), rtol=1e-5)
+    cells = trained.get_normalized_accessibility(indices=[0, 1], normalize_cells=True, return_numpy=True)
+    np.testing.assert_allclose(cells, acc.iloc[:2].to_numpy() * d[:2, None], rtol=1e-5)
+    both = trained.get_normalized_accessibility(indices=[0, 1], normalize_regions=True, return_numpy=True)
+    np.testing.assert_allclose(both, acc.iloc[:2].to_numpy() * f[None], rtol=1e-5)
+    sparse = trained.get_normalized_accessibility(indices=np.arange(20), threshold=0.5, return_numpy=True)
+    assert sp.issparse(sparse) and sparse.nnz == int((acc.iloc[:20].to_numpy() >= 0.5).sum())
+    frame = trained.get_accessibility_estimates(indices=np.arange(20), threshold=0.5)
+    assert isinstance(frame.dtypes.iloc[0], pd.SparseDtype)
+    assert trained.get_normalized_accessibility(n_samples_overall=7, transform_batch="batch_1").shape == (7, 800)
+    with pytest.raises(ValueError, match="threshold"):
+        trained.get_normalized_accessibility(threshold=2.0)
+
+
+def test_da_recovers_known_regions_at_the_fdr_target(trained):
+    a = trained.adata
+    res = trained.differential_accessibility(groupby="cell_type", group1="type_0", group2="type_1")
+    assert list(res.columns[:9]) == ["prob_da", "is_da_fdr", "bayes_factor", "effect_size", "emp_effect",
+                                     "est_prob1", "est_prob2", "emp_prob1", "emp_prob2"]
+    truth = (a.var["da_type_0"] | a.var["da_type_1"]).loc[res.index].to_numpy()
+    assert average_precision_score(truth, res["prob_da"]) > 0.9
+    calls = res["is_da_fdr"].to_numpy(dtype=bool)
+    assert calls.sum() >= 0.7 * truth.sum()
+    assert 1 - truth[calls].mean() <= 0.1  # observed FDP near the 5 % target
+    np.testing.assert_allclose(res["effect_size"], res["est_prob2"] - res["est_prob1"])
+    # effect = difference of accessibility, with the sign of the simulated truth (group2 - group1)
+    true_sign = np.sign(a.var["accessibility_type_1"] - a.var["accessibility_type_0"]).loc[res.index].to_numpy()
+    assert (np.sign(res["effect_size"].to_numpy()[calls]) == true_sign[calls]).mean() > 0.95
+    vanilla = trained.differential_accessibility(groupby="cell_type", group1="type_0", group2="type_1",
+                                                 mode="vanilla")
+    assert vanilla["is_da_fdr"].isna().all() and vanilla["prob_da"].between(0, 1).all()
+    everyone = trained.differential_accessibility(groupby="cell_type", all_stats=False)
+    assert len(everyone) == 4 * 800 and "emp_prob1" not in everyone.columns
+    with pytest.raises(ValueError, match="delta"):
+        trained.differential_accessibility(groupby="cell_type", group1="type_0", delta=-1)
+
+
+def test_save_load_round_trip_is_exact(trained, tmp_path):
+    trained.save(tmp_path / "p", save_anndata=True)
+    loaded = cellvi.PeakVI.load(tmp_path / "p")
+    np.testing.assert_array_equal(loaded.get_latent_representation(), trained.get_latent_representation())
+    np.testing.assert_array_equal(loaded.get_region_factors(), trained.get_region_factors())
+    pd.testing.assert_frame_equal(loaded.get_normalized_accessibility(indices=np.arange(30)),
+                                  trained.get_normalized_accessibility(indices=np.arange(30)))
+
+
+def test_train_defaults_follow_scvi_tools():
+    a = cellvi.datasets.simulate_atac(100, 100, seed=1)
+    cellvi.PeakVI.setup_anndata(a)
+    model = cellvi.PeakVI(a, n_hidden=16, n_latent=4)
+    model.train(max_epochs=2)
+    assert model.history_["lr"][0] == pytest.approx(1e-4)
+    assert "elbo_validation" in model.history_  # early stopping on by default: validation every epoch
