@@ -474,16 +474,15 @@ class TotalVI(Model):
                              f"(known: {list(names[:10])}).")
         return np.flatnonzero(names.isin(protein_list))
 
-    def _decode_two(self, adata, idx, batch_size, n_samples, codes, read) -> tuple[np.ndarray, np.ndarray]:
-        """``read`` over the rows ``idx``: ``(S, cells, genes)`` and ``(S, cells, proteins)`` arrays on the CPU."""
+    def _decode_rows(self, adata, idx, batch_size, n_samples, codes, read, width: int) -> np.ndarray:
+        """``read`` (see :meth:`_posterior_decode`, ``width`` features) over the rows ``idx``:
+        ``(n_samples, cells, width)`` on the CPU."""
         self.module.eval()
-        G, P = self.spec.n_genes, self.spec.n_proteins
-        chunks = [torch.zeros(n_samples, 0, G + P)]
+        chunks = [torch.zeros(n_samples, 0, width)]
         with torch.no_grad():
             for batch in self._minibatches(adata, idx, batch_size):
                 chunks.append(self._posterior_decode(batch, n_samples, codes, read).cpu())
-        both = torch.cat(chunks, 1).numpy()
-        return both[..., :G], both[..., G:]
+        return torch.cat(chunks, 1).numpy()
 
     def _frames(self, values: np.ndarray, names, adata: AnnData, idx: np.ndarray, columns: np.ndarray | None,
                 return_mean: bool, return_numpy: bool | None):
@@ -541,7 +540,9 @@ class TotalVI(Model):
             pro = protein_values(gen["py"], sample_protein_mixing, include_protein_background, scale_protein)
             return torch.cat([expression_from(gen["px"], library, library_size), pro], -1)
 
-        rna, pro = self._decode_two(adata_, idx, batch_size, n_samples, codes, read)
+        G = self.spec.n_genes
+        both = self._decode_rows(adata_, idx, batch_size, n_samples, codes, read, G + self.spec.n_proteins)
+        rna, pro = both[..., :G], both[..., G:]
         return (self._frames(rna, self.spec.var_names, adata_, idx, genes, return_mean, return_numpy),
                 self._frames(pro, self.spec.protein_names, adata_, idx, proteins, return_mean, return_numpy))
 
@@ -558,13 +559,11 @@ class TotalVI(Model):
         """
         adata_, idx = self._expression_rows(adata, indices, None)
         codes, proteins = self._batch_codes(transform_batch), self._protein_mask(protein_list)
-        G = self.spec.n_genes
 
-        def read(gen: dict, library: Tensor) -> Tensor:  # padded to (genes + proteins) for _decode_two
-            fg = torch.sigmoid(-gen["py"].mixture_logits)
-            return torch.cat([fg.new_zeros(fg.shape[0], G), fg], -1)
+        def read(gen: dict, library: Tensor) -> Tensor:
+            return torch.sigmoid(-gen["py"].mixture_logits)  # 1 - pi
 
-        _, fg = self._decode_two(adata_, idx, batch_size, n_samples, codes, read)
+        fg = self._decode_rows(adata_, idx, batch_size, n_samples, codes, read, self.spec.n_proteins)
         return self._frames(fg, self.spec.protein_names, adata_, idx, proteins, return_mean, return_numpy)
 
     # ------------------------------------------------------------------ differential expression
@@ -572,17 +571,22 @@ class TotalVI(Model):
     @torch.no_grad()
     def _de_draws(self, adata: AnnData | None, indices: np.ndarray, n_samples: int, transform_batch,
                   batch_size: int | None, protein_prior_count: float = 0.1, scale_protein: bool = False,
-                  sample_protein_mixing: bool = False, include_protein_background: bool = False) -> np.ndarray:
-        """Draws for :mod:`cellvi.de`: ``(n_samples * cells, genes + proteins)``, sample-major: RNA expected
-        counts per unit library, then protein values plus ``protein_prior_count``."""
+                  sample_protein_mixing: bool = False, include_protein_background: bool = False,
+                  field: str | None = None) -> np.ndarray:
+        """Draws for :mod:`cellvi.de`: ``(n_samples * cells, features)``, sample-major: RNA expected counts per
+        unit library (``field="rna"``), protein values plus ``protein_prior_count`` (``"protein"``), or both
+        side by side (``None``)."""
         codes = self._batch_codes(transform_batch)
+        G, P = self.spec.n_genes, self.spec.n_proteins
 
         def read(gen: dict, library: Tensor) -> Tensor:
-            pro = protein_values(gen["py"], sample_protein_mixing, include_protein_background, scale_protein)
-            return torch.cat([expression_from(gen["px"], library, "mean"), pro + protein_prior_count], -1)
+            rna = None if field == "protein" else expression_from(gen["px"], library, "mean")
+            pro = None if field == "rna" else protein_prior_count + protein_values(
+                gen["py"], sample_protein_mixing, include_protein_background, scale_protein)
+            return torch.cat([t for t in (rna, pro) if t is not None], -1)
 
-        rna, pro = self._decode_two(adata, indices, batch_size, n_samples, codes, read)
-        return np.concatenate([rna, pro], -1).reshape(-1, self.spec.n_genes + self.spec.n_proteins)
+        width = {"rna": G, "protein": P, None: G + P}[field]
+        return self._decode_rows(adata, indices, batch_size, n_samples, codes, read, width).reshape(-1, width)
 
     def _protein_counts(self, adata: AnnData) -> sp.csr_matrix:
         """Observed protein counts of ``adata`` (0 where not measured), CSR."""
@@ -623,22 +627,20 @@ class TotalVI(Model):
         unknown = set(use_field) - {"rna", "protein"}
         if unknown or not use_field:
             raise ValueError(f"use_field={use_field!r}: give a non-empty list of 'rna' and 'protein'.")
-        G = self.spec.n_genes
         opts = dict(protein_prior_count=protein_prior_count, scale_protein=scale_protein,
                     sample_protein_mixing=sample_protein_mixing, include_protein_background=include_protein_background)
-        parts = {"rna": (slice(0, G), (self.spec.var_names, get_counts(adata_, self.spec.layer))),
-                 "protein": (slice(G, None), (self.spec.protein_names, self._protein_counts(adata_)))}
+        features = {"rna": (self.spec.var_names, get_counts(adata_, self.spec.layer)),
+                    "protein": (self.spec.protein_names, self._protein_counts(adata_))}
         tables = []
         for field in ("rna", "protein"):
             if field not in use_field:
                 continue
-            cols, features = parts[field]
-            draws = lambda rows, n, b, bs, cols=cols: self._de_draws(adata_, rows, n, b, bs, **opts)[:, cols]  # noqa: E731
+            draws = lambda rows, n, b, bs, field=field: self._de_draws(adata_, rows, n, b, bs, field=field, **opts)  # noqa: E731
             tables.append(de.differential_expression(
                 self, adata_, groupby=groupby, group1=group1, group2=group2, idx1=idx1, idx2=idx2, mode=mode,
                 delta=delta, batch_size=batch_size, all_stats=all_stats, batch_correction=batch_correction,
                 batchid1=batchid1, batchid2=batchid2, fdr_target=fdr_target, silent=silent,
-                pseudocounts=pseudocounts, draws_fn=draws, features=features, **kwargs))
+                pseudocounts=pseudocounts, draws_fn=draws, features=features[field], **kwargs))
         return merge_tables(tables)
 
 
