@@ -29,8 +29,16 @@ import torch
 from anndata import AnnData
 from torch import Tensor
 
-from cellvi.data.setup import (DataSpec, _continuous, check_compatible, codes, get_counts, read_proteins, size_factors,
-                               validate_counts)
+from cellvi.data.setup import (
+    DataSpec,
+    _continuous,
+    check_compatible,
+    codes,
+    get_counts,
+    read_proteins,
+    size_factors,
+    validate_counts,
+)
 from cellvi.distributions import Nonzeros
 
 
