@@ -160,3 +160,12 @@ def test_train_defaults_follow_scvi_tools():
     model.train(max_epochs=2)
     assert model.history_["lr"][0] == pytest.approx(1e-4)
     assert "elbo_validation" in model.history_  # early stopping on by default: validation every epoch
+
+
+def test_batch_corrected_da(trained):
+    res = trained.differential_accessibility(groupby="cell_type", group1="type_2", group2="type_3",
+                                             batch_correction=True, batchid1=["batch_0"], batchid2=["batch_0"])
+    truth = (trained.adata.var["da_type_2"] | trained.adata.var["da_type_3"]).loc[res.index]
+    assert average_precision_score(truth, res["prob_da"]) > 0.85
+    with pytest.raises(ValueError, match="batch_correction"):
+        trained.differential_accessibility(groupby="cell_type", group1="type_2", batchid1=["batch_0"])

@@ -323,3 +323,15 @@ def test_counts_on_disk_train_like_in_memory(tmp_path):
     mem = cellvi.TotalVI(a, n_latent=5)
     mem.module.load_state_dict(model.module.state_dict())
     np.testing.assert_allclose(model.get_latent_representation(), mem.get_latent_representation(), rtol=1e-5, atol=1e-6)
+
+
+def test_batch_corrected_de_and_scvi_tools_arguments(trained):
+    res = trained.differential_expression(groupby="cell_type", group1="type_1", batch_correction=True,
+                                          use_field=["protein"], silent=True)
+    markers = trained.adata.uns["protein_markers"]["type_1"]
+    top = res.sort_values("lfc_mean", ascending=False).index[: markers.sum()]
+    assert markers.loc[top].all()  # the type's markers are its most up-regulated proteins
+    with pytest.raises(ValueError, match="importance"):
+        trained.differential_expression(groupby="cell_type", weights="importance")
+    rna, pro = trained.get_normalized_expression(indices=[0], silent=True)
+    assert rna.shape == (1, 150) and pro.shape == (1, 20)

@@ -501,8 +501,8 @@ class TotalVI(Model):
                                   protein_list=None, library_size: float | str = 1, n_samples: int = 1,
                                   sample_protein_mixing: bool = False, scale_protein: bool = False,
                                   include_protein_background: bool = False, batch_size: int | None = None,
-                                  return_mean: bool = True, return_numpy: bool | None = None):
-        """Denoised RNA and protein expression.
+                                  return_mean: bool = True, return_numpy: bool | None = None, silent: bool = True):
+        """Denoised RNA and protein expression (``silent`` is accepted for scvi-tools compatibility).
 
         Parameters
         ----------
@@ -549,8 +549,10 @@ class TotalVI(Model):
     @torch.no_grad()
     def get_protein_foreground_probability(self, adata: AnnData | None = None, indices=None, transform_batch=None,
                                            protein_list=None, n_samples: int = 1, batch_size: int | None = None,
-                                           return_mean: bool = True, return_numpy: bool | None = None):
-        """Probability that each protein's counts come from the foreground, ``1 - pi`` in the totalVI paper.
+                                           return_mean: bool = True, return_numpy: bool | None = None,
+                                           silent: bool = True):
+        """Probability that each protein's counts come from the foreground, ``1 - pi`` in the totalVI paper
+        (``silent`` is accepted for scvi-tools compatibility).
 
         Returns
         -------
