@@ -50,6 +50,8 @@ def metrics(adata, latent: np.ndarray, fg, de) -> dict:
     markers = adata.uns["protein_markers"]
     cell_type = adata.obs["cell_type"].astype(str).to_numpy()
     aps = []
+    de = de[de.index.str.endswith("_protein")]  # both libraries name proteins <name>_protein in DE tables
+    de.index = de.index.str.removesuffix("_protein")
     for ct in markers.columns:
         part = de[(de["comparison"] == f"{ct} vs Rest") & de.index.isin(markers.index)]
         aps.append(average_precision_score(markers.loc[part.index, ct], part["proba_de"] * np.sign(part["lfc_mean"])))

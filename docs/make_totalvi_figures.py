@@ -106,7 +106,8 @@ def main() -> None:
     # DE: the cluster with the most CD19 foreground (B cells) vs the rest, genes and proteins in one table
     b_cluster = table["CD19"].idxmax()
     de = model.differential_expression(groupby="cluster", group1=b_cluster)
-    is_protein = de.index.isin(pro.columns)
+    is_protein = de.index.str.endswith("_protein")  # scvi-tools' names: <protein>_protein
+    names.update({f"{c}_protein": n for c, n in list(names.items())})
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.scatter(de["lfc_mean"][~is_protein], de["bayes_factor"][~is_protein], s=5, c="lightgray", label="genes")
     ax.scatter(de["lfc_mean"][is_protein], de["bayes_factor"][is_protein], s=25, c="crimson", label="proteins")

@@ -619,8 +619,9 @@ class TotalVI(Model):
 
         Returns
         -------
-        DataFrame indexed by gene and protein names with scvi-tools' columns (``proba_de``, ``bayes_factor``,
-        ``lfc_mean``, ``is_de_fdr_<fdr_target>``, ``comparison``, ...).
+        DataFrame indexed by gene names and protein names suffixed with ``_protein`` (as scvi-tools: a gene and
+        its protein often share a name), with scvi-tools' columns (``proba_de``, ``bayes_factor``, ``lfc_mean``,
+        ``is_de_fdr_<fdr_target>``, ``comparison``, ...).
         """
         from cellvi import de
 
@@ -632,7 +633,7 @@ class TotalVI(Model):
         opts = dict(protein_prior_count=protein_prior_count, scale_protein=scale_protein,
                     sample_protein_mixing=sample_protein_mixing, include_protein_background=include_protein_background)
         features = {"rna": (self.spec.var_names, get_counts(adata_, self.spec.layer)),
-                    "protein": (self.spec.protein_names, self._protein_counts(adata_))}
+                    "protein": ([f"{p}_protein" for p in self.spec.protein_names], self._protein_counts(adata_))}
         tables = []
         for field in ("rna", "protein"):
             if field not in use_field:
