@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from cellvi import distributed
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -284,7 +286,13 @@ class _Totals:
             self.sums[key] = self.sums[key] + v if key in self.sums else v
 
     def read(self, split: str, n_obs: int) -> dict[str, float]:
-        """scvi-tools' history keys: ``elbo_<split>``, ``reconstruction_loss_<split>``, ..."""
+        """scvi-tools' history keys: ``elbo_<split>``, ``reconstruction_loss_<split>``, ... (summed over
+        the processes of a data-parallel run first, so every rank reads the same values)."""
+        if distributed.world()[1] > 1:
+            sums = distributed.all_sum({**self.sums, "_cells": torch.tensor(float(self.n_cells)),
+                                        "_steps": torch.tensor(float(self.n_steps))})
+            self.n_cells, self.n_steps = int(sums.pop("_cells")), int(sums.pop("_steps"))
+            self.sums = sums
         vals = {k: float(v) for k, v in self.sums.items()}
         rec = vals["reconstruction_loss"] / self.n_cells
         kl_local = vals.get("kl_local", 0.0) / self.n_cells
@@ -429,14 +437,19 @@ def fit(
         raise ValueError(f"{needs_val} need validation cells, but the validation set is empty. Lower train_size "
                          "(e.g. 0.9) or monitor a training metric (e.g. 'elbo_train').")
     keep_freed_memory()
+    rank, n_ranks = distributed.world()
+    if n_ranks > 1:  # data-parallel: same start everywhere, BatchNorm over the global minibatch
+        distributed.broadcast_parameters(module)
+        distributed.use_global_batch_norm(module)
     state = TrainState.start(module, config) if state is None else state
     optimizer, history = state.optimizer, state.history
     params = [p for p in module.parameters() if p.requires_grad]
+    checkpoint = checkpoint if rank == 0 else None  # only rank 0 writes files
     val_every = 1 if needs_val else config.check_val_every_n_epoch
     warm = dict(n_epochs_kl_warmup=config.n_epochs_kl_warmup, n_steps_kl_warmup=config.n_steps_kl_warmup,
                 max_kl_weight=config.max_kl_weight, min_kl_weight=config.min_kl_weight)
-    bar = tqdm(range(state.epoch, config.max_epochs), desc="Epochs", disable=not config.enable_progress_bar,
-               leave=False, initial=state.epoch, total=config.max_epochs)
+    bar = tqdm(range(state.epoch, config.max_epochs), desc="Epochs", leave=False, initial=state.epoch,
+               total=config.max_epochs, disable=not config.enable_progress_bar or rank != 0)
     for epoch in bar:
         if state.stopped:
             break
@@ -446,6 +459,8 @@ def fit(
             out = module.loss(batch, kl_weight=kl_weight(epoch, state.step, **warm))
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
+            if n_ranks > 1:
+                distributed.average_gradients(params, n_ranks)
             if config.gradient_clip_val is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.gradient_clip_val, foreach=True)
             optimizer.step()

@@ -22,7 +22,7 @@ from anndata import AnnData
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from cellvi import settings
+from cellvi import distributed, settings
 from cellvi.data import DataSpec, check_compatible, get_spec, setup_anndata
 from cellvi.data.backed import BackedCountData, is_on_disk
 from cellvi.data.loader import CountData, split_indices
@@ -108,6 +108,16 @@ def average_over_batches(decode: Callable[[Tensor], Tensor], own_batch: Tensor, 
     for code in codes:
         total = total + decode(own_batch if code is None else torch.full_like(own_batch, code))
     return total / len(codes)
+
+
+def epoch_batches(data, rows: Tensor, batch_size: int, generator: torch.Generator, min_size: int):
+    """One training epoch of minibatches over ``rows``, shuffled; under ``torchrun`` only this rank's shard
+    of every global minibatch (see :func:`cellvi.distributed.shard_rows`)."""
+    rank, size = distributed.world()
+    if size == 1:
+        return data.batches(rows, batch_size, shuffle=True, generator=generator, min_size=min_size)
+    perm = rows[torch.randperm(rows.numel(), generator=generator).to(rows.device)]
+    return data.batches(distributed.shard_rows(perm, batch_size, rank, size, min_size), batch_size)
 
 
 def _last_batch_min_size(batch_size: int, datasplitter_kwargs: dict | None) -> int:
@@ -359,8 +369,8 @@ class Model:
         min_size = _last_batch_min_size(batch_size, datasplitter_kwargs)
         self._fit(
             config, generator,
-            lambda: data.batches(train_idx, batch_size, shuffle=True, generator=generator, min_size=min_size),
-            lambda: data.batches(val_idx, batch_size),
+            lambda: epoch_batches(data, train_idx, batch_size, generator, min_size),
+            lambda: data.batches(val_idx[distributed.world()[0] :: distributed.world()[1]], batch_size),
             n_obs_train=train_idx.numel(), n_obs_val=val_idx.numel(), checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every, resume_from=resume_from,
         )
@@ -405,7 +415,9 @@ class Model:
         seed = settings.seed if seed is None else seed
         torch.manual_seed(seed)  # dropout and reparameterised samples
         generator = torch.Generator().manual_seed(seed)  # split and shuffling
-        self.module.to(training_device(accelerator, devices))
+        device = distributed.local_device(training_device(accelerator, devices))
+        self.module.to(device)
+        distributed.init_from_env(device)  # under torchrun: join the process group
         return config, generator
 
     def _record(self, history: dict[str, list[float]]) -> None:

@@ -33,6 +33,7 @@ from anndata import AnnData
 from torch import Tensor, nn
 from torch.distributions import kl_divergence
 
+from cellvi import distributed
 from cellvi import distributions as dist
 from cellvi.data.loader import CountData, split_indices
 from cellvi.models.base import Model, _last_batch_min_size, as_indices, average_over_batches, check_library_size, expression_from
@@ -328,13 +329,17 @@ class ContrastiveVI(Model):
         bg_train, bg_val, tg_train, tg_val = on(bg_train), on(bg_val), on(tg_train), on(tg_val)
         has_val = bg_val.numel() > 0 and tg_val.numel() > 0  # validation needs cells of both sets
         min_size = _last_batch_min_size(batch_size, datasplitter_kwargs)
+        n_train, n_val = bg_train.numel() + tg_train.numel(), bg_val.numel() + tg_val.numel() if has_val else 0
+        rank, size = distributed.world()
+        if size > 1:  # under torchrun each rank trains on an equal share of each set (same number of steps)
+            bg_train, tg_train = (t[rank::size][: t.numel() // size] for t in (bg_train, tg_train))
+            bg_val, tg_val = (t[rank::size] for t in (bg_val, tg_val))
         self._fit(
             config, generator,
             lambda: paired_batches(data, bg_train, tg_train, batch_size, shuffle=True, generator=generator,
                                    min_size=min_size),
             (lambda: paired_batches(data, bg_val, tg_val, batch_size)) if has_val else None,
-            n_obs_train=bg_train.numel() + tg_train.numel(),
-            n_obs_val=bg_val.numel() + tg_val.numel() if has_val else 0,
+            n_obs_train=n_train, n_obs_val=n_val,
             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume_from=resume_from,
         )
 
