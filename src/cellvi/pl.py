@@ -42,8 +42,12 @@ def training_curves(history: dict[str, pd.DataFrame], keys: tuple[str, ...] = ("
     return ax
 
 
-def embedding(coords: np.ndarray, colors: dict[str, pd.Series], save: str | None = None, s: float = 3.0):
-    """Scatter of 2-D ``coords`` in one panel per entry of ``colors`` (name -> categorical values)."""
+def embedding(coords: np.ndarray, colors: dict[str, pd.Series], save: str | None = None, s: float = 3.0,
+              basis: str | None = None, title: str | None = None):
+    """Scatter of 2-D ``coords`` in one panel per entry of ``colors`` (name -> categorical values).
+
+    ``basis`` (e.g. ``"UMAP"``, ``"PCA"``) names the axes ``UMAP 1``, ``UMAP 2``; ``title`` goes above the panels.
+    """
     plt = _plt()
     fig, axes = plt.subplots(1, len(colors), figsize=(4.5 * len(colors), 4), squeeze=False)
     for ax, (name, values) in zip(axes[0], colors.items()):
@@ -55,7 +59,12 @@ def embedding(coords: np.ndarray, colors: dict[str, pd.Series], save: str | None
         ax.set_title(name)
         ax.set_xticks([])
         ax.set_yticks([])
+        if basis:
+            ax.set_xlabel(f"{basis} 1")
+            ax.set_ylabel(f"{basis} 2")
         ax.legend(frameon=False, fontsize=7, markerscale=3, loc="best")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     if save:
         fig.savefig(save, dpi=120)
