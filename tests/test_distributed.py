@@ -84,3 +84,20 @@ def test_two_processes_train_sharded_and_match_one(tmp_path):
     single.train(max_epochs=6, batch_size=128, seed=0, check_val_every_n_epoch=1, accelerator="cpu")
     np.testing.assert_allclose(r0["history"]["elbo_train"], single.history_["elbo_train"], rtol=0.03)
     np.testing.assert_allclose(r0["history"]["elbo_validation"], single.history_["elbo_validation"], rtol=0.03)
+
+
+def test_devices_n_launches_data_parallel_processes():
+    cellvi.settings.progress_bar = False
+    adata = cellvi.datasets.simulate(400, 40, n_cell_types=3, seed=6)
+    cellvi.SCVI.setup_anndata(adata, batch_key="batch")
+    model = cellvi.SCVI(adata, n_latent=3)
+    before = model.get_latent_representation()
+    model.train(max_epochs=4, accelerator="cpu", devices=2, batch_size=64, check_val_every_n_epoch=1, seed=0)
+    assert model.is_trained_ and len(model.history_["elbo_train"]) == 4
+    assert not np.allclose(model.get_latent_representation(), before)  # the trained weights came back
+    single = cellvi.SCVI(adata, n_latent=3)
+    single.train(max_epochs=4, accelerator="cpu", batch_size=128, check_val_every_n_epoch=1, seed=0)
+    np.testing.assert_allclose(model.history_["elbo_validation"], single.history_["elbo_validation"], rtol=0.03)
+    assert np.array_equal(model.train_indices_, single.train_indices_)  # same seed, same split
+    with pytest.raises(ValueError, match="positive count"):
+        model.train(max_epochs=1, devices=0)

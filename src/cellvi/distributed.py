@@ -119,3 +119,83 @@ def use_global_batch_norm(module: nn.Module) -> None:
     for m in module.modules():
         if type(m) is nn.BatchNorm1d:
             m.__class__ = GlobalBatchNorm1d
+
+
+def n_processes(devices, accelerator: str) -> int:
+    """How many processes ``devices`` asks for (Lightning's meaning): an int count, -1 for every GPU, or a
+    list of GPU indices; 1 for "auto" and under torchrun (which already started the processes)."""
+    if world()[1] > 1 or devices in ("auto", None):
+        return 1
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    n = int(devices)
+    if n == -1:
+        return max(torch.cuda.device_count(), 1) if accelerator in ("auto", "gpu", "cuda") else 1
+    if n < 1:
+        raise ValueError(f"devices={devices!r}: give a positive count, -1 (all GPUs) or a list of GPU indices.")
+    return n
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, size: int, port: int, folder: str, cls, method: str, args: tuple, kwargs: dict) -> None:
+    """One process of a ``devices=N`` run: load the model, train it data-parallel, rank 0 saves the result."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    model = cls.load(os.path.join(folder, "start"), accelerator="cpu")
+    getattr(model, method)(*args, **kwargs)
+    if rank == 0:
+        model.save(os.path.join(folder, "done"))
+    dist.destroy_process_group()
+
+
+def launch(model, method: str, n: int, args: tuple, kwargs: dict) -> None:
+    """Run ``model.<method>(*args, **kwargs)`` in ``n`` processes on this machine (as torchrun would) and
+    take the trained weights and history back into ``model``."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="cellvi-ddp-") as folder:
+        model.save(os.path.join(folder, "start"), save_anndata=True)
+        mp.spawn(_worker, args=(n, _free_port(), folder, type(model), method, args, kwargs), nprocs=n, join=True)
+        trained = type(model).load(os.path.join(folder, "done"), adata=model.adata, accelerator="cpu")
+    model.module.load_state_dict(trained.module.state_dict())
+    model.history_, model.is_trained_ = trained.history_, trained.is_trained_
+    model._restore(trained._meta())
+    model.train_indices_, model.validation_indices_ = trained.train_indices_, trained.validation_indices_
+
+
+def spawns_processes(train):
+    """Decorator of a model's ``train``: ``devices=N`` (N > 1) runs it in N data-parallel processes."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(train)
+
+    @functools.wraps(train)
+    def wrapper(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        devices = bound.arguments.get("devices", "auto")
+        accelerator = bound.arguments.get("accelerator", "auto")
+        n = n_processes(devices, accelerator)
+        if n == 1:
+            return train(self, *args, **kwargs)
+        from cellvi import settings
+
+        bound.arguments["devices"] = 1
+        call = dict(bound.arguments)
+        call.pop("self")
+        extra = call.pop(next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), ""), {})
+        call["seed"] = settings.seed if call.get("seed") is None else call["seed"]  # the workers' settings are fresh
+        extra.setdefault("enable_progress_bar", settings.progress_bar)
+        return launch(self, train.__name__, n, (), {**call, **extra})
+
+    return wrapper

@@ -54,7 +54,8 @@ def training_device(accelerator: str, devices) -> torch.device:
         return resolve_device(accelerator, int(devices[0]))
     if devices in ("auto", 1, -1, "1", "-1"):
         return resolve_device(accelerator, "auto")
-    raise ValueError(f"devices={devices!r}: training on several devices is not supported yet; use devices=1.")
+    raise ValueError(f"devices={devices!r}: several devices run as several processes (see cellvi.distributed); "
+                     "this process trains on one.")
 
 
 def max_epochs_heuristic(n_obs: int) -> int:
@@ -285,6 +286,7 @@ class Model:
 
     # ------------------------------------------------------------------ training
 
+    @distributed.spawns_processes
     def train(
         self,
         max_epochs: int | None = None,
@@ -315,8 +317,10 @@ class Model:
         max_epochs
             Passes over the training cells; default ``min(400, 400 * 20000 / n_cells)`` as in scvi-tools.
         accelerator, devices
-            ``"auto"`` uses a CUDA GPU when present, ``"cpu"`` forces the CPU; ``devices`` is a count
-            (1) or a one-element list naming the GPU.
+            ``"auto"`` uses a CUDA GPU when present, ``"cpu"`` forces the CPU. ``devices``: a count, -1
+            (every GPU) or a list of GPU indices, as in Lightning; more than one trains data-parallel in
+            that many processes on this machine (as ``torchrun --nproc_per_node N`` would; see
+            :mod:`cellvi.distributed`; ``batch_size`` is per process).
         train_size, validation_size
             Fractions of cells for training (default 0.9) and validation (default: the rest).
         shuffle_set_split

@@ -256,6 +256,7 @@ class ContrastiveVI(Model):
 
     # ------------------------------------------------------------------ training
 
+    @distributed.spawns_processes
     def train(
         self,
         background_indices,
