@@ -152,3 +152,19 @@ def test_de_refuses_a_folder_without_a_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["de", str(tmp_path), "--groupby", "cell_type", "--group1", "a"])
     assert "neither the output folder of `cellvi train`" in capsys.readouterr().err
+
+
+def test_train_backed_with_checkpoint_then_resume(h5ad, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert main(["train", str(h5ad), "--batch-key", "batch", "--backed", "--max-epochs", "2", "--checkpoint-dir",
+                 str(ckpt), "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    assert (ckpt / "train_state.json").exists()
+    assert main(["train", str(h5ad), "--batch-key", "batch", "--backed", "--max-epochs", "4", "--resume-from",
+                 str(ckpt), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert "trained 4 epochs" in capsys.readouterr().out  # epochs 1-2 from the checkpoint, 3-4 trained now
+    out = ad.read_h5ad(tmp_path / "b" / "adata.h5ad")
+    assert out.obsm["X_scvi"].shape == (240, 10)
+    with pytest.raises(SystemExit):
+        main(["train", str(h5ad), "--resume-from", str(tmp_path / "nothing"), "--out", str(tmp_path / "c")])
+    with pytest.raises(SystemExit):
+        main(["train", str(h5ad), "--devices", "two", "--out", str(tmp_path / "c")])

@@ -50,7 +50,8 @@ def _stop_reason(history: dict, *, early_stopping: bool, patience: int, cap: int
 
 
 def _train_and_write(adata, out: Path, *, batch_key, labels_key, layer, max_epochs, color_keys, progress, seed,
-                     patience: int = PATIENCE):
+                     patience: int = PATIENCE, accelerator: str = "auto", devices="auto", checkpoint_dir=None,
+                     checkpoint_every: int = 1, resume_from=None):
     """Train SCVI (early stopping on the validation ELBO when ``max_epochs`` is None) and write ``out/``."""
     import numpy as np
 
@@ -62,8 +63,9 @@ def _train_and_write(adata, out: Path, *, batch_key, labels_key, layer, max_epoc
     early_stopping = max_epochs is None
     cap = max_epochs_heuristic(adata.n_obs) if early_stopping else max_epochs
     t0 = time.perf_counter()
-    model.train(max_epochs=cap, early_stopping=early_stopping, early_stopping_patience=patience,
-                enable_progress_bar=progress, seed=seed, check_val_every_n_epoch=1)
+    model.train(max_epochs=cap, accelerator=accelerator, devices=devices, early_stopping=early_stopping,
+                early_stopping_patience=patience, enable_progress_bar=progress, seed=seed, check_val_every_n_epoch=1,
+                checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume_from=resume_from)
     seconds = time.perf_counter() - t0
     z = model.get_latent_representation()
     adata.obsm["X_scvi"] = z
@@ -100,12 +102,20 @@ def _train_and_write(adata, out: Path, *, batch_key, labels_key, layer, max_epoc
     return model
 
 
-def _read_h5ad(parser: argparse.ArgumentParser, path: Path):
+def _read_h5ad(parser: argparse.ArgumentParser, path: Path, backed: bool = False):
+    """The AnnData of ``path``; with ``backed`` its counts stay on disk and are read in chunks."""
+    import anndata
+
     import cellvi
 
     if not path.is_file():
         parser.error(f"{path} is not a file (expected an .h5ad file of raw counts).")
-    return cellvi.datasets.read_h5ad(path)
+    if not backed:
+        return cellvi.datasets.read_h5ad(path)
+    try:
+        return anndata.read_h5ad(path, backed="r")
+    except (OSError, KeyError) as e:
+        parser.error(f"{path} cannot be opened backed (is it an .h5ad file?): {e}")
 
 
 def _check_columns(parser: argparse.ArgumentParser, adata, source, **keys) -> None:
@@ -178,6 +188,21 @@ def _write_de(model, args, out: Path) -> None:
     print("\n".join(lines))
 
 
+def _device_options(parser: argparse.ArgumentParser, args) -> dict:
+    """The training options of ``--accelerator``, ``--devices``, ``--checkpoint-*`` and ``--resume-from``."""
+    devices = args.devices
+    if devices != "auto":
+        try:
+            devices = int(devices)
+        except ValueError:
+            parser.error(f"--devices must be 'auto' or a number, got {devices!r}.")
+    if args.resume_from is not None and not (args.resume_from / "train_state.json").exists():
+        parser.error(f"--resume-from {args.resume_from} holds no training checkpoint (train_state.json); give the "
+                     "--checkpoint-dir of the interrupted run.")
+    return {"accelerator": args.accelerator, "devices": devices, "checkpoint_dir": args.checkpoint_dir,
+            "checkpoint_every": args.checkpoint_every, "resume_from": args.resume_from}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cellvi", description="Deep generative models for single-cell omics.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     training.add_argument("--patience", type=int, default=PATIENCE,
                           help=f"early-stopping patience in epochs (default {PATIENCE})")
     training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--backed", action="store_true",
+                          help="leave the counts on disk and read minibatches in chunks (files larger than memory)")
+    training.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"])
+    training.add_argument("--devices", default="auto",
+                          help="'auto', a number of devices (more than 1 trains data-parallel) or -1 for every GPU")
+    training.add_argument("--checkpoint-dir", type=Path, default=None, help="write the training state here")
+    training.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
+    training.add_argument("--resume-from", type=Path, default=None,
+                          help="continue an interrupted run from its --checkpoint-dir (same data and options)")
     training.add_argument("--no-progress", action="store_true")
 
     train = sub.add_parser("train", parents=[training], help="train SCVI on an .h5ad file of raw counts",
@@ -244,20 +278,22 @@ def main(argv: list[str] | None = None) -> int:
                              max_epochs=args.max_epochs, color_keys=["cell_type", "batch"],
                              progress=not args.no_progress, seed=args.seed)
         elif args.command == "train":
-            adata = _read_h5ad(train, args.input)
+            adata = _read_h5ad(train, args.input, args.backed)
             _check_columns(train, adata, args.input, batch_key=args.batch_key, labels_key=args.labels_key,
                            color=args.color)
             _train_and_write(adata, args.out, batch_key=args.batch_key, labels_key=args.labels_key, layer=args.layer,
                              max_epochs=args.max_epochs, color_keys=[args.batch_key, args.labels_key, *args.color],
-                             progress=not args.no_progress, seed=args.seed, patience=args.patience)
+                             progress=not args.no_progress, seed=args.seed, patience=args.patience,
+                             **_device_options(train, args))
         elif args.input.suffix == ".h5ad":
-            adata = _read_h5ad(de, args.input)
+            adata = _read_h5ad(de, args.input, args.backed)
             _check_columns(de, adata, args.input, batch_key=args.batch_key, labels_key=args.labels_key,
                            groupby=args.groupby)
             _check_groups(de, adata, args.groupby, args.group1, args.group2)
             model = _train_and_write(adata, args.out, batch_key=args.batch_key, labels_key=args.labels_key,
                                      layer=args.layer, max_epochs=args.max_epochs, color_keys=[args.groupby],
-                                     progress=not args.no_progress, seed=args.seed, patience=args.patience)
+                                     progress=not args.no_progress, seed=args.seed, patience=args.patience,
+                                     **_device_options(de, args))
             _write_de(model, args, args.out)
         else:
             if not args.input.is_dir():

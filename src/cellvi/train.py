@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -455,6 +456,7 @@ def fit(
             break
         module.train()
         totals = _Totals()
+        started = time.perf_counter()
         for batch in train_batches():
             out = module.loss(batch, kl_weight=kl_weight(epoch, state.step, **warm))
             optimizer.zero_grad(set_to_none=True)
@@ -474,7 +476,8 @@ def fit(
         metrics["lr"] = state.lr
         for key, v in metrics.items():
             history.setdefault(key, []).append(v)
-        bar.set_postfix(train_loss=f"{metrics['train_loss']:.1f}")
+        bar.set_postfix(train_loss=f"{metrics['train_loss']:.1f}",
+                        cells_per_s=f"{totals.n_cells / max(time.perf_counter() - started, 1e-9):.0f}")
         if config.reduce_lr_on_plateau and state.scheduler.update(metrics[config.lr_scheduler_metric]):
             state.lr = max(state.lr * config.lr_factor, config.lr_min)
             set_lr(optimizer, state.lr)
