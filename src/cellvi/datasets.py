@@ -37,7 +37,7 @@ def simulate(
     frac_batch_genes: float = 0.05,
     batch_lfc: float = 1.5,
     batch_noise: float = 0.3,
-    abundance_shift: float = 2.0,
+    abundance_shift: float | list[float] = 2.0,
     mean_library_size: float = 1500.0,
     theta: float = 5.0,
     seed: int = 0,
@@ -58,7 +58,8 @@ def simulate(
         Genes with a strong batch effect (log2 ``batch_lfc``) and the sd (log2) of the mild
         batch effect on every gene.
     abundance_shift
-        Fold change of the first cell type's proportion in ``stim`` (1 = none).
+        Fold change of the first cell type's proportion in ``stim`` (1 = none), or one fold change per
+        cell type (e.g. ``[3, 1, 1 / 3]``: the first type up, the third down).
     mean_library_size, theta
         Mean total counts per cell and NB inverse dispersion (gene-wise, around ``theta``).
     seed
@@ -79,7 +80,10 @@ def simulate(
     stim = rng.random(n_cells) < 0.5
     base_p = np.full(n_cell_types, 1.0 / n_cell_types)
     stim_p = base_p.copy()
-    stim_p[0] *= abundance_shift
+    if np.ndim(abundance_shift):
+        stim_p *= np.asarray(abundance_shift, dtype=float)
+    else:
+        stim_p[0] *= abundance_shift
     stim_p /= stim_p.sum()
     ct = np.where(stim, rng.choice(n_cell_types, n_cells, p=stim_p), rng.choice(n_cell_types, n_cells, p=base_p))
     batch = np.array([donors[d][0] for d in donor_idx])

@@ -430,6 +430,74 @@ class SCVI(Model):
             batchid1=batchid1, batchid2=batchid2, fdr_target=fdr_target, silent=silent, weights=weights,
             filter_outlier_cells=filter_outlier_cells, pseudocounts=pseudocounts, n_samples=n_samples, **kwargs)
 
+    # ------------------------------------------------------------------ differential abundance
+
+    def get_aggregated_posterior(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None,
+                                 dof: float | None = 3.0) -> torch.distributions.Distribution:
+        """The aggregated posterior of cells ``indices``: the equal-weight mixture of their q(z | x).
+
+        Parameters
+        ----------
+        dof
+            Degrees of freedom of Student-t components; ``None``: Normal components.
+
+        Returns
+        -------
+        A ``torch.distributions.MixtureSameFamily`` over ``n_latent`` dimensions (``log_prob`` of
+        ``(n, n_latent)`` points gives ``(n,)``), as scvi-tools.
+        """
+        from torch import distributions as D
+
+        loc, var = self.get_latent_representation(adata, indices=indices, batch_size=batch_size, return_dist=True)
+        if loc.shape[0] == 0:
+            raise ValueError("No cells selected (`indices` is empty); the aggregated posterior needs at least one.")
+        loc, scale = torch.as_tensor(loc), torch.as_tensor(var).sqrt()
+        comp = D.Normal(loc, scale) if dof is None else D.StudentT(float(dof), loc, scale)
+        return D.MixtureSameFamily(D.Categorical(logits=torch.zeros(loc.shape[0])), D.Independent(comp, 1))
+
+    def differential_abundance(self, adata: AnnData | None = None, sample_key: str | None = None,
+                               batch_size: int = 128, num_cells_posterior: int | None = None,
+                               dof: float | None = None, *, omit_own_cell: bool = True) -> pd.DataFrame:
+        """Log density of each cell under each sample's aggregated posterior (cluster-free abundance).
+
+        A cell where one group of samples has higher density than another lies in a region those
+        samples are enriched in: compare columns (e.g. mean over stimulated minus control samples).
+
+        Parameters
+        ----------
+        sample_key
+            ``.obs`` column of samples (any column; it need not be set up).
+        batch_size
+            Query cells per chunk (memory is bounded by chunks, never cells x cells).
+        num_cells_posterior
+            At most this many cells (drawn at random) make up each sample's mixture.
+        dof
+            Student-t components with these degrees of freedom; ``None``: Normal.
+        omit_own_cell
+            cellvi only: leave each cell's own posterior out of its sample's mixture, so that a cell does
+            not vote for itself (``False`` reproduces scvi-tools' densities).
+
+        Returns
+        -------
+        DataFrame of cells x samples, also written to ``adata.obsm["da_log_probs"]`` (scvi-tools writes it
+        and returns None).
+        """
+        from cellvi.abundance import sample_log_densities
+
+        adata_ = self.adata if adata is None else adata
+        if sample_key is None or sample_key not in adata_.obs.columns:
+            raise ValueError(f"sample_key={sample_key!r} must be a column of adata.obs "
+                             f"(columns: {list(adata_.obs.columns)}).")
+        samples = adata_.obs[sample_key].astype(str).to_numpy()
+        names = list(pd.unique(samples))
+        loc, var = self.get_latent_representation(adata, return_dist=True, batch_size=batch_size)
+        log_probs = sample_log_densities(loc, loc, np.sqrt(var), samples, names, dof=dof,
+                                         num_cells_posterior=num_cells_posterior, batch_size=batch_size,
+                                         omit_own=omit_own_cell, device=self.device)
+        table = pd.DataFrame(log_probs, index=adata_.obs_names, columns=names)
+        adata_.obsm["da_log_probs"] = table
+        return table
+
     @torch.no_grad()
     def posterior_predictive_sample(self, adata: AnnData | None = None, indices=None, transform_batch=None,
                                     n_samples: int = 1, gene_list=None, batch_size: int | None = None):
