@@ -287,6 +287,9 @@ class ContrastiveVI(Model):
     ) -> None:
         """Train on background and target cells; every step sees one minibatch of each.
 
+        The other parameters are those of :meth:`cellvi.SCVI.train` (Adam, KL warm-up of the z and s
+        KL terms and the Wasserstein penalty, gradient clipping, early stopping, seed).
+
         Parameters
         ----------
         background_indices, target_indices
@@ -300,9 +303,6 @@ class ContrastiveVI(Model):
             Each set is split on its own into training and validation cells with these fractions.
         batch_size
             Cells per minibatch of each set (a step sees up to ``2 * batch_size`` cells).
-
-        The other parameters are those of :meth:`cellvi.SCVI.train` (Adam, KL warm-up of the z and s
-        KL terms and the Wasserstein penalty, gradient clipping, early stopping, seed).
 
         Returns
         -------
@@ -537,6 +537,8 @@ class ContrastiveVI(Model):
     ) -> pd.DataFrame:
         """Bayesian differential expression through :func:`cellvi.de.differential_expression`.
 
+        The other parameters are those of :meth:`cellvi.SCVI.differential_expression`.
+
         Parameters
         ----------
         target_idx
@@ -549,8 +551,6 @@ class ContrastiveVI(Model):
         **kwargs
             Other options of :func:`cellvi.de.differential_expression` (``pseudocounts``,
             ``n_bootstrap``, ``filter_outlier_cells``, ``seed``).
-
-        The other parameters are those of :meth:`cellvi.SCVI.differential_expression`.
 
         Returns
         -------
