@@ -82,7 +82,7 @@ def volcano(results: pd.DataFrame, fdr_key: str | None = None, n_labels: int = 1
     fdr_key
         Boolean column marking the calls (default: the ``is_de_fdr_*`` column), drawn in red.
     n_labels
-        Label this many called features with the largest |lfc_mean|.
+        Label this many called features with the largest ``|lfc_mean|``.
     """
     plt = _plt()
     if results["comparison"].nunique() > 1:

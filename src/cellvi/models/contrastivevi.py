@@ -281,6 +281,10 @@ class ContrastiveVI(Model):
     ) -> None:
         """Train on background and target cells; every step sees one minibatch of each.
 
+        The other parameters are those of :meth:`cellvi.SCVI.train` (``plan_kwargs`` for Adam and the KL
+        warm-up of the z and s KL terms and the Wasserstein penalty; trainer options for gradient
+        clipping and early stopping; ``seed``, ``checkpoint_dir``, ``checkpoint_every``, ``resume_from``).
+
         Parameters
         ----------
         background_indices, target_indices
@@ -294,10 +298,6 @@ class ContrastiveVI(Model):
             Each set is split on its own into training and validation cells with these fractions.
         batch_size
             Cells per minibatch of each set (a step sees up to ``2 * batch_size`` cells).
-
-        The other parameters are those of :meth:`cellvi.SCVI.train` (``plan_kwargs`` for Adam and the KL
-        warm-up of the z and s KL terms and the Wasserstein penalty; trainer options for gradient
-        clipping and early stopping; ``seed``, ``checkpoint_dir``, ``checkpoint_every``, ``resume_from``).
 
         Returns
         -------
@@ -517,6 +517,8 @@ class ContrastiveVI(Model):
     ) -> pd.DataFrame:
         """Bayesian differential expression through :func:`cellvi.de.differential_expression`.
 
+        The other parameters are those of :meth:`cellvi.SCVI.differential_expression`.
+
         Parameters
         ----------
         target_idx
@@ -529,8 +531,6 @@ class ContrastiveVI(Model):
         **kwargs
             Other options of :func:`cellvi.de.differential_expression` (``pseudocounts``,
             ``n_bootstrap``, ``filter_outlier_cells``, ``seed``).
-
-        The other parameters are those of :meth:`cellvi.SCVI.differential_expression`.
 
         Returns
         -------
