@@ -210,6 +210,7 @@ def test_de_recovers_simulated_genes_with_bounded_false_discoveries(de_model):
     # a small, briefly trained model (measured: FDP 0.0, power 0.85 with the count update, 0.35 without);
     # scvi-tools calls nothing on such data
     assert fdp <= 0.1 and power >= 0.6, (fdp, power)
+    assert res["model_agreement"].iloc[0] > 0.75  # the model carries the contrast (measured 0.85)
     # the sign follows scvi-tools: positive lfc = higher in group1 (stim)
     called_true = calls & truth
     assert (np.sign(res["lfc_mean"].to_numpy()[called_true]) ==
@@ -217,7 +218,8 @@ def test_de_recovers_simulated_genes_with_bounded_false_discoveries(de_model):
     expected_cols = {"proba_de", "proba_not_de", "bayes_factor", "scale1", "scale2", "pseudocounts", "delta",
                      "lfc_mean", "lfc_median", "lfc_std", "lfc_min", "lfc_max", "raw_mean1", "raw_mean2",
                      "non_zeros_proportion1", "non_zeros_proportion2", "raw_normalized_mean1",
-                     "raw_normalized_mean2", "is_de_fdr_0.05", "comparison", "group1", "group2"}
+                     "raw_normalized_mean2", "is_de_fdr_0.05", "comparison", "group1", "group2", "model_share",
+                     "model_agreement"}
     assert expected_cols <= set(res.columns)
 
 
@@ -324,5 +326,6 @@ def test_a_briefly_trained_model_gives_a_weaker_answer_not_a_constant_one(seed, 
     assert average_precision_score(truth, res["proba_de"]) > 0.5  # chance is 0.08
     calls = res["is_de_fdr_0.05"].to_numpy()
     assert calls.sum() >= 1 and (calls & ~truth).sum() / calls.sum() <= 0.1
-    # the table says the model carried little of the contrast: the counts weigh as much or more
-    assert np.median(res["model_share"]) < 0.6
+    # the table says the model carried little of the contrast (measured 0.32 / 0.15 / 0.47; 0.85 for the
+    # well-trained model of test_de_recovers_simulated_genes_with_bounded_false_discoveries)
+    assert res["model_agreement"].iloc[0] < 0.6

@@ -4,8 +4,8 @@ The question asked of two populations of cells, A (``group1``) and B (``group2``
 *population-level* normalized expression ``h_A`` of each feature compare with ``h_B``? The engine
 answers it in five steps (:func:`differential_expression`):
 
-1. **Cells**: each population is subsampled to a bounded number of cells (``n_samples`` decoded
-   draws in all, so the cost does not grow with the population size).
+1. **Cells**: each population is subsampled to a bounded number of cells (``n_samples_overall``
+   decoded draws in all, ``n_samples`` per cell, so the cost does not grow with the population size).
 2. **Posterior draws**: each chosen cell's latent is drawn from its posterior and decoded to
    normalized expression at library size 1 (in its own batch, or averaged over the batches of
    ``batchid1``/``batchid2`` with ``batch_correction=True``). With ``weights="importance"`` the
@@ -22,8 +22,12 @@ answers it in five steps (:func:`differential_expression`):
    model's own error, measured on well-observed features (:func:`model_error_sd`), are centred on the
    well-observed features to remove compositional shifts (:func:`center_lfc`), and are shrunk by an
    empirical-Bayes spike-and-slab prior (:func:`shrink_lfc`), so that a feature the data say little
-   about keeps the prior's null weight. On request (``use_counts``) the groups' pooled counts update
-   the model's LFCs (:func:`combine_with_counts`) instead of only bounding their precision.
+   about keeps the prior's null weight. Before centring, the observed LFC of the counts (within
+   batches with ``batch_correction=True``, :func:`observed_lfc`) pulls the model's LFCs towards it in
+   proportion to their precisions (:func:`combine_with_counts`, ``use_counts=True``): where the model
+   has learned little of the contrast (its measured error is large), the counts decide, so a weakly
+   trained model gives a weaker answer rather than none; ``model_agreement`` in the table says how
+   much of the observed contrast the model carries (:func:`model_agreement`).
 5. **Calls** (:func:`expected_fdr_calls`): the largest top-ranked set whose posterior expected
    false discovery proportion is at most ``fdr_target``.
 
@@ -274,6 +278,20 @@ def model_error_sd(model_lfc: np.ndarray, observed: np.ndarray, observed_var: np
     d = model_lfc[ok] - observed[ok]
     total_var = np.mean((d - np.median(d)) ** 2)
     return float(np.sqrt(max(total_var - np.median(observed_var[ok]), 0.0)))
+
+
+def model_agreement(model_lfc: np.ndarray, observed: np.ndarray, well_observed: np.ndarray) -> float:
+    """Pearson correlation of the model's LFCs with the observed ones over the ``well_observed`` features.
+
+    How much of the observed contrast the model carries: near 1 when it learned the contrast, near 0
+    when it learned little of it (a briefly trained model, a small population, a weak effect) and the
+    observed counts decide (:func:`combine_with_counts`), or when there is no contrast to learn. NaN
+    when fewer than ``MIN_REFERENCE_FEATURES`` features are well observed.
+    """
+    ok = well_observed & np.isfinite(model_lfc) & np.isfinite(observed)
+    if ok.sum() < MIN_REFERENCE_FEATURES or model_lfc[ok].std() == 0 or observed[ok].std() == 0:
+        return float("nan")
+    return float(np.corrcoef(model_lfc[ok], observed[ok])[0, 1])
 
 
 def lfc_draws(h1: np.ndarray, h2: np.ndarray, pseudocounts: float) -> np.ndarray:
@@ -694,7 +712,9 @@ def differential_expression(
     -------
     DataFrame indexed by feature with the columns of scvi-tools (``proba_de``, ``bayes_factor``,
     ``scale1``, ``lfc_mean``, ..., ``is_de_fdr_<target>`` in change mode, ``comparison``, ``group1``,
-    ``group2``), plus ``model_share`` with ``use_counts``; one block per comparison, each sorted as
+    ``group2``), plus cellvi's ``model_agreement`` (one value per comparison, :func:`model_agreement`:
+    low when the model carries little of the contrast and the counts decide) and, with ``use_counts``,
+    ``model_share`` (per feature, :func:`combine_with_counts`); one block per comparison, each sorted as
     scvi-tools sorts (``mode`` above).
     """
     import torch
@@ -740,11 +760,13 @@ def differential_expression(
             pc = pseudocounts if pseudocounts is not None else estimate_pseudocounts(
                 h1.mean(0), h2.mean(0), counts["counts1"] > 0, counts["counts2"] > 0)
             well_observed = (counts["counts1"] >= MIN_COUNTS) & (counts["counts2"] >= MIN_COUNTS)
-            tau = model_error_sd(lfc_draws(h1.mean(0), h2.mean(0), pc), *(counts["observed"] or counts["pooled"]),
-                                 well_observed)
+            model_lfc = lfc_draws(h1.mean(0), h2.mean(0), pc)
+            reference_lfc = counts["observed"] or counts["pooled"]
+            tau = model_error_sd(model_lfc, *reference_lfc, well_observed)
             table = summarize(h1, h2, mode=mode, delta=delta, pseudocounts=pc, lfc_error_sd=tau, rng=rng,
                               reference=well_observed, center=center_lfc, shrink=shrink_lfc, observed=observed)
             # 7. the table: count statistics, calls (change mode), names, scvi-tools' order
+            table["model_agreement"] = model_agreement(model_lfc, reference_lfc[0], well_observed)
             if all_stats:
                 table = table.assign(**raw_stats(X, rows1, rows2))
             if mode == "change":
