@@ -129,6 +129,46 @@ def estimate_pseudocounts(scale1: np.ndarray, scale2: np.ndarray, nonzero1: np.n
     return float(max(np.quantile(v, quantile) for v in values))
 
 
+def importance_resample(draws: np.ndarray, log_w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Stratified sampling importance resampling of each cell's posterior draws.
+
+    Parameters
+    ----------
+    draws
+        ``(n_draws, n_cells, n_features)`` draws from the encoder ``q(z | x)``, decoded.
+    log_w
+        ``(n_draws, n_cells)`` log importance weights ``log p(x, z) - log q(z | x)``.
+
+    Returns
+    -------
+    Draws of the same shape that follow the weighted distribution: with normalised weights ``w`` of a
+    cell, its draw ``k`` is replaced by the draw at cumulative weight ``(k + U) / n_draws``, ``U ~ U(0, 1)``.
+    Equal weights give back every draw once; a dominant weight gives that draw every time.
+    """
+    n_draws, n_cells = log_w.shape
+    w = np.exp(log_w - log_w.max(0, keepdims=True))
+    cum = np.cumsum(w / w.sum(0, keepdims=True), 0)  # (n_draws, n_cells), per cell
+    u = (rng.random((n_draws, n_cells)) + np.arange(n_draws)[:, None]) / n_draws
+    pick = np.minimum((cum[None, :, :] < u[:, None, :]).sum(1), n_draws - 1)  # (n_draws, n_cells)
+    return draws[pick, np.arange(n_cells)[None, :]]
+
+
+def outlier_cells(z: np.ndarray, quantile: float = 0.999) -> np.ndarray:
+    """Cells whose latent mean lies outside the population's robust ellipsoid (boolean, ``(n_cells,)``).
+
+    Each dimension is centred on its median and scaled by its MAD (times 1.4826, the sd of a normal);
+    a cell is an outlier when its squared distance exceeds the chi-square ``quantile`` with
+    ``n_latent`` degrees of freedom.
+    """
+    from scipy.stats import chi2
+
+    z = np.asarray(z, dtype=np.float64)
+    center = np.median(z, 0)
+    scale = 1.4826 * np.median(np.abs(z - center), 0) + 1e-8  # robust sd per dimension
+    dist2 = (((z - center) / scale) ** 2).sum(1)
+    return dist2 > chi2.ppf(quantile, df=z.shape[1])
+
+
 def population_draws(draws: np.ndarray, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
     """Population-mean expression draws from per-cell posterior draws.
 
@@ -553,14 +593,7 @@ def _cell_draws(draws_fn: Callable, rows: np.ndarray, batches: list | None, n_dr
     # importance: the same z decoded in every batch; weights from the cell's own batch
     flat, log_w = draws_fn(chosen, n_draws, batches, batch_size, return_log_weights=True)
     draws = np.asarray(flat, dtype=np.float32).reshape(n_draws, chosen.size, -1)
-    w = np.exp(log_w - log_w.max(0, keepdims=True))
-    w /= w.sum(0, keepdims=True)  # (n_draws, n_cells), per cell
-    # sampling importance resampling, stratified: draw k of a cell is replaced by the weighted draw at
-    # cumulative-weight position (k + U) / n_draws
-    u = (rng.random((n_draws, chosen.size)) + np.arange(n_draws)[:, None]) / n_draws
-    cum = np.cumsum(w, 0)
-    pick = np.minimum((cum[None, :, :] < u[:, None, :]).sum(1), n_draws - 1)  # (n_draws, n_cells)
-    return draws[pick, np.arange(chosen.size)[None, :]]
+    return importance_resample(draws, np.asarray(log_w), rng)
 
 
 def _strata(model, adata, batch_correction: bool) -> np.ndarray:
@@ -798,15 +831,11 @@ def _supports_weights(model) -> bool:
     return "return_log_weights" in inspect.signature(model._de_draws).parameters
 
 
-def _drop_outliers(latent_fn: Callable, rows: np.ndarray, quantile: float = 0.999) -> np.ndarray:
-    """Cells of ``rows`` whose latent mean lies within the population's robust ellipsoid."""
-    from scipy.stats import chi2
-
+def _drop_outliers(latent_fn: Callable, rows: np.ndarray) -> np.ndarray:
+    """Cells of ``rows`` that are not latent outliers (:func:`outlier_cells`); all of them when the
+    population is too small to estimate its spread or fewer than 2 cells would remain."""
     z = np.asarray(latent_fn(rows), dtype=np.float64)
     if rows.size < 3 * z.shape[1]:
         return rows
-    center = np.median(z, 0)
-    scale = 1.4826 * np.median(np.abs(z - center), 0) + 1e-8  # robust sd per dimension
-    dist2 = (((z - center) / scale) ** 2).sum(1)
-    keep = dist2 <= chi2.ppf(quantile, df=z.shape[1])
+    keep = ~outlier_cells(z)
     return rows[keep] if keep.sum() >= 2 else rows
