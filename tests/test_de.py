@@ -83,6 +83,17 @@ def test_group_count_stats_by_hand():
     np.testing.assert_allclose(S2, [2 / 9, 2 / 9])
 
 
+def test_raw_stats_by_hand():
+    X = sp.csr_matrix(np.array([[1.0, 0.0], [3.0, 2.0], [0.0, 4.0]]))  # libraries 1, 5, 4
+    r = de.raw_stats(X, np.array([0, 1]), np.array([2]))
+    np.testing.assert_allclose(r["raw_mean1"], [2.0, 1.0])
+    np.testing.assert_allclose(r["non_zeros_proportion1"], [1.0, 0.5])
+    np.testing.assert_allclose(r["raw_normalized_mean1"], [(1e4 + 6e3) / 2, 4e3 / 2])
+    np.testing.assert_allclose(r["raw_mean2"], [0.0, 4.0])
+    np.testing.assert_allclose(r["non_zeros_proportion2"], [0.0, 1.0])
+    np.testing.assert_allclose(r["raw_normalized_mean2"], [0.0, 1e4])
+
+
 def test_log_ratio_var_is_poisson_or_the_cell_spread():
     # Poisson floor 1 / (C + 0.5) = 1 / 4.5 beats the spread 2 / 1 * (2/9) / 4.5^2 = 0.022
     np.testing.assert_allclose(de.log_ratio_var(np.array([4.0]), np.array([2 / 9]), 2), [1 / 4.5])

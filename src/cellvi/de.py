@@ -185,7 +185,10 @@ def population_draws(draws: np.ndarray, n_bootstrap: int, rng: np.random.Generat
     replacement), each cell contributing its posterior draw number ``t mod n_draws``.
     """
     n_draws, n_cells, _ = draws.shape
-    counts = rng.multinomial(n_cells, np.full(n_cells, 1.0 / n_cells), size=n_bootstrap).astype(np.float32)
+    # bootstrap counts (T, n_cells): how often each cell is drawn, from T * n_cells uniform picks
+    picks = rng.integers(n_cells, size=(n_bootstrap, n_cells)) + n_cells * np.arange(n_bootstrap)[:, None]
+    counts = np.bincount(picks.ravel(), minlength=n_bootstrap * n_cells).reshape(n_bootstrap, n_cells)
+    counts = counts.astype(np.float32)
     out = np.empty((n_bootstrap, draws.shape[2]), dtype=np.float64)
     for s in range(n_draws):
         rows = np.arange(s, n_bootstrap, n_draws)
@@ -204,7 +207,7 @@ def add_count_noise(h: np.ndarray, counts: np.ndarray, rng: np.random.Generator)
     return h * np.exp(rng.standard_normal(h.shape) / np.sqrt(counts + 0.5))
 
 
-def group_count_stats(X, rows: np.ndarray, library: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+def group_count_stats(X, rows: np.ndarray, library: np.ndarray, squares=None) -> tuple[np.ndarray, float, np.ndarray]:
     """Pooled counts of one group of cells and their spread across cells.
 
     Parameters
@@ -215,19 +218,21 @@ def group_count_stats(X, rows: np.ndarray, library: np.ndarray) -> tuple[np.ndar
         Row positions of the group's cells.
     library
         Observed total counts of every cell of ``X``.
+    squares
+        ``X`` squared elementwise, when the caller computed it once for many groups.
 
     Returns
     -------
     ``(C, L, S2)``: ``C_g = sum_i x_ig``, ``L = sum_i l_i`` and the residual sum of squares
     ``S2_g = sum_i (x_ig - R_g l_i)^2`` around the ratio ``R_g = C_g / L`` (shape ``(n_features,)``).
     """
-    sub = X[rows]
     lib = library[rows].astype(np.float64)
-    C = np.asarray(sub.sum(0), dtype=np.float64).ravel()
+    W = np.zeros((X.shape[0], 2))
+    W[rows, 0], W[rows, 1] = 1.0, lib  # one pass over the CSR, no copy of the group's rows
+    C, sum_xl = np.asarray(X.T @ W, dtype=np.float64).T
+    sum_x2 = np.asarray(X.multiply(X).T @ W[:, 0] if squares is None else squares.T @ W[:, 0], dtype=np.float64)
     L = float(lib.sum())
     R = C / max(L, 1e-12)
-    sum_x2 = np.asarray(sub.multiply(sub).sum(0), dtype=np.float64).ravel()
-    sum_xl = np.asarray(sub.T @ lib, dtype=np.float64).ravel()
     S2 = np.maximum(sum_x2 - 2.0 * R * sum_xl + R**2 * float(lib @ lib), 0.0)
     return C, L, S2
 
@@ -454,17 +459,23 @@ def summarize(h1: np.ndarray, h2: np.ndarray, *, mode: str, delta: float | None,
 
 
 def raw_stats(X, idx1: np.ndarray, idx2: np.ndarray) -> dict[str, np.ndarray]:
-    """Observed-count statistics of the two groups: raw means, fraction non-zero, means per 10^4 counts."""
+    """Observed-count statistics of the two groups: raw means, fraction non-zero, means per 10^4 counts.
+
+    Computed as products of the CSR with per-cell weight columns (two passes over ``X``, no copy of
+    the groups' rows).
+    """
     X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
-    out = {}
-    for k, idx in (("1", idx1), ("2", idx2)):
-        sub = X[idx]
-        lib = np.asarray(sub.sum(1)).ravel()
-        norm = sp.diags(1e4 / np.maximum(lib, 1e-12)) @ sub
-        out[f"raw_mean{k}"] = np.asarray(sub.mean(0)).ravel()
-        out[f"non_zeros_proportion{k}"] = np.asarray((sub > 0).mean(0)).ravel()
-        out[f"raw_normalized_mean{k}"] = np.asarray(norm.mean(0)).ravel()
-    return out
+    library = np.asarray(X.sum(1), dtype=np.float64).ravel()
+    W = np.zeros((X.shape[0], 4))  # mean and mean per 10^4 counts, for each group
+    for j, idx in enumerate((idx1, idx2)):
+        W[idx, 2 * j] = 1.0 / idx.size
+        W[idx, 2 * j + 1] = 1e4 / np.maximum(library[idx], 1e-12) / idx.size
+    means = np.asarray(X.T @ W, dtype=np.float64)
+    nonzero = np.asarray((X > 0).T @ W[:, [0, 2]], dtype=np.float64)
+    return {
+        "raw_mean1": means[:, 0], "non_zeros_proportion1": nonzero[:, 0], "raw_normalized_mean1": means[:, 1],
+        "raw_mean2": means[:, 2], "non_zeros_proportion2": nonzero[:, 1], "raw_normalized_mean2": means[:, 3],
+    }
 
 
 # --------------------------------------------------------------------------- choosing cells
@@ -604,7 +615,8 @@ def _strata(model, adata, batch_correction: bool) -> np.ndarray:
     return np.asarray(pd.Categorical(adata.obs[key].astype(str), categories=list(model.spec.batch_categories)).codes)
 
 
-def _count_evidence(X, library: np.ndarray, strata: np.ndarray, rows1: np.ndarray, rows2: np.ndarray) -> dict:
+def _count_evidence(X, squares, library: np.ndarray, strata: np.ndarray, rows1: np.ndarray, rows2: np.ndarray
+                    ) -> dict:
     """Pooled counts of each group and the observed LFC within strata (:func:`observed_lfc`).
 
     ``observed`` is ``None`` when no stratum holds both groups; ``pooled`` is the observed LFC over all
@@ -614,10 +626,10 @@ def _count_evidence(X, library: np.ndarray, strata: np.ndarray, rows1: np.ndarra
         out = []
         for b in range(int(strata.max()) + 1):
             r = rows[strata[rows] == b]
-            out.append((*group_count_stats(X, r, library), r.size) if r.size >= 2 else None)
+            out.append((*group_count_stats(X, r, library, squares), r.size) if r.size >= 2 else None)
         return out
 
-    pooled1, pooled2 = group_count_stats(X, rows1, library), group_count_stats(X, rows2, library)
+    pooled1, pooled2 = (group_count_stats(X, rows, library, squares) for rows in (rows1, rows2))
     return {
         "counts1": pooled1[0],
         "counts2": pooled2[0],
@@ -772,6 +784,7 @@ def differential_expression(
     X = get_counts(adata, model.spec.layer)
     X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(X)
     library = np.asarray(X.sum(1), dtype=np.float64).ravel()
+    squares = X.multiply(X).tocsr()
     strata = _strata(model, adata, batch_correction)
     tables = []
     with torch.random.fork_rng(devices=[]):
@@ -786,7 +799,7 @@ def differential_expression(
                 rows.size, n_samples_overall, n_samples, weights), weights, batch_size, rng), n_bootstrap, rng)
                 for rows, batches in ((rows1, batches1), (rows2, batches2)))
             # 5. the observed counts: a precision floor, and (use_counts) an estimate of the LFC of their own
-            counts = _count_evidence(X, library, strata, rows1, rows2)
+            counts = _count_evidence(X, squares, library, strata, rows1, rows2)
             observed = counts["observed"] if use_counts else None
             h1, h2 = add_count_noise(h1, counts["counts1"], rng), add_count_noise(h2, counts["counts2"], rng)
             # 6. effect sizes and evidence: model error, count update, centring, shrinkage
