@@ -638,12 +638,10 @@ def _count_evidence(X, squares, library: np.ndarray, strata: np.ndarray, rows1: 
         return out
 
     pooled1, pooled2 = (group_count_stats(X, rows, library, squares) for rows in (rows1, rows2))
-    return {
-        "counts1": pooled1[0],
-        "counts2": pooled2[0],
-        "observed": observed_lfc(per_stratum(rows1), per_stratum(rows2)),
-        "pooled": observed_lfc([(*pooled1, rows1.size)], [(*pooled2, rows2.size)]),
-    }
+    pooled = observed_lfc([(*pooled1, rows1.size)], [(*pooled2, rows2.size)])
+    one_stratum = strata.max() == 0 and rows1.size >= 2 and rows2.size >= 2
+    observed = pooled if one_stratum else observed_lfc(per_stratum(rows1), per_stratum(rows2))
+    return {"counts1": pooled1[0], "counts2": pooled2[0], "observed": observed, "pooled": pooled}
 
 
 def _sort_table(table: pd.DataFrame, mode: str) -> pd.DataFrame:
