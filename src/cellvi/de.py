@@ -792,6 +792,12 @@ def differential_expression(
     library = np.asarray(X.sum(1), dtype=np.float64).ravel()
     squares = X.multiply(X).tocsr()
     strata = _strata(model, adata, batch_correction)
+
+    def population(rows: np.ndarray, batches: list | None) -> np.ndarray:  # (n_bootstrap, n_features)
+        n_draws, n_cells = _draws_per_cell(rows.size, n_samples_overall, n_samples, weights)
+        draws = _cell_draws(draws_fn, rows, batches, n_draws, n_cells, weights, batch_size, rng)
+        return population_draws(draws, n_bootstrap, rng)
+
     tables = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -801,9 +807,7 @@ def differential_expression(
             if filter_outlier_cells:
                 rows1, rows2 = _drop_outliers(latent_fn, rows1), _drop_outliers(latent_fn, rows2)
             # 4. population draws of normalized expression (cell subsample x posterior draws, bootstrapped)
-            h1, h2 = (population_draws(_cell_draws(draws_fn, rows, batches, *_draws_per_cell(
-                rows.size, n_samples_overall, n_samples, weights), weights, batch_size, rng), n_bootstrap, rng)
-                for rows, batches in ((rows1, batches1), (rows2, batches2)))
+            h1, h2 = population(rows1, batches1), population(rows2, batches2)
             # 5. the observed counts: a precision floor, and (use_counts) an estimate of the LFC of their own
             counts = _count_evidence(X, squares, library, strata, rows1, rows2)
             observed = counts["observed"] if use_counts else None
