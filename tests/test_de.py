@@ -403,3 +403,26 @@ def test_a_briefly_trained_model_gives_a_weaker_answer_not_a_constant_one(seed, 
     # the table says the model carried little of the contrast (measured 0.32 / 0.15 / 0.47; 0.85 for the
     # well-trained model of test_de_recovers_simulated_genes_with_bounded_false_discoveries)
     assert res["model_agreement"].iloc[0] < 0.6
+
+
+def test_arguments_match_scvi_tools():
+    """Names, order and defaults of scvi-tools 1.4.2's ``differential_expression`` (read with
+    ``inspect.signature``); no name may mean something else here."""
+    import inspect
+
+    def params(fn):
+        return {k: p.default for k, p in inspect.signature(fn).parameters.items() if k not in ("self", "kwargs")}
+
+    common = {"adata": None, "groupby": None, "group1": None, "group2": None, "idx1": None, "idx2": None,
+              "mode": "vanilla", "delta": 0.25, "batch_size": None, "all_stats": True, "batch_correction": False,
+              "batchid1": None, "batchid2": None, "fdr_target": 0.05, "silent": False}
+    scvi = {**common, "weights": "uniform", "filter_outlier_cells": False}  # less importance_weighting_kwargs
+    assert list(params(cellvi.SCVI.differential_expression).items()) == list(scvi.items())
+    contrastive = {**common, "mode": "change", "target_idx": None, "n_samples": 1}
+    assert list(params(cellvi.ContrastiveVI.differential_expression).items()) == list(contrastive.items())
+    engine = inspect.signature(de.differential_expression).parameters
+    assert list(params(de.differential_expression).items())[1:len(scvi) + 1] == list(scvi.items())
+    # get_bayes_factors' names with its defaults; cellvi's own options are keyword-only
+    assert engine["pseudocounts"].default is None and engine["n_samples_overall"].default == 5000
+    assert all(engine[k].kind is inspect.Parameter.KEYWORD_ONLY
+               for k in ("pseudocounts", "n_samples_overall", "n_samples", "n_bootstrap", "seed", "use_counts"))
