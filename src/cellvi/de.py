@@ -363,8 +363,8 @@ def fit_spike_slab(m: np.ndarray, v: np.ndarray) -> tuple[float, float]:
 
     Each feature's LFC estimate is ``m_g`` with variance ``v_g``; its marginal likelihood is
     ``pi0 N(m; 0, v) + (1 - pi0) N(m; 0, v + s2)``. ``(pi0, s2)`` maximise the sum over features
-    (grid search, ``pi0`` in [0, 0.999], ``s2`` in [1e-3, 25]). Features with wide posteriors barely inform the fit, so most features being null is
-    learned from the well-measured ones.
+    (grid search, ``pi0`` in [0, 0.999], ``s2`` in [1e-3, 25]). Features with wide posteriors barely
+    inform the fit, so most features being null is learned from the well-measured ones.
     """
     log_n = lambda x, var: -0.5 * (np.log(2 * np.pi * var) + x**2 / var)  # noqa: E731
     l0 = log_n(m, v)
