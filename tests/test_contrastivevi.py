@@ -1,5 +1,3 @@
-import importlib.util
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -12,8 +10,6 @@ import cellvi
 from cellvi.data.loader import CountData
 from cellvi.models.contrastivevi import ContrastiveVIModule, paired_batches
 from conftest import silhouette
-
-HAS_DE = importlib.util.find_spec("cellvi.de") is not None
 
 
 def simulate_contrastive(n_cells: int = 1500, n_genes: int = 200, *, n_program: int = 15, lfc: float = 2.0,
@@ -314,7 +310,6 @@ def test_save_load_round_trip_is_exact(tmp_path, trained):
 # --------------------------------------------------------------------------- differential expression
 
 
-@pytest.mark.skipif(not HAS_DE, reason="cellvi.de (the shared DE engine) is not available")
 def test_de_uses_salient_expression_only_inside_the_target_set(trained, monkeypatch):
     """Which expression ``differential_expression`` hands the engine (the engine's driver is faked)."""
     from cellvi import de
@@ -335,7 +330,10 @@ def test_de_uses_salient_expression_only_inside_the_target_set(trained, monkeypa
     trained.differential_expression(groupby="program", group1="on", group2="off")
     kinds = [kw["draws_fn"].keywords["kind"] for kw in calls]
     assert kinds == ["salient", "background", "background", "salient", "background", "salient"]
-    assert calls[0]["idx1"] is on and calls[0]["mode"] == "vanilla" and calls[0]["n_samples"] == 5000
+    # scvi-tools' defaults: change mode, one posterior sample per cell
+    assert calls[0]["idx1"] is on and calls[0]["mode"] == "change" and calls[0]["n_samples"] == 1
+    # the observed counts carry the salient program, so background expression does not use them
+    assert [kw.get("use_counts") for kw in calls] == [None, False, False, None, False, None]
     # the engine calls draws_fn(rows, n_samples, transform_batch, batch_size)
     torch.manual_seed(0)
     salient = calls[0]["draws_fn"](bg[:3], 2, None, None)
@@ -350,7 +348,6 @@ def test_de_uses_salient_expression_only_inside_the_target_set(trained, monkeypa
         trained.differential_expression(idx1=on, idx2=off_tg, target_idx=np.array([], dtype=int))
 
 
-@pytest.mark.skipif(not HAS_DE, reason="cellvi.de (the shared DE engine) is not available")
 def test_de_between_target_subgroups_recovers_the_program(trained):
     a = trained.adata
     _, tg = sets(a)

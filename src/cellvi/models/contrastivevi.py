@@ -502,8 +502,8 @@ class ContrastiveVI(Model):
         group2: str | None = None,
         idx1=None,
         idx2=None,
-        mode: str = "vanilla",
-        delta: float = 0.25,
+        mode: str = "change",
+        delta: float | None = 0.25,
         batch_size: int | None = None,
         all_stats: bool = True,
         batch_correction: bool = False,
@@ -512,12 +512,13 @@ class ContrastiveVI(Model):
         fdr_target: float = 0.05,
         silent: bool = False,
         target_idx=None,
-        n_samples: int = 5000,
+        n_samples: int = 1,
         **kwargs,
     ) -> pd.DataFrame:
         """Bayesian differential expression through :func:`cellvi.de.differential_expression`.
 
-        The other parameters are those of :meth:`cellvi.SCVI.differential_expression`.
+        The other parameters are those of :meth:`cellvi.SCVI.differential_expression`, except ``mode``,
+        whose default is ``"change"`` as in scvi-tools' ContrastiveVI.
 
         Parameters
         ----------
@@ -527,10 +528,15 @@ class ContrastiveVI(Model):
             from both latents (salient expression); otherwise from the background latent alone (s = 0).
             ``None``: salient expression for all cells (cells trained as background still get s = 0).
         n_samples
-            Decoded draws per population (cells x posterior draws per cell).
+            Posterior draws decoded per chosen cell, as in scvi-tools (which passes it to the expression
+            function). The number of cells decoded per population is ``n_samples_overall // n_samples``
+            (``n_samples_overall``, default 5,000, is one of the ``**kwargs``).
         **kwargs
-            Other options of :func:`cellvi.de.differential_expression` (``pseudocounts``,
-            ``n_bootstrap``, ``filter_outlier_cells``, ``seed``).
+            Keyword-only options of :func:`cellvi.de.differential_expression` (``pseudocounts``,
+            ``n_samples_overall``, ``n_bootstrap``, ``weights``, ``filter_outlier_cells``, ``seed``,
+            ``use_counts``, ...). With background expression (see ``target_idx``) ``use_counts`` defaults
+            to ``False``: the observed counts of target cells also carry the salient variation that
+            background expression leaves out.
 
         Returns
         -------
@@ -545,6 +551,8 @@ class ContrastiveVI(Model):
             pairs = de.comparisons(adata_, groupby, group1, group2, idx1, idx2)
             involved = np.unique(np.concatenate([np.concatenate([r1, r2]) for _, _, r1, r2 in pairs]))
             kind = "salient" if np.isin(involved, target).all() else "background"
+        if kind == "background":
+            kwargs.setdefault("use_counts", False)
         return de.differential_expression(
             self, adata=adata, groupby=groupby, group1=group1, group2=group2, idx1=idx1, idx2=idx2, mode=mode,
             delta=delta, batch_size=batch_size, all_stats=all_stats, batch_correction=batch_correction,

@@ -412,15 +412,18 @@ class SCVI(Model):
                                 delta: float | None = 0.25, batch_size: int | None = None, all_stats: bool = True,
                                 batch_correction: bool = False, batchid1=None, batchid2=None,
                                 fdr_target: float = 0.05, silent: bool = False, weights: str = "uniform",
-                                filter_outlier_cells: bool = False, pseudocounts: float | None = 0.0,
-                                n_samples: int = 5000, **kwargs) -> pd.DataFrame:
+                                filter_outlier_cells: bool = False, **kwargs) -> pd.DataFrame:
         """Bayesian differential expression between two groups of cells; see :func:`cellvi.de.differential_expression`
         for every parameter and ``docs/de.md`` for a guide.
+
+        The named parameters are scvi-tools' (same names, defaults and meaning); ``**kwargs`` are the
+        engine's keyword-only options (``pseudocounts``, ``n_samples_overall``, ``n_samples``,
+        ``n_bootstrap``, ``seed``, ``use_counts``, ``center_lfc``, ``shrink_lfc``).
 
         Returns
         -------
         DataFrame indexed by gene with scvi-tools' columns (``proba_de``, ``bayes_factor``, ``lfc_mean``,
-        ``is_de_fdr_<fdr_target>``, ``comparison``, ...).
+        ``is_de_fdr_<fdr_target>`` in change mode, ``comparison``, ...), sorted as scvi-tools sorts.
         """
         from cellvi import de
 
@@ -428,7 +431,7 @@ class SCVI(Model):
             self, adata, groupby=groupby, group1=group1, group2=group2, idx1=idx1, idx2=idx2, mode=mode,
             delta=delta, batch_size=batch_size, all_stats=all_stats, batch_correction=batch_correction,
             batchid1=batchid1, batchid2=batchid2, fdr_target=fdr_target, silent=silent, weights=weights,
-            filter_outlier_cells=filter_outlier_cells, pseudocounts=pseudocounts, n_samples=n_samples, **kwargs)
+            filter_outlier_cells=filter_outlier_cells, **kwargs)
 
     # ------------------------------------------------------------------ differential abundance
 
