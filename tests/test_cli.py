@@ -111,7 +111,9 @@ def test_de_reads_the_train_folder(train_dir, tmp_path, capsys):
     assert main(["de", str(train_dir), "--groupby", "cell_type", "--group1", "type_2", "--mode", "vanilla",
                  "--fdr-target", "0.1", "--out", str(out)]) == 0
     res = pd.read_csv(out / "de.csv", index_col="gene")
-    assert "proba_m1" in res.columns and "is_de_fdr_0.1" in res.columns and (res["group2"] == "Rest").all()
+    assert "proba_m1" in res.columns and (res["group2"] == "Rest").all()
+    assert not any(c.startswith("is_de_fdr") for c in res.columns)  # no calls in vanilla mode, as scvi-tools
+    assert "top genes by bayes_factor" in capsys.readouterr().out
 
 
 def test_de_reads_a_model_folder_and_trains_on_an_h5ad(h5ad, trained_scvi, tmp_path, capsys):

@@ -170,20 +170,24 @@ def _write_de(model, args, out: Path) -> None:
                                         seed=args.seed)
     res.to_csv(out / "de.csv", index_label="gene")
     cellvi.pl.volcano(res, save=str(out / "volcano.png"))
-    calls = res[f"is_de_fdr_{args.fdr_target}"]
-    up = int((calls & (res["lfc_mean"] > 0)).sum())
     col = model.adata.obs[args.groupby].astype(str)
     n1 = int((col == args.group1).sum())
     n2 = int((col == args.group2).sum()) if args.group2 is not None else model.adata.n_obs - n1
-    top = res[calls].head(10)
     lines = [
         f"DE ({args.mode} mode{', delta ' + str(res['delta'].iloc[0]) if args.mode == 'change' else ''}): "
         f"{res['comparison'].iloc[0]} ({n1} vs {n2} cells, {model.adata.n_vars} genes)",
-        f"{int(calls.sum())} genes called at a posterior expected FDR of {args.fdr_target:g} "
-        f"({up} up in {args.group1}, {int(calls.sum()) - up} down)",
     ]
-    if len(top):
-        lines.append("top calls (lfc_mean): " + ", ".join(f"{g} {v:+.2f}" for g, v in top["lfc_mean"].items()))
+    if args.mode == "change":  # calls exist in change mode only (vanilla proba_de is no probability of a change)
+        calls = res[f"is_de_fdr_{args.fdr_target}"]
+        up = int((calls & (res["lfc_mean"] > 0)).sum())
+        lines.append(f"{int(calls.sum())} genes called at a posterior expected FDR of {args.fdr_target:g} "
+                     f"({up} up in {args.group1}, {int(calls.sum()) - up} down)")
+        top = res[calls].head(10)
+        if len(top):
+            lines.append("top calls (lfc_mean): " + ", ".join(f"{g} {v:+.2f}" for g, v in top["lfc_mean"].items()))
+    else:
+        lines.append("top genes by bayes_factor: " + ", ".join(
+            f"{g} {v:.1f}" for g, v in res["bayes_factor"].head(10).items()))
     lines.append(f"wrote {out / 'de.csv'}, {out / 'volcano.png'}")
     print("\n".join(lines))
 

@@ -830,8 +830,27 @@ def differential_expression(
             table["comparison"] = f"{name1} vs {name2}"
             table["group1"], table["group2"] = name1, name2
             table.index = pd.Index(model.spec.var_names)
-            tables.append(_sort_table(table, mode))
+            tables.append(_sort_table(_order_columns(table, mode), mode))
     return pd.concat(tables)
+
+
+# scvi-tools 1.4.2's columns per mode, in its order (tests/data/scvi_tools_1.4.2_api.json); cellvi's own
+# columns follow them, then the calls and the comparison names
+SCVI_TOOLS_COLUMNS = {
+    "vanilla": ["proba_m1", "proba_m2", "bayes_factor", "scale1", "scale2"],
+    "change": ["proba_de", "proba_not_de", "bayes_factor", "scale1", "scale2", "pseudocounts", "delta", "lfc_mean",
+               "lfc_median", "lfc_std", "lfc_min", "lfc_max"],
+}
+RAW_COLUMNS = ["raw_mean1", "raw_mean2", "non_zeros_proportion1", "non_zeros_proportion2", "raw_normalized_mean1",
+               "raw_normalized_mean2"]
+
+
+def _order_columns(table: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """scvi-tools' columns in scvi-tools' order, then cellvi's, then ``is_de_fdr_*``, comparison, groups."""
+    last = [c for c in table.columns if c.startswith("is_de_fdr_")] + ["comparison", "group1", "group2"]
+    first = [c for c in SCVI_TOOLS_COLUMNS[mode] + RAW_COLUMNS if c in table.columns]
+    middle = [c for c in table.columns if c not in first and c not in last]
+    return table[first + middle + [c for c in last if c in table.columns]]
 
 
 def _check_options(mode: str, weights: str, fdr_target: float, n_samples_overall: int, n_samples: int | None,
