@@ -109,3 +109,16 @@ def test_split_sizes_follow_scvi_tools():
         for shuffle in (True, False):
             with pytest.raises(ValueError, match="train_size|validation_size"):
                 split_indices(10, train_size, validation_size, shuffle=shuffle)
+
+
+def test_csr_positions_past_2_to_the_31_nonzeros():
+    from cellvi.data.loader import csr_positions
+
+    assert [t.tolist() for t in csr_positions(torch.tensor([0, 2, 2, 5]), torch.tensor([2, 0]))] == \
+        [[0, 0, 0, 1, 1], [2, 3, 4, 0, 1]]
+    # an atlas whose row pointers pass 2^31 (and 2^32): positions stay exact in int64, no wrap-around
+    big = 2**31 + 5
+    indptr = torch.tensor([0, big, big + 3, 2 * big, 2 * big + 2], dtype=torch.int64)
+    rows, pos = csr_positions(indptr, torch.tensor([1, 3]))
+    assert rows.tolist() == [0, 0, 0, 1, 1]
+    assert pos.tolist() == [big, big + 1, big + 2, 2 * big, 2 * big + 1] and pos.dtype == torch.int64

@@ -37,6 +37,21 @@ def _to_csr(X) -> sp.csr_matrix:
     return sp.csr_matrix(np.asarray(X, dtype=np.float32))
 
 
+def csr_positions(indptr: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """For the CSR rows ``idx``: the minibatch row of each of their non-zeros, and its position in the
+    CSR arrays (row start + rank within the row). All int64, so atlases past 2^31 non-zeros index safely.
+
+    >>> csr_positions(torch.tensor([0, 2, 2, 5]), torch.tensor([2, 0]))
+    (tensor([0, 0, 0, 1, 1]), tensor([2, 3, 4, 0, 1]))
+    """
+    start = indptr[idx]
+    counts = indptr[idx + 1] - start
+    total = int(counts.sum())
+    rows = torch.repeat_interleave(torch.arange(idx.numel(), device=indptr.device), counts, output_size=total)
+    first = torch.repeat_interleave(counts.cumsum(0) - counts, counts, output_size=total)
+    return rows, start[rows] + torch.arange(total, device=indptr.device) - first
+
+
 def obs_arrays(adata: AnnData, spec: DataSpec) -> dict[str, np.ndarray]:
     """The per-cell covariates of the minibatch vocabulary (all keys but ``x``, ``index``, ``nonzeros``)."""
     n = adata.n_obs
@@ -98,13 +113,7 @@ class CountData:
 
     def gather(self, idx: Tensor) -> dict[str, Tensor]:
         """The minibatch of cells ``idx`` (int64 tensor on this device): dense counts + covariates."""
-        start = self.indptr[idx]
-        counts = self.indptr[idx + 1] - start
-        total = int(counts.sum())
-        rows = torch.repeat_interleave(torch.arange(idx.numel(), device=self.device), counts, output_size=total)
-        # position of each gathered non-zero in the CSR arrays: row start + rank within the row
-        first = torch.repeat_interleave(counts.cumsum(0) - counts, counts, output_size=total)
-        pos = start[rows] + torch.arange(total, device=self.device) - first
+        rows, pos = csr_positions(self.indptr, idx)
         cols, values = self.indices[pos], self.values[pos]
         x = torch.zeros(idx.numel() * self.n_vars, device=self.device)
         x.scatter_(0, rows * self.n_vars + cols, values)
