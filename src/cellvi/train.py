@@ -26,6 +26,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-6
     eps: float = 0.01  # Adam epsilon (scvi-tools' default)
+    optimizer: str = "Adam"  # "Adam" (L2 weight decay in the gradient) or "AdamW" (decoupled weight decay)
     n_epochs_kl_warmup: int | None = 400  # KL weight rises linearly from 0 to 1 over these epochs
     n_steps_kl_warmup: int | None = None  # ... or over these steps, when n_epochs_kl_warmup is None
     max_kl_weight: float = 1.0
@@ -103,8 +104,31 @@ class Adam:
         )
 
 
+class AdamW(Adam):
+    """AdamW (decoupled weight decay, as ``torch.optim.AdamW``) on PyTorch's fused kernel; see :class:`Adam`."""
+
+    @torch.no_grad()
+    def step(self) -> None:
+        idx = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not idx:
+            return
+        steps = [self.steps[i] for i in idx]
+        torch._foreach_add_(steps, 1.0)
+        torch._fused_adamw_(
+            [self.params[i] for i in idx], [self.params[i].grad for i in idx], [self.exp_avg[i] for i in idx],
+            [self.exp_avg_sq[i] for i in idx], [], steps, lr=self.lr, beta1=self.betas[0], beta2=self.betas[1],
+            weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False,
+        )
+
+
 def make_optimizer(params, config: TrainConfig):
     params = [p for p in params if p.requires_grad]
+    if config.optimizer == "AdamW":  # decoupled weight decay: p -= lr * wd * p, outside the moments
+        if hasattr(torch, "_fused_adamw_") and all(p.device.type in ("cpu", "cuda") for p in params):
+            return AdamW(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
+    if config.optimizer != "Adam":
+        raise ValueError(f"optimizer={config.optimizer!r} is not supported; use 'Adam' or 'AdamW'.")
     if hasattr(torch, "_fused_adam_") and all(p.device.type in ("cpu", "cuda") for p in params):
         return Adam(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
     return torch.optim.Adam(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
