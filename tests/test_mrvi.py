@@ -184,6 +184,30 @@ def test_label_informed_prior_has_one_component_per_label():
     torch.testing.assert_close(p[0], torch.logsumexp(w + comp, 0))
 
 
+def test_token_attention_is_multi_head_attention_on_scalar_tokens():
+    """The scalar reduction in TokenAttention.forward equals plain multi-head attention on the tokens."""
+    import torch.nn.functional as F
+
+    from cellvi.models.mrvi import TokenAttention
+
+    torch.manual_seed(0)
+    att = TokenAttention(10, 16, 30, n_tokens=16, n_channels=4, n_heads=2).eval()
+    with torch.no_grad():
+        att.token_bias.normal_()  # non-zero biases, so every term of the reduction is exercised
+    query, kv = torch.randn(64, 10), torch.randn(64, 16)
+
+    def heads(x):
+        return x.view(x.shape[0], x.shape[1], 2, -1).transpose(1, 2)
+
+    q = att.query_proj(query)[..., None] * att.token_weight[0] + att.token_bias[0]  # (N, T, E) tokens
+    k_scalar = att.kv_proj(kv)[..., None]
+    k, v = (k_scalar * att.token_weight[i] + att.token_bias[i] for i in (1, 2))
+    o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+    o = att.out_proj(o.transpose(1, 2).flatten(2))
+    expected = att.mlp_out(torch.cat([query, att.mlp_tokens(o.flatten(1))], -1))
+    torch.testing.assert_close(att(query, kv), expected, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- sample distances
 
 

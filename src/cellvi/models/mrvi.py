@@ -138,25 +138,33 @@ class TokenAttention(nn.Module):
         self.mlp_tokens = ResMLP(n_tokens * E, n_tokens, n_hidden, n_layers)
         self.mlp_out = ResMLP(n_tokens + query_dim, n_out, n_hidden, n_layers)
 
-    def kv_tokens(self, kv: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values ``(N, heads, tokens, E / heads)`` of key vectors ``(N, kv_dim)``."""
-        t = self.kv_proj(kv)[..., None]  # (N, T, 1)
-        k = t * self.token_weight[1] + self.token_bias[1]
-        v = t * self.token_weight[2] + self.token_bias[2]
-        return self._heads(k), self._heads(v)
+    def kv_tokens(self, kv: Tensor) -> Tensor:
+        """Key tokens ``(N, tokens)`` of key vectors ``(N, kv_dim)`` (scalars: see :meth:`forward`)."""
+        return self.kv_proj(kv)
 
-    def _heads(self, x: Tensor) -> Tensor:
-        N, T, E = x.shape
-        return x.view(N, T, self.n_heads, E // self.n_heads).transpose(1, 2)
+    def forward(self, query: Tensor, kv: Tensor | None = None, keys: Tensor | None = None) -> Tensor:
+        """``query`` ``(N, query_dim)``; either ``kv`` ``(N, kv_dim)`` or precomputed :meth:`kv_tokens`.
 
-    def forward(self, query: Tensor, kv: Tensor | None = None, keys_values: tuple[Tensor, Tensor] | None = None
-                ) -> Tensor:
-        """``query`` ``(N, query_dim)``; either ``kv`` ``(N, kv_dim)`` or precomputed :meth:`kv_tokens`."""
-        k, v = self.kv_tokens(kv) if keys_values is None else keys_values
+        With scalar tokens, attention reduces to scalar arithmetic. Per head h, query token t is
+        ``q_t a + c``, key token t' is ``k_t' b + e`` and its value ``k_t' v + f``, so the score is
+        ``(q_t a + c).(k_t' b + e) / sqrt(d) = lam_t k_t' + (terms constant in t')`` with
+        ``lam_t = (q_t a.b + c.b) / sqrt(d)``; the constant terms cancel in the softmax over t'. With
+        weights ``w = softmax_t'(lam_t k_t')``, the attended value is ``v sum_t' w k_t' + f sum_t' w``.
+        Exactly multi-head attention on these tokens, with ``(N, heads, T, T)`` scalars instead of
+        ``(N, heads, T, d)`` matrix products.
+        """
+        k = self.kv_tokens(kv) if keys is None else keys  # (N, T)
         q_in = query.detach() if self.stop_gradients_mlp else query
-        q = self._heads(self.query_proj(q_in)[..., None] * self.token_weight[0] + self.token_bias[0])
-        drop = self.dropout_rate if self.training else 0.0
-        att = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # (N, H, T, E / H)
+        q = self.query_proj(q_in)  # (N, T)
+        H = self.n_heads
+        (a, b, v), (c, e, f) = (w.view(3, H, -1).unbind(0) for w in (self.token_weight, self.token_bias))
+        scale = a.shape[-1] ** -0.5
+        lam = (q[:, None, :] * (a * b).sum(-1)[None, :, None] + (c * b).sum(-1)[None, :, None]) * scale  # (N, H, T)
+        w = torch.softmax(lam[..., None] * k[:, None, None, :], -1)  # (N, H, T, T')
+        if self.training and self.dropout_rate > 0:
+            w = F.dropout(w, self.dropout_rate)
+        m, total = (w * k[:, None, None, :]).sum(-1), w.sum(-1)  # (N, H, T) each
+        att = m[..., None] * v[None, :, None, :] + total[..., None] * f[None, :, None, :]  # (N, H, T, d)
         att = self.out_proj(att.transpose(1, 2).flatten(2))  # (N, T, E)
         return self.mlp_out(torch.cat([query, self.mlp_tokens(att.flatten(1))], -1))
 
@@ -230,17 +238,16 @@ class MrVIModule(nn.Module):
         h = self.qu_body(h + self.qu_sample[sample])
         return dist.normal(self.qu_mean(h), F.softplus(self.qu_scale(h)) + 1e-5)
 
-    def sample_keys_values(self, samples: Tensor) -> tuple[Tensor, Tensor]:
-        """Attention keys and values of the embeddings of ``samples`` (computed once per sample)."""
+    def sample_keys(self, samples: Tensor) -> Tensor:
+        """Attention key tokens ``(S, T)`` of the embeddings of ``samples`` (computed once per sample)."""
         return self.qz_attention.kv_tokens(self.qz_ln_embed(self.qz_embed[samples]))
 
     # z = u' + g(u, s); u is (N, Lu), s is (N,)
-    def z_from_u(self, u: Tensor, sample: Tensor, use_mean: bool = True,
-                 keys_values: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    def z_from_u(self, u: Tensor, sample: Tensor, use_mean: bool = True, keys: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor]:
         """``(z, z_base)``: the sample-aware state and ``u'`` (so ``z - z_base`` is the sample effect)."""
         u_in = u.detach() if self.qz_options["stop_gradients"] else u
-        kv = self.sample_keys_values(sample) if keys_values is None else keys_values
-        g = self.qz_attention(self.qz_ln_u(u_in), keys_values=kv)
+        g = self.qz_attention(self.qz_ln_u(u_in), keys=self.sample_keys(sample) if keys is None else keys)
         if not self.qz_options["use_map"]:
             loc, raw = g.chunk(2, -1)
             q_eps = dist.normal(loc, F.softplus(raw) + 1e-3)
@@ -292,11 +299,10 @@ class MrVIModule(nn.Module):
     def counterfactual_z(self, u: Tensor, samples: Tensor, use_mean: bool = True) -> Tensor:
         """z of each cell had it come from each of ``samples``: ``u`` ``(..., N, Lu)`` -> ``(..., N, S, L)``."""
         lead, S = u.shape[:-1], samples.numel()
-        k, v = self.sample_keys_values(samples)  # (S, H, T, d) each
+        keys = self.sample_keys(samples)  # (S, T)
         n = int(np.prod(lead))
         uu = u.reshape(n, 1, -1).expand(n, S, u.shape[-1]).reshape(n * S, -1)
-        kv = (k.repeat(n, 1, 1, 1), v.repeat(n, 1, 1, 1))
-        z, _ = self.z_from_u(uu, samples.repeat(n), use_mean=use_mean, keys_values=kv)
+        z, _ = self.z_from_u(uu, samples.repeat(n), use_mean=use_mean, keys=keys.repeat(n, 1))
         return z.reshape(*lead, S, -1)
 
 
