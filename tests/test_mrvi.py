@@ -378,6 +378,18 @@ def test_exploration_helpers_find_planted_structure():
     assert len(set(groups[:3])) == 1 and len(set(groups[3:])) == 1 and groups[0] != groups[3]
 
 
+def test_sample_distance_heatmap_draws_and_saves(trained, tmp_path):
+    d = trained.get_local_sample_distances(groupby="cell_type", keep_cell=False)["cell_type"]
+    fig = cellvi.pl.sample_distance_heatmap(d.sel(cell_type_name="type_0"), trained.sample_info,
+                                            color_by=["cov1", "cov2"], save=str(tmp_path / "h.png"))
+    assert (tmp_path / "h.png").stat().st_size > 1000
+    heat = fig.axes[3]  # dendrogram, two strips, heatmap, colour bar
+    assert sorted(t.get_text() for t in heat.get_xticklabels()) == sorted(trained.sample_order)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- recovery
 
 
