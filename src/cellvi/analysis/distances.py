@@ -24,19 +24,17 @@ def sample_distances(reps: Tensor, norm: str = "l2") -> Tensor:
 
     Notes
     -----
-    Differences are formed explicitly (``reps[i] - reps[j]``) rather than through the expansion
-    ``|a|^2 + |b|^2 - 2 a.b``, which loses precision for nearby states. The result is symmetrised by
-    averaging with its transpose, so rounding cannot make ``d[i, j] != d[j, i]``.
+    ``torch.cdist`` forms the differences ``reps[i] - reps[j]`` inside its kernel (never the
+    ``(..., S, S, L)`` array, and not the expansion ``|a|^2 + |b|^2 - 2 a.b``, which loses precision
+    for nearby states), so memory is that of the output. The result is symmetrised by averaging with
+    its transpose, so rounding cannot make ``d[i, j] != d[j, i]``.
     """
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r} is not supported; use one of {NORMS}.")
-    delta = reps.unsqueeze(-2) - reps.unsqueeze(-3)  # (..., S, S, L)
-    if norm == "l2":
-        d = delta.square().sum(-1).sqrt()
-    elif norm == "l1":
-        d = delta.abs().sum(-1)
-    else:
-        d = delta.abs().amax(-1)
+    p = {"l2": 2.0, "l1": 1.0, "linf": float("inf")}[norm]
+    lead, (S, L) = reps.shape[:-2], reps.shape[-2:]
+    flat = reps.reshape(-1, S, L)
+    d = torch.cdist(flat, flat, p=p, compute_mode="donot_use_mm_for_euclid_dist").reshape(*lead, S, S)
     d = 0.5 * (d + d.transpose(-1, -2))
     return d * (1 - torch.eye(d.shape[-1], dtype=d.dtype, device=d.device))
 

@@ -39,7 +39,8 @@ PX_DEFAULTS = dict(n_latent_sample=16, n_channels=4, n_heads=2, dropout_rate=0.0
 QZ_DEFAULTS = dict(n_latent_sample=16, n_channels=4, n_heads=2, dropout_rate=0.03, stop_gradients=False,
                    stop_gradients_mlp=True, use_map=True, n_hidden=32, n_layers=1)
 QU_DEFAULTS: dict = {}
-ROWS_PER_CHUNK = 2**15  # cells x samples evaluated at once in counterfactual analyses (bounds memory)
+ROWS_PER_CHUNK = 2**13  # cells x samples evaluated at once in counterfactual analyses (bounds memory)
+PAIRS_PER_CHUNK = 2**22  # cells x samples^2 distances held at once (16 MB of float32)
 LABEL_PRIOR_BOOST = 10.0  # logit added to a cell's own label component in the label-informed prior
 
 
@@ -574,7 +575,9 @@ class MrVI(Model):
         m = self.module
         m.eval()
         samples = torch.arange(self.spec.n_samples, device=self.device)
-        for batch in self._cell_chunks(adata, None, batch_size, self.spec.n_samples * (1 if use_mean else mc_samples)):
+        S = self.spec.n_samples
+        size = max(1, min(batch_size, PAIRS_PER_CHUNK // (S * S * (1 if use_mean else mc_samples))))
+        for batch in self._cell_chunks(adata, None, size, S * (1 if use_mean else mc_samples)):
             qu = m.qu(batch["x"], batch["sample"], batch.get("nonzeros"))
             if use_mean:
                 d = distances.sample_distances(m.counterfactual_z(qu.mean, samples), norm)
