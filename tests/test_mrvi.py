@@ -172,6 +172,23 @@ def test_latent_shapes_and_save_load_round_trip(trained, tmp_path):
     assert m2.history["elbo_validation"].shape == (4, 1)
 
 
+@pytest.mark.parametrize("kwargs", [
+    {"u_prior_mixture": False, "z_u_prior": False},
+    {"qz_kwargs": {"use_map": False}, "px_kwargs": {"low_dim_batch": False}, "learn_z_u_prior_scale": True},
+    {"scale_observations": True, "n_latent": 6, "n_latent_u": 6},
+])
+def test_model_options_train(kwargs):
+    a = _cohort(n=200, g=30)
+    a.obs["site"] = pd.Categorical(np.where(a.obs["cov2"] == "low", "s0", "s1"))
+    cellvi.MrVI.setup_anndata(a, sample_key="sample", batch_key="site")
+    m = cellvi.MrVI(a, **kwargs)
+    m.train(max_epochs=1)
+    assert np.isfinite(m.history["elbo_train"].to_numpy()).all()
+    assert m.get_local_sample_distances()["cell"].shape == (200, 8, 8)
+    with pytest.raises(ValueError, match=r"px_kwargs has unsupported keys \['nope'\]"):
+        cellvi.MrVI(a, px_kwargs={"nope": 1})
+
+
 def test_label_informed_prior_has_one_component_per_label():
     a = _cohort()
     cellvi.MrVI.setup_anndata(a, sample_key="sample", labels_key="cell_type")
