@@ -379,6 +379,22 @@ def test_differential_expression_names_shapes_and_lfc(trained):
         m.differential_expression(sample_cov_keys=["cell_type"])
 
 
+def test_analyses_on_new_data_with_a_subset_of_samples(trained):
+    m = trained
+    sub = m.adata[m.adata.obs["sample"].isin(["sample_00", "sample_01", "sample_05"])].copy()
+    n = sub.n_obs
+    d = m.get_local_sample_distances(sub)["cell"]
+    assert d.shape == (n, 8, 8) and list(d.cell_name.values) == list(sub.obs_names)
+    np.testing.assert_allclose(d.values, m.get_local_sample_distances()["cell"].sel(cell_name=sub.obs_names).values,
+                               rtol=1e-5, atol=1e-6)
+    da = m.differential_abundance(sub)
+    assert list(da.sample.values) == ["sample_00", "sample_01", "sample_05"]  # samples with cells in sub
+    de = m.differential_expression(sub, sample_cov_keys=["cov2"], mc_samples=2)
+    assert de["pvalue"].shape == (n, 1)
+    expr = m.get_normalized_expression(sub, library_size=1e4)
+    assert expr.shape == (n, 60) and np.allclose(expr.to_numpy().sum(1), 1e4, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------- exploration
 
 
