@@ -18,6 +18,40 @@ import cellvi
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[1] / "shared" / "data" / "kang_ifnb_pbmc_small.h5ad"
+GLIOBLASTOMA = HERE.parents[1] / "shared" / "data" / "glioblastoma_panobinostat.h5ad"
+
+
+def glioblastoma(max_epochs: int, out: Path) -> dict:
+    """Zhao et al. 2021 slices: 5 patients x {DMSO, panobinostat}; DE of the drug adjusted for the patient."""
+    adata = cellvi.datasets.read_h5ad(GLIOBLASTOMA)
+    adata.obs["all"] = "all cells"
+    cellvi.MrVI.setup_anndata(adata, sample_key="sample_id")
+    model = cellvi.MrVI(adata)
+    t = time.perf_counter()
+    model.train(max_epochs=max_epochs)
+    metrics = {"cells": adata.n_obs, "genes": adata.n_vars, "samples": int(model.spec.n_samples),
+               "epochs": max_epochs, "train_s": round(time.perf_counter() - t, 1)}
+    d = model.get_local_sample_distances(groupby="all", keep_cell=False)["all"].sel(all_name="all cells")
+    info = model.sample_info
+    cond = info["condition"].astype(str).to_numpy()
+    patient = info["patient_id"].astype(str).to_numpy()
+    off = ~np.eye(len(cond), dtype=bool)
+    dv = d.values
+    metrics["mean_distance_same_patient_other_condition"] = round(float(dv[(patient[:, None] == patient) & off].mean()), 3)
+    metrics["mean_distance_same_condition_other_patient"] = round(float(dv[(cond[:, None] == cond) & (patient[:, None] != patient)].mean()), 3)
+    metrics["mean_distance_other_patient_other_condition"] = round(float(dv[(cond[:, None] != cond) & (patient[:, None] != patient)].mean()), 3)
+    cellvi.pl.sample_distance_heatmap(d, info, color_by=["condition", "patient_id"],
+                                      title="glioblastoma slices: sample distances (all cells)",
+                                      save=str(out / "mrvi_glioblastoma_distances.png"))
+    de = model.differential_expression(sample_cov_keys=["condition", "patient_id"], store_lfc=True,
+                                       store_lfc_metadata_subset=["condition"])
+    cov = "condition_panobinostat"
+    metrics["de_fraction_cells_padj_below_0.05_panobinostat"] = round(float((de["padj"].sel(covariate=cov) < 0.05).mean()), 3)
+    lfc = de["lfc"].sel(covariate_sub=cov).values.mean(0)
+    symbols = adata.var["symbol"].astype(str).to_numpy()
+    for name, order in (("up", np.argsort(-lfc)[:8]), ("down", np.argsort(lfc)[:8])):
+        metrics[f"de_top8_{name}_panobinostat"] = {symbols[i]: round(float(lfc[i]), 2) for i in order}
+    return metrics
 
 
 def main() -> None:
@@ -25,11 +59,17 @@ def main() -> None:
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--max-epochs", type=int, default=100)
     p.add_argument("--out", default=str(HERE / "figures"))
+    p.add_argument("--dataset", choices=["kang", "glioblastoma"], default="kang")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cellvi.settings.progress_bar = False
     plt = cellvi.pl._plt()
+    if args.dataset == "glioblastoma":
+        metrics = glioblastoma(args.max_epochs, out)
+        (out / "mrvi_glioblastoma_metrics.json").write_text(json.dumps(metrics, indent=1))
+        print(json.dumps(metrics, indent=1))
+        return
 
     # 1. data: a sample is a donor in one condition (16 samples)
     adata = cellvi.datasets.read_h5ad(args.data)
