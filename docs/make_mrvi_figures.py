@@ -37,9 +37,10 @@ def glioblastoma(max_epochs: int, out: Path) -> dict:
     patient = info["patient_id"].astype(str).to_numpy()
     off = ~np.eye(len(cond), dtype=bool)
     dv = d.values
-    metrics["mean_distance_same_patient_other_condition"] = round(float(dv[(patient[:, None] == patient) & off].mean()), 3)
-    metrics["mean_distance_same_condition_other_patient"] = round(float(dv[(cond[:, None] == cond) & (patient[:, None] != patient)].mean()), 3)
-    metrics["mean_distance_other_patient_other_condition"] = round(float(dv[(cond[:, None] != cond) & (patient[:, None] != patient)].mean()), 3)
+    same_p, same_c = patient[:, None] == patient, cond[:, None] == cond
+    metrics["mean_distance_same_patient_other_condition"] = round(float(dv[same_p & off].mean()), 3)
+    metrics["mean_distance_same_condition_other_patient"] = round(float(dv[same_c & ~same_p].mean()), 3)
+    metrics["mean_distance_other_patient_other_condition"] = round(float(dv[~same_c & ~same_p].mean()), 3)
     cellvi.pl.sample_distance_heatmap(d, info, color_by=["condition", "patient_id"],
                                       title="glioblastoma slices: sample distances (all cells)",
                                       save=str(out / "mrvi_glioblastoma_distances.png"))

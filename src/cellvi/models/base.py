@@ -430,7 +430,7 @@ def sample_table(adata: AnnData, spec: DataSpec) -> pd.DataFrame:
     first = obs.loc[~key.duplicated().to_numpy(), constant]
     first.index = key[~key.duplicated()].to_numpy()
     table = first.reindex(list(spec.sample_categories))
-    for c in constant:  # reindex turns missing categorical rows into NaN but keeps dtypes; restore them anyway
+    for c in constant:  # reindex may turn a categorical column into object when a sample is missing: restore it
         if isinstance(obs[c].dtype, pd.CategoricalDtype):
             table[c] = pd.Categorical(table[c], categories=obs[c].cat.categories, ordered=obs[c].cat.ordered)
     table.index = pd.RangeIndex(spec.n_samples, name="_sample_index")
