@@ -187,6 +187,23 @@ class Adam:
         )
 
 
+class AdamW(Adam):
+    """AdamW (decoupled weight decay, as ``torch.optim.AdamW``) on PyTorch's fused kernel; see :class:`Adam`."""
+
+    @torch.no_grad()
+    def step(self) -> None:
+        idx = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not idx:
+            return
+        steps = [self.steps[i] for i in idx]
+        torch._foreach_add_(steps, 1.0)
+        torch._fused_adamw_(
+            [self.params[i] for i in idx], [self.params[i].grad for i in idx], [self.exp_avg[i] for i in idx],
+            [self.exp_avg_sq[i] for i in idx], [], steps, lr=self.lr, beta1=self.betas[0], beta2=self.betas[1],
+            weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False,
+        )
+
+
 @functools.cache
 def _fused_adam_runs_on(device_type: str) -> bool:
     """Whether this PyTorch has the fused Adam kernel for ``device_type`` (CPU needs torch >= 2.4): one tiny call."""
@@ -205,7 +222,9 @@ def _fused_adam_runs_on(device_type: str) -> bool:
 def make_optimizer(params, config: TrainConfig):
     """Adam (L2 weight decay, our fused :class:`Adam` where PyTorch has the kernel) or AdamW."""
     params = [p for p in params if p.requires_grad]
-    if config.optimizer == "AdamW":
+    if config.optimizer == "AdamW":  # decoupled weight decay: p -= lr * wd * p, outside the moments
+        if params and all(_fused_adam_runs_on(p.device.type) for p in params):
+            return AdamW(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
         return torch.optim.AdamW(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
     if params and all(_fused_adam_runs_on(p.device.type) for p in params):
         return Adam(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)

@@ -8,6 +8,7 @@ indexed the same way. Keys of a minibatch (the one vocabulary all modules read):
 ``x``            float32 (B, G)   counts
 ``batch``        int64   (B,)     batch code
 ``label``        int64   (B,)     label code
+``sample``       int64   (B,)     sample code (MrVI's ``sample_key``; all 0 when none was set up)
 ``cat_covs``     int64   (B, K)   extra categorical covariate codes (K may be 0)
 ``cont_covs``    float32 (B, C)   continuous covariates (C may be 0)
 ``size_factor``  float32 (B, 1)   present only when a size_factor_key was set up
@@ -59,6 +60,7 @@ def obs_arrays(adata: AnnData, spec: DataSpec) -> dict[str, np.ndarray]:
     obs = {
         "batch": zeros if spec.batch_key is None else codes(adata, spec.batch_key, spec.batch_categories),
         "label": zeros if spec.labels_key is None else codes(adata, spec.labels_key, spec.label_categories),
+        "sample": zeros if spec.sample_key is None else codes(adata, spec.sample_key, spec.sample_categories),
         "cat_covs": np.stack([codes(adata, k, c) for k, c in zip(spec.categorical_covariate_keys,
                                                                 spec.covariate_categories)], 1)
         if spec.categorical_covariate_keys else np.zeros((n, 0), dtype=np.int64),

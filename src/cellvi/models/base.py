@@ -139,12 +139,16 @@ class Model:
     def __init__(self, adata: AnnData, config):
         self.adata = adata
         self.spec: DataSpec = get_spec(adata)
+        if self.spec.model_class not in (None, type(self).__name__):
+            raise ValueError(f"adata was set up with {self.spec.model_class}.setup_anndata, not {type(self).__name__}'s; "
+                             f"call cellvi.{type(self).__name__}.setup_anndata(adata, ...) first.")
         check_compatible(self.spec, adata)
         self.config = config
         self.history_: dict[str, list[float]] = {}
         self.is_trained_ = False
         self.train_indices_ = self.validation_indices_ = None
         self._data_cache: tuple | None = None
+        self._sample_info: pd.DataFrame | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -182,7 +186,7 @@ class Model:
         """
         setup_anndata(adata, layer=layer, batch_key=batch_key, labels_key=labels_key,
                       size_factor_key=size_factor_key, categorical_covariate_keys=categorical_covariate_keys,
-                      continuous_covariate_keys=continuous_covariate_keys)
+                      continuous_covariate_keys=continuous_covariate_keys, model_class=cls.__name__)
 
     # ------------------------------------------------------------------ data
 
@@ -202,6 +206,23 @@ class Model:
         for key, values in self.history_.items():
             out[key] = pd.DataFrame({key: values}, index=pd.Index(np.arange(len(values)), name="epoch"))
         return out
+
+    @property
+    def sample_info(self) -> pd.DataFrame:
+        """One row per sample (in the set-up's sample order): the ``.obs`` columns constant within every sample.
+
+        Categorical dtypes are kept. Assign a DataFrame with the same rows to change it, e.g. after
+        reordering a covariate's categories to choose the reference level of a contrast.
+        """
+        if self._sample_info is None:
+            self._sample_info = sample_table(self.adata, self.spec)
+        return self._sample_info
+
+    @sample_info.setter
+    def sample_info(self, value: pd.DataFrame) -> None:
+        if not isinstance(value, pd.DataFrame) or len(value) != self.spec.n_samples:
+            raise ValueError(f"sample_info must be a DataFrame with one row per sample ({self.spec.n_samples}).")
+        self._sample_info = value
 
     def _data(self, adata: AnnData | None = None) -> CountData | BackedCountData:
         """The minibatch source of ``adata`` (default: the model's): in memory, or read in chunks when its
@@ -569,7 +590,7 @@ def _adopt_spec(adata: AnnData, spec: DataSpec) -> None:
     check_compatible(spec, adata)
     if UNS_KEY in adata.uns:
         theirs = get_spec(adata)
-        keys = ["layer", "batch_key", "labels_key", "size_factor_key", "categorical_covariate_keys",
+        keys = ["layer", "batch_key", "labels_key", "sample_key", "size_factor_key", "categorical_covariate_keys",
                 "continuous_covariate_keys"]
         diff = [f"{k}: model {getattr(spec, k)!r} vs adata {getattr(theirs, k)!r}"
                 for k in keys if getattr(spec, k) != getattr(theirs, k)]
@@ -577,3 +598,24 @@ def _adopt_spec(adata: AnnData, spec: DataSpec) -> None:
             raise ValueError("adata was set up differently from the model: " + "; ".join(diff)
                              + ". Set it up with the model's keys (or not at all).")
     adata.uns[UNS_KEY] = spec.to_json()
+
+
+def sample_table(adata: AnnData, spec: DataSpec) -> pd.DataFrame:
+    """One row per sample of ``spec`` with the ``.obs`` columns of ``adata`` constant within each sample.
+
+    Rows follow ``spec.sample_categories``; a sample absent from ``adata`` gets missing values.
+    """
+    if spec.sample_key is None:
+        raise ValueError("No sample_key was set up; call setup_anndata(adata, sample_key=...) first.")
+    obs = adata.obs
+    key = obs[spec.sample_key].astype(str)
+    n_distinct = obs.groupby(key.to_numpy(), observed=True).nunique(dropna=False)  # (samples present, columns)
+    constant = [c for c in obs.columns if c == spec.sample_key or bool((n_distinct[c] <= 1).all())]
+    first = obs.loc[~key.duplicated().to_numpy(), constant]
+    first.index = key[~key.duplicated()].to_numpy()
+    table = first.reindex(list(spec.sample_categories))
+    for c in constant:  # reindex may turn a categorical column into object when a sample is missing: restore it
+        if isinstance(obs[c].dtype, pd.CategoricalDtype):
+            table[c] = pd.Categorical(table[c], categories=obs[c].cat.categories, ordered=obs[c].cat.ordered)
+    table.index = pd.RangeIndex(spec.n_samples, name="_sample_index")
+    return table
