@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from torch import distributions as D
 
 import cellvi
-from cellvi.abundance import component_log_prob, mixture_log_density
+from cellvi.analysis.density import aggregated_log_density, student_t_log_density
 
 
 @pytest.mark.parametrize("dof", [None, 3.0])
@@ -21,16 +21,22 @@ def test_mixture_density_matches_torch_mixture(dof):
     z = torch.randn(9, 4, generator=g, dtype=torch.float64)
     comp = D.Normal(loc, scale) if dof is None else D.StudentT(dof, loc, scale)
     ref = D.MixtureSameFamily(D.Categorical(logits=torch.zeros(37, dtype=torch.float64)), D.Independent(comp, 1))
-    torch.testing.assert_close(mixture_log_density(z, loc, scale, dof=dof, chunk=5), ref.log_prob(z))
-    torch.testing.assert_close(component_log_prob(z, loc, scale, dof), comp.log_prob(z[:, None]).sum(-1))
+    one_segment = torch.zeros(37, dtype=torch.int64)
+    torch.testing.assert_close(aggregated_log_density(z, loc, scale, one_segment, 1, dof=dof)[:, 0], ref.log_prob(z))
+    if dof is not None:
+        torch.testing.assert_close(student_t_log_density(z, loc, scale, dof), comp.log_prob(z[:, None]).sum(-1))
 
 
 def test_own_component_is_left_out_by_hand():
     loc = torch.tensor([[0.0], [10.0]], dtype=torch.float64)
     scale = torch.ones(2, 1, dtype=torch.float64)
     z = torch.tensor([[0.0]], dtype=torch.float64)  # query = component 0
-    with_own = mixture_log_density(z, loc, scale)
-    without = mixture_log_density(z, loc, scale, query_ids=torch.tensor([0]), component_ids=torch.tensor([0, 1]))
+    seg = torch.zeros(2, dtype=torch.int64)
+    with_own = aggregated_log_density(z, loc, scale, seg, 1)
+    without = aggregated_log_density(z, loc, scale, seg, 1, query_ids=torch.tensor([0]), component_ids=torch.tensor([0, 1]))
+    alone = aggregated_log_density(z, loc[:1], scale[:1], seg[:1], 1, query_ids=torch.tensor([0]),
+                                   component_ids=torch.tensor([0]))
+    assert alone.item() == -math.inf  # its own component was the only one
     # with its own component the density is ~ N(0; 0, 1) / 2; without, only N(0; 10, 1) remains (weight 1)
     assert with_own.item() == pytest.approx(-0.5 * math.log(2 * math.pi) - math.log(2), abs=1e-12)
     assert without.item() == pytest.approx(-0.5 * math.log(2 * math.pi) - 50.0, abs=1e-12)

@@ -1,7 +1,10 @@
-"""Aggregated-posterior densities in u space: differential abundance and admissibility.
+"""Aggregated-posterior densities: differential abundance (SCVI, MrVI) and admissibility (MrVI).
 
 The aggregated posterior of a set of cells M is the mixture ``q_M(u) = (1/|M|) sum_m N(u; mu_m, sigma_m^2)``
-of their Gaussian posteriors q(u | x_m) (Boyeau et al., 2025, Methods).
+of their posteriors q(u | x_m) (Boyeau et al., 2025, Methods), with Normal or Student-t components. The
+density of a cell under each sample's mixture tells which samples are over-represented near it. A cell's
+own component can be left out of its own sample's mixture: it would otherwise dominate that density
+(a cell must not vote for itself).
 """
 
 from __future__ import annotations
@@ -46,13 +49,32 @@ def segment_logsumexp(log_p: Tensor, segments: Tensor, n_segments: int) -> Tenso
     return total.log() + safe
 
 
-def aggregated_log_density(u: Tensor, loc: Tensor, scale: Tensor, segments: Tensor, n_segments: int) -> Tensor:
+def student_t_log_density(u: Tensor, loc: Tensor, scale: Tensor, dof: float) -> Tensor:
+    """``log t_dof(u_b; loc_m, scale_m)`` (independent dimensions) for every pair, shape ``(B, M)``."""
+    u, loc, scale = u.double(), loc.double(), scale.double()
+    z = (u[:, None, :] - loc[None]) / scale[None]  # (B, M, L)
+    const = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
+    return u.shape[-1] * const - (dof + 1) / 2 * torch.log1p(z * z / dof).sum(-1) - scale.log().sum(-1)[None]
+
+
+def aggregated_log_density(u: Tensor, loc: Tensor, scale: Tensor, segments: Tensor, n_segments: int, *,
+                           dof: float | None = None, query_ids: Tensor | None = None,
+                           component_ids: Tensor | None = None) -> Tensor:
     """``log q_s(u_b)`` for each point ``u_b`` and each segment (sample) s: ``(B, n_segments)``.
 
-    ``q_s`` is the equal-weight mixture of the Gaussians ``(loc_m, scale_m)`` with ``segments[m] == s``.
+    ``q_s`` is the equal-weight mixture of the components ``(loc_m, scale_m)`` with ``segments[m] == s``:
+    Gaussian, or Student-t with ``dof`` degrees of freedom. Where ``query_ids[b] == component_ids[m]``
+    (the point is that component's own cell) the component is left out, and its segment's mixture is
+    over the others (``-inf`` when none is left).
     """
-    counts = torch.bincount(segments, minlength=n_segments).to(torch.float64)
-    return segment_logsumexp(gaussian_log_density(u, loc, scale), segments, n_segments) - counts.log()
+    log_p = gaussian_log_density(u, loc, scale) if dof is None else student_t_log_density(u, loc, scale, dof)
+    counts = torch.bincount(segments, minlength=n_segments).to(torch.float64).expand(u.shape[0], -1)
+    if query_ids is not None and component_ids is not None:
+        own = query_ids[:, None] == component_ids[None, :]  # (B, M)
+        log_p = log_p.masked_fill(own, -torch.inf)
+        counts = counts - torch.zeros_like(counts).scatter_add_(1, segments.expand(u.shape[0], -1), own.double())
+    out = segment_logsumexp(log_p, segments, n_segments) - counts.log()
+    return out.masked_fill(counts == 0, -torch.inf)
 
 
 def mixture_over_groups(log_probs: np.ndarray, columns: np.ndarray, own: np.ndarray | None = None) -> np.ndarray:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
 from cellvi import distributions as dist
+from cellvi import settings
 from cellvi.models.base import Model, as_indices, average_over_batches, check_library_size, expression_from
 from cellvi.nn import MLP, GaussianEncoder
 
@@ -216,8 +217,6 @@ class SCVI(Model):
                             latent_distribution=latent_distribution, use_observed_lib_size=use_observed_lib_size,
                             **model_kwargs)
         super().__init__(adata, config)
-        from cellvi import settings
-
         spec = self.spec
         means, variances = self._data().library_log_stats(spec.n_batches)
         with torch.random.fork_rng(devices=[]):
@@ -485,19 +484,29 @@ class SCVI(Model):
         DataFrame of cells x samples, also written to ``adata.obsm["da_log_probs"]`` (scvi-tools writes it
         and returns None).
         """
-        from cellvi.abundance import sample_log_densities
+        from cellvi.analysis.density import aggregated_log_density
 
         adata_ = self.adata if adata is None else adata
         if sample_key is None or sample_key not in adata_.obs.columns:
             raise ValueError(f"sample_key={sample_key!r} must be a column of adata.obs "
                              f"(columns: {list(adata_.obs.columns)}).")
-        samples = adata_.obs[sample_key].astype(str).to_numpy()
-        names = list(pd.unique(samples))
+        codes, names = pd.factorize(adata_.obs[sample_key].astype(str))  # samples in order of appearance
         loc, var = self.get_latent_representation(adata, return_dist=True, batch_size=batch_size)
-        log_probs = sample_log_densities(loc, loc, np.sqrt(var), samples, names, dof=dof,
-                                         num_cells_posterior=num_cells_posterior, batch_size=batch_size,
-                                         omit_own=omit_own_cell, device=self.device)
-        table = pd.DataFrame(log_probs, index=adata_.obs_names, columns=names)
+        members = np.arange(loc.shape[0])  # the cells whose posteriors make up the mixtures
+        if num_cells_posterior is not None:
+            rng = np.random.default_rng(settings.seed)
+            members = np.sort(np.concatenate([
+                rng.choice(m, min(m.size, num_cells_posterior), replace=False)
+                for m in (np.flatnonzero(codes == k) for k in range(len(names)))]))
+        as_t = lambda a: torch.as_tensor(a, device=self.device)  # noqa: E731
+        z, scale, ids = as_t(loc), as_t(np.sqrt(var)), torch.arange(loc.shape[0], device=self.device)
+        comp = as_t(members)
+        seg = as_t(codes[members])
+        log_probs = np.concatenate([aggregated_log_density(
+            z[i : i + batch_size], z[comp], scale[comp], seg, len(names), dof=dof,
+            query_ids=ids[i : i + batch_size] if omit_own_cell else None, component_ids=comp).cpu().numpy()
+            for i in range(0, loc.shape[0], batch_size)]) if loc.shape[0] else np.zeros((0, len(names)))
+        table = pd.DataFrame(log_probs.astype(np.float32), index=adata_.obs_names, columns=list(names))
         adata_.obsm["da_log_probs"] = table
         return table
 
