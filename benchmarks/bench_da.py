@@ -7,7 +7,6 @@ out of its sample's mixture (``omit_own_cell``; ``False`` computes the densities
 
 import argparse
 
-import numpy as np
 from scipy.special import logsumexp
 from sklearn.metrics import roc_auc_score
 
