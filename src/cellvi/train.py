@@ -173,6 +173,18 @@ class Adam:
         for p in self.params:
             p.grad = None
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The moments and step counts, flat: ``"<param>.exp_avg"``, ``"<param>.exp_avg_sq"``, ``"<param>.step"``."""
+        return {f"{i}.{name}": t for name, ts in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq),
+                                                  ("step", self.steps)) for i, t in enumerate(ts)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_dict`, in place (the learning rate is set separately)."""
+        named = {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "step": self.steps}
+        for key, t in state.items():
+            i, name = key.split(".", 1)
+            named[name][int(i)].copy_(t)
+
     @torch.no_grad()
     def step(self) -> None:
         idx = [i for i, p in enumerate(self.params) if p.grad is not None]
@@ -243,8 +255,7 @@ def set_lr(optimizer, lr: float) -> None:
 def optimizer_state(optimizer) -> dict[str, torch.Tensor]:
     """The optimizer's per-parameter tensors (moments, step counts), flat, keyed ``"<param>.<name>"``."""
     if isinstance(optimizer, Adam):
-        return {f"{i}.{name}": t for name, ts in (("exp_avg", optimizer.exp_avg), ("exp_avg_sq", optimizer.exp_avg_sq),
-                                                  ("step", optimizer.steps)) for i, t in enumerate(ts)}
+        return optimizer.state_dict()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     return {f"{i}.{name}": torch.as_tensor(v) for i, p in enumerate(params)
             for name, v in optimizer.state.get(p, {}).items()}
@@ -253,10 +264,7 @@ def optimizer_state(optimizer) -> dict[str, torch.Tensor]:
 def load_optimizer_state(optimizer, tensors: dict[str, torch.Tensor]) -> None:
     """Inverse of :func:`optimizer_state`, in place."""
     if isinstance(optimizer, Adam):
-        for key, t in tensors.items():
-            i, name = key.split(".", 1)
-            {"exp_avg": optimizer.exp_avg, "exp_avg_sq": optimizer.exp_avg_sq, "step": optimizer.steps}[name][int(i)] \
-                .copy_(t)
+        optimizer.load_state_dict(tensors)
         return
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for key, t in tensors.items():
