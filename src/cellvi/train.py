@@ -192,28 +192,23 @@ class Adam:
             return
         steps = [self.steps[i] for i in idx]
         torch._foreach_add_(steps, 1.0)
-        torch._fused_adam_(
+        self._kernel()(
             [self.params[i] for i in idx], [self.params[i].grad for i in idx], [self.exp_avg[i] for i in idx],
             [self.exp_avg_sq[i] for i in idx], [], steps, lr=self.lr, beta1=self.betas[0], beta2=self.betas[1],
             weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False,
         )
+
+    @staticmethod
+    def _kernel():
+        return torch._fused_adam_  # L2 weight decay: added to the gradient
 
 
 class AdamW(Adam):
     """AdamW (decoupled weight decay, as ``torch.optim.AdamW``) on PyTorch's fused kernel; see :class:`Adam`."""
 
-    @torch.no_grad()
-    def step(self) -> None:
-        idx = [i for i, p in enumerate(self.params) if p.grad is not None]
-        if not idx:
-            return
-        steps = [self.steps[i] for i in idx]
-        torch._foreach_add_(steps, 1.0)
-        torch._fused_adamw_(
-            [self.params[i] for i in idx], [self.params[i].grad for i in idx], [self.exp_avg[i] for i in idx],
-            [self.exp_avg_sq[i] for i in idx], [], steps, lr=self.lr, beta1=self.betas[0], beta2=self.betas[1],
-            weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False,
-        )
+    @staticmethod
+    def _kernel():
+        return torch._fused_adamw_  # decoupled weight decay: p -= lr * wd * p, outside the moments
 
 
 @functools.cache
