@@ -122,7 +122,8 @@ def main() -> None:
     if args.which != "both":
         _sidebyside.worker(args, run_cellvi, run_scvi)
         return
-    a, b = _sidebyside.alternate(__file__, args)
+    res = _sidebyside.alternate(__file__, args)
+    a, b = res["cellvi"], res["scvi"]
     print(f"data: simulated {args.n_cells} cells x {args.n_genes} genes, 2 batches, background = ctrl, "
           f"target = stim, {args.epochs} epochs, batch 128 (+128); fastest of {args.rounds} alternating rounds")
     print(f"{'':34s}{'cellvi':>12s}{'scvi-tools':>12s}")

@@ -4,6 +4,7 @@ import scipy.special
 import scipy.stats
 import torch
 
+from cellvi import distributions as dist
 from cellvi.distributions import NegativeBinomial, Poisson, digamma, nb_log_prob, poisson_log_prob, zinb_log_prob
 
 f64 = lambda v: torch.as_tensor(v, dtype=torch.float64)  # noqa: E731
@@ -67,6 +68,37 @@ def test_sparse_row_sum_gradients_match_dense(zi, theta_shape):
         grads.append(torch.autograd.grad((out * weights).sum(), params))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_zinb_zero_term_falls_back_to_softplus_when_its_sum_underflows():
+    # float32: sigmoid(logit) and NB(0) both below 1e-38 at one entry -> the one-log form would give -inf
+    x = torch.tensor([[0.0, 3.0, 0.0]])
+    mu = torch.tensor([[5e4, 2.0, 1.0]], requires_grad=True)
+    theta = torch.tensor([40.0, 1.5, 0.7], requires_grad=True)
+    logits = torch.tensor([[-120.0, 0.3, -1.0]], requires_grad=True)
+    assert dist._zero_count_terms(mu, theta, torch.log(theta), logits) is None
+    out = NegativeBinomial(mu, theta, logits).log_prob_sum(x)
+    grads = torch.autograd.grad(out.sum(), [mu, theta, logits])
+    ref_params = [p.detach().double().requires_grad_() for p in (mu, theta, logits)]
+    ref = zinb_log_prob(x.double(), *ref_params).sum(-1)
+    ref_grads = torch.autograd.grad(ref.sum(), ref_params)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-6, atol=1e-3)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("zi", [False, True])
+def test_sparse_row_sum_without_gradients_equals_with(zi):
+    g = torch.Generator().manual_seed(2)
+    x = torch.poisson(torch.rand(6, 9, generator=g, dtype=torch.float64) * 2)
+    mu = torch.rand(6, 9, generator=g, dtype=torch.float64) * 3 + 0.1
+    theta = torch.rand(9, generator=g, dtype=torch.float64) + 0.2
+    logits = torch.randn(6, 9, generator=g, dtype=torch.float64) if zi else None
+    d = NegativeBinomial(mu, theta, logits)
+    with torch.no_grad():
+        plain = d.log_prob_sum(x)
+    torch.testing.assert_close(plain, d.log_prob(x).sum(-1), rtol=1e-10, atol=1e-10)
 
 
 def test_samples_have_the_stated_moments():

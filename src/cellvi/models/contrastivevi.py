@@ -38,7 +38,7 @@ from cellvi import distributions as dist
 from cellvi.data.loader import CountData, split_indices
 from cellvi.models.base import Model, _last_batch_min_size, as_indices, average_over_batches, check_library_size, expression_from
 from cellvi.models.scvi import flatten_samples, repeat_samples
-from cellvi.nn import MLP, GaussianEncoder
+from cellvi.nn import MLP, GaussianEncoder, Linear
 
 REPRESENTATION_KINDS = ("salient", "background")
 
@@ -89,7 +89,7 @@ class ContrastiveVIModule(nn.Module):
         n_latent = cfg.n_background_latent + cfg.n_salient_latent
         self.decoder = MLP(n_latent + n_continuous_cov, cfg.n_hidden, n_cats=[n_batches, *n_cats_per_cov],
                            n_hidden=cfg.n_hidden, n_layers=cfg.n_layers, dropout_rate=0.0, inject_all=True)
-        self.heads = nn.Linear(cfg.n_hidden, 2 * n_genes)  # one matmul: [scale logits | zero-inflation logits]
+        self.heads = Linear(cfg.n_hidden, 2 * n_genes)  # one matmul: [scale logits | zero-inflation logits]
         self.log_theta = nn.Parameter(torch.randn(n_genes))  # ZINB inverse dispersion, one per gene
         self.register_buffer("library_log_means", library_log_means.float().reshape(-1))
         self.register_buffer("library_log_vars", library_log_vars.float().reshape(-1))

@@ -26,7 +26,7 @@ from torch.distributions import Normal, kl_divergence
 from cellvi import distributions as dist
 from cellvi import settings
 from cellvi.models.base import Model, as_indices, average_over_batches, check_library_size, expression_from
-from cellvi.nn import MLP, GaussianEncoder
+from cellvi.nn import MLP, GaussianEncoder, Linear
 
 CHOICES = {
     "dispersion": ("gene", "gene-batch", "gene-label", "gene-cell"),
@@ -105,7 +105,7 @@ class SCVIModule(nn.Module):
                            use_batch_norm=bn_dec, use_layer_norm=ln_dec, inject_all=cfg.deeply_inject_covariates)
         # one matmul for all per-gene outputs: [scale logits | zero-inflation logits | log theta (gene-cell)]
         self.n_heads = 3 if cfg.dispersion == "gene-cell" else 2
-        self.heads = nn.Linear(cfg.n_hidden, self.n_heads * n_genes)
+        self.heads = Linear(cfg.n_hidden, self.n_heads * n_genes)
         n_theta = {"gene": 1, "gene-batch": n_batches, "gene-label": n_labels, "gene-cell": 0}[cfg.dispersion]
         self.log_theta = nn.Parameter(torch.randn(n_theta, n_genes)) if n_theta else None
         self.register_buffer("library_log_means", library_log_means.float().reshape(-1))
