@@ -6,7 +6,7 @@ Usage (from the repo root; scvi-tools lives in its own venv):
 
 Data: ``cellvi.datasets.simulate`` (3 cell types, 2 batches, ctrl/stim) plus a target-only program
 (half of the stim cells, across cell types, express 20 genes 4x higher), built by the same function
-as the tests (``tests/test_contrastivevi.py::simulate_contrastive``). Background = ctrl, target = stim.
+as the tests (``cellvi.datasets.simulate_contrastive``). Background = ctrl, target = stim.
 Both libraries train with identical settings: batch_key="batch", default architecture
 (n_hidden=128, 10 + 10 latent dimensions, ZINB, observed library size), batch size 128, the same
 number of epochs, train_size=0.9, Adam lr 1e-3 / eps 0.01 / weight decay 1e-6, default KL warm-up
@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_data(n_cells: int, n_genes: int, seed: int = 0):
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_contrastivevi import simulate_contrastive
+    sys.path.insert(0, str(ROOT / "src"))  # also in the scvi-tools environment: the simulator needs no torch
+    from cellvi.datasets import simulate_contrastive
 
     return simulate_contrastive(n_cells, n_genes, n_program=20, lfc=2.0, seed=seed, mean_library_size=500)
 

@@ -149,6 +149,36 @@ def simulate(
 
 
 
+def simulate_contrastive(n_cells: int = 1500, n_genes: int = 200, *, n_program: int = 15, lfc: float = 2.0,
+                         seed: int = 0, **simulate_kwargs):
+    """:func:`simulate` (3 cell types, 2 batches, ctrl/stim, no other stim effect) plus a target-only
+    program, for contrastive models: half of the stim cells, across all cell types, express ``n_program``
+    genes ``2**lfc`` times their cell type's level. Truth: ``obs["program"]`` ("on"/"off") and
+    ``var["program"]``.
+    """
+    a = simulate(n_cells, n_genes, n_cell_types=3, de_cell_types=0, abundance_shift=1.0, seed=seed,
+                                 **simulate_kwargs)
+    rng = np.random.default_rng(seed + 100)
+    X = a.X.toarray()
+    markers = a.var[[c for c in a.var if c.startswith("marker_")]].any(axis=1).to_numpy()
+    lib = X.sum(1)
+    ct = a.obs["cell_type"].cat.codes.to_numpy()
+    level = np.stack([(X[ct == k] / lib[ct == k, None]).mean(0) for k in range(ct.max() + 1)])  # (types, genes)
+    # program genes: neither markers nor batch genes, moderately expressed (below the top fifth), so that
+    # switching them on does not dilute every other gene's share of the library much
+    free = np.flatnonzero(~(markers | a.var["batch_gene"].to_numpy()))
+    by_level = free[np.argsort(-level.mean(0)[free])]
+    candidates = by_level[len(by_level) // 5 :][: 3 * n_program]
+    program = rng.choice(candidates, n_program, replace=False)
+    on = (a.obs["condition"] == "stim").to_numpy() & (rng.random(n_cells) < 0.5)
+    extra = rng.poisson((2**lfc - 1) * level[ct][:, program] * lib[:, None])  # expected total: 2**lfc x level
+    X[np.ix_(on, program)] += extra[on]
+    a.X = sp.csr_matrix(X.astype(np.float32))
+    a.var["program"] = np.isin(np.arange(n_genes), program)
+    a.obs["program"] = np.where(on, "on", "off")
+    return a
+
+
 def simulate_cohort(
     n_cells: int = 3000,
     n_genes: int = 200,
