@@ -25,6 +25,8 @@ def parser(default_epochs: int) -> argparse.ArgumentParser:
     p.add_argument("--which", choices=["both", "cellvi", "scvi"], default="both")
     p.add_argument("--scvi-python", default=sys.executable)
     p.add_argument("--rounds", type=int, default=2, help="alternate the two libraries this many times; keep the fastest")
+    p.add_argument("--compile-kernels", choices=["auto", "on", "off"], default="on",
+                   help="cellvi's compiled likelihood kernels (auto: as train() decides; on for the steady state)")
     p.add_argument("--floor", default=None,
                    help="path of a plain-PyTorch SCVI step script (scvi_step_floor.py) to time in the same rounds")
     return p
@@ -52,7 +54,8 @@ def run_floor(path: str, n_cells: int, epochs: int) -> dict:
 def alternate(script: str, args, floor_cells: int | None = None) -> dict[str, dict]:
     """Run ``script --which cellvi``, the floor script (``args.floor``, on ``floor_cells`` cells) and
     ``--which scvi`` alternately; the fastest result of each, keyed "cellvi", "floor", "scvi"."""
-    common = ["--n-cells", str(args.n_cells), "--n-genes", str(args.n_genes), "--epochs", str(args.epochs)]
+    common = ["--n-cells", str(args.n_cells), "--n-genes", str(args.n_genes), "--epochs", str(args.epochs),
+              "--compile-kernels", args.compile_kernels]
     order = ["cellvi"] + (["floor"] if args.floor else []) + ["scvi"]
     runs: dict[str, list[dict]] = {w: [] for w in order}
     for _ in range(args.rounds):

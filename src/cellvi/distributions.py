@@ -22,6 +22,54 @@ from torch import Tensor
 
 EPS = 1e-8
 
+# --------------------------------------------------------------------------- compiled kernels (opt-in)
+
+_COMPILED: dict = {}  # function -> its torch.compile'd version (or the function itself where compiling failed)
+_USE_COMPILED = [False]
+
+
+def kernel(fn):
+    """``fn`` itself, or its ``torch.compile``'d version inside :func:`compiled_kernels` (``True``).
+
+    Only large elementwise kernels go through here: compiling fuses their passes over the
+    ``(cells, genes)`` arrays into one. Where compilation fails (no C++ compiler, an old PyTorch) the
+    eager function is used, once and for all, with a warning.
+    """
+    if not _USE_COMPILED[0]:
+        return fn
+    if fn not in _COMPILED:
+        def first_call(*args, _fn=fn):
+            try:
+                compiled = torch.compile(_fn, dynamic=False)
+                out = compiled(*args)
+            except Exception as err:  # any backend failure: stay eager
+                import warnings
+
+                warnings.warn(f"torch.compile of {_fn.__name__} failed ({type(err).__name__}); using eager "
+                              "kernels.", RuntimeWarning, stacklevel=3)
+                _COMPILED[_fn] = _fn
+                return _fn(*args)
+            _COMPILED[_fn] = compiled
+            return out
+
+        return first_call
+    return _COMPILED[fn]
+
+
+class compiled_kernels:
+    """Context manager: use compiled likelihood kernels (``on=True``) or eager ones inside the block."""
+
+    def __init__(self, on: bool):
+        self.on, self.before = bool(on), None
+
+    def __enter__(self):
+        self.before, _USE_COMPILED[0] = _USE_COMPILED[0], self.on
+        return self
+
+    def __exit__(self, *exc):
+        _USE_COMPILED[0] = self.before
+        return False
+
 
 def normal(loc: Tensor, scale: Tensor) -> torch.distributions.Normal:
     """A Normal without torch.distributions' per-construction argument checks (they cost a sync per step)."""
@@ -113,26 +161,31 @@ def digamma(z: Tensor) -> Tensor:
 def _zero_count_terms(mu: Tensor, theta: Tensor, log_theta: Tensor, logits: Tensor | None):
     """The x = 0 log-probability on every entry and its derivatives, in few elementwise passes.
 
-    Returns ``(value, d/dmu, d/dtheta, d/dlogits)``, each shaped as ``mu`` (``d/dlogits`` is None for
-    NB). With ``t = theta + mu``: NB ``log NB(0) = theta (log theta - log t)``; ZINB
-    ``log[sigmoid(l) + sigmoid(-l) NB(0)]`` (= softplus(nb0 - l) - softplus(-l), with one log and one exp
-    instead of two softplus). ``None`` if that sum underflowed somewhere (then use the softplus form).
+    Returns ``(value, d/dmu, d/dtheta, d/dlogits, S)``, each shaped as ``mu`` (``d/dlogits`` and ``S``
+    are None for NB). With ``t = theta + mu``: NB ``log NB(0) = theta (log theta - log t)``; ZINB
+    ``log S`` with ``S = sigmoid(l) + sigmoid(-l) NB(0)`` (= softplus(nb0 - l) - softplus(-l), with one
+    log and one exp instead of two softplus). Where ``S`` underflows (``S.min() <= 1e-30``) the caller
+    uses :func:`_zero_count_terms_softplus` instead. No data-dependent branch: ``torch.compile`` fuses it.
     """
     t = mu + (theta + EPS)
-    d = torch.log(t).neg_().add_(log_theta)  # log theta - log t
+    d = log_theta - torch.log(t)  # log theta - log t
     nb0 = d * theta
     w = theta / t  # -d nb0 / d mu
     if logits is None:
-        return nb0, w.neg(), d.add_(theta / (theta + EPS)).sub_(w), None
+        return nb0, -w, d + theta / (theta + EPS) - w, None, None
     sn = torch.sigmoid(-logits)
-    snr = torch.exp(nb0).mul_(sn)
-    S = torch.sigmoid(logits).add_(snr)
-    if not bool(S.min() > 1e-30):  # underflow: leave it to the softplus form
-        return None
-    a = snr.div_(S)  # sigmoid(nb0 - l): d value / d nb0
-    grad_logits = sn.sub_(a)
-    grad_theta = d.add_(theta / (theta + EPS)).sub_(w).mul_(a)
-    return torch.log(S), w.mul_(a).neg_(), grad_theta, grad_logits
+    snr = torch.exp(nb0) * sn
+    S = torch.sigmoid(logits) + snr
+    a = snr / S  # sigmoid(nb0 - l): d value / d nb0
+    return torch.log(S), -(w * a), (d + theta / (theta + EPS) - w) * a, sn - a, S
+
+
+def _zero_terms_or_fallback(mu: Tensor, theta: Tensor, log_theta: Tensor, logits: Tensor | None):
+    """:func:`_zero_count_terms` (through :func:`kernel`), or the softplus form where ``S`` underflowed."""
+    value, grad_mu, grad_theta, grad_logits, S = kernel(_zero_count_terms)(mu, theta, log_theta, logits)
+    if S is not None and not bool(S.min() > 1e-30):
+        value, grad_mu, grad_theta, grad_logits = _zero_count_terms_softplus(mu, theta, log_theta, logits)
+    return value, grad_mu, grad_theta, grad_logits
 
 
 def _zero_count_terms_softplus(mu: Tensor, theta: Tensor, log_theta: Tensor, logits: Tensor):
@@ -206,10 +259,7 @@ def nb_row_log_lik(mu: Tensor, theta: Tensor, logits: Tensor | None, nz: Nonzero
         th_nz, lth_nz = theta.reshape(-1).index_select(0, flat), log_theta.reshape(-1).index_select(0, flat)
         lgamma_theta = torch.lgamma(th_nz)
         digamma_theta = digamma(th_nz) if need_grad else None
-    zero = _zero_count_terms(mu, theta, log_theta, logits)
-    if zero is None:
-        zero = _zero_count_terms_softplus(mu, theta, log_theta, logits)
-    value, grad_mu, grad_theta, grad_logits = zero
+    value, grad_mu, grad_theta, grad_logits = _zero_terms_or_fallback(mu, theta, log_theta, logits)
     l_nz = None if logits is None else logits[nz.rows, nz.cols]  # logits may be a strided view: no copy
     nz_terms = _nonzero_correction(nz.values, mu.reshape(-1).index_select(0, flat), th_nz, lth_nz, lgamma_theta,
                                    digamma_theta if need_grad else torch.zeros_like(th_nz), l_nz)
@@ -244,6 +294,42 @@ class _NBRowLogLik(torch.autograd.Function):
         return grad_mu * g, d_theta, None if grad_logits is None else grad_logits * g, None, None, None
 
 
+def _softmax_rate(scale_logits: Tensor, log_library: Tensor) -> tuple[Tensor, Tensor]:
+    """``scale = softmax(scale_logits)`` over genes and ``mu = exp(log_library) * scale``."""
+    scale = torch.softmax(scale_logits, -1)
+    return scale, torch.exp(log_library) * scale
+
+
+def _softmax_rate_backward(grad_mu: Tensor, mu: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Derivatives with respect to the scale logits and the log library from those w.r.t. ``mu``:
+    with ``q = grad_mu * mu``, ``d/dlogits = q - scale * sum(q)`` and ``d/dlog_library = sum(q)``."""
+    q = grad_mu * mu
+    total = q.sum(-1, keepdim=True)
+    return q - scale * total, total
+
+
+class _NBRowLogLikFromLogits(torch.autograd.Function):
+    """:func:`nb_row_log_lik` of ``mu = exp(l) softmax(h)``, with the softmax and its derivative in the same
+    passes (two fusable kernels around the sparse correction), derivatives from the forward pass."""
+
+    @staticmethod
+    def forward(ctx, scale_logits, log_library, theta, logits, rows, cols, xv):
+        scale, mu = kernel(_softmax_rate)(scale_logits, log_library)
+        out, grad_mu, grad_theta, grad_logits = nb_row_log_lik(mu, theta, logits, Nonzeros(rows, cols, xv))
+        grad_h, grad_l = kernel(_softmax_rate_backward)(grad_mu, mu, scale)
+        ctx.save_for_backward(grad_h, grad_l, grad_theta, grad_logits)
+        ctx.gene_theta = theta.dim() == 1
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_l, grad_theta, grad_logits = ctx.saved_tensors
+        g = grad[:, None]
+        d_theta = torch.mv(grad_theta.t(), grad) if ctx.gene_theta else grad_theta * g
+        d_logits = None if grad_logits is None else grad_logits * g
+        return grad_h * g, grad_l * g, d_theta, d_logits, None, None, None
+
+
 class NegativeBinomial:
     """NB (``zi_logits=None``) or zero-inflated NB over a ``(cells, genes)`` matrix of counts.
 
@@ -260,7 +346,29 @@ class NegativeBinomial:
     """
 
     def __init__(self, mu: Tensor, theta: Tensor, zi_logits: Tensor | None = None, scale: Tensor | None = None):
-        self.mu, self.theta, self.zi_logits, self.scale = mu, theta, zi_logits, scale
+        self._mu, self.theta, self.zi_logits, self._scale = mu, theta, zi_logits, scale
+        self.scale_logits = self.log_library = None
+
+    @classmethod
+    def from_logits(cls, scale_logits: Tensor, log_library: Tensor, theta: Tensor,
+                    zi_logits: Tensor | None = None) -> NegativeBinomial:
+        """``mu = exp(log_library) * softmax(scale_logits)`` (scVI's decoder), computed only when read:
+        :meth:`log_prob_sum` fuses the softmax into the likelihood instead."""
+        d = cls(None, theta, zi_logits)
+        d.scale_logits, d.log_library = scale_logits, log_library
+        return d
+
+    @property
+    def scale(self) -> Tensor | None:
+        if self._scale is None and self.scale_logits is not None:
+            self._scale = torch.softmax(self.scale_logits, -1)
+        return self._scale
+
+    @property
+    def mu(self) -> Tensor:
+        if self._mu is None:
+            self._mu = torch.exp(self.log_library) * self.scale
+        return self._mu
 
     @property
     def mean(self) -> Tensor:
@@ -287,10 +395,12 @@ class NegativeBinomial:
         ``nz`` are the non-zero entries of ``x`` when already known (the loader provides them).
         """
         nz = nonzeros(x) if nz is None else nz
-        params = [self.mu, self.theta] + ([] if self.zi_logits is None else [self.zi_logits])
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return _NBRowLogLik.apply(self.mu, self.theta, self.zi_logits, nz.rows, nz.cols, nz.values)
-        return nb_row_log_lik(self.mu, self.theta, self.zi_logits, nz, need_grad=False)[0]
+        if not torch.is_grad_enabled():
+            return nb_row_log_lik(self.mu, self.theta, self.zi_logits, nz, need_grad=False)[0]
+        if self.scale_logits is not None and self._mu is None:  # training: softmax fused with the likelihood
+            return _NBRowLogLikFromLogits.apply(self.scale_logits, self.log_library, self.theta, self.zi_logits,
+                                                nz.rows, nz.cols, nz.values)
+        return _NBRowLogLik.apply(self.mu, self.theta, self.zi_logits, nz.rows, nz.cols, nz.values)
 
     @torch.no_grad()
     def sample(self, n: int | None = None) -> Tensor:

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from anndata import AnnData
 from torch import Tensor, nn
 from torch.distributions import kl_divergence
@@ -118,8 +117,8 @@ class ContrastiveVIModule(nn.Module):
         h = torch.cat([z, s, cont_covs], -1) if cont_covs.shape[-1] else torch.cat([z, s], -1)
         h = self.decoder(h, [batch, *cat_covs.unbind(-1)])  # (B, n_hidden)
         scale_logits, zi_logits = self.heads(h).chunk(2, -1)  # each (B, G)
-        scale = F.softmax(scale_logits, -1)  # rows sum to 1
-        px = dist.NegativeBinomial(torch.exp(library) * scale, torch.exp(self.log_theta), zi_logits, scale=scale)
+        # mu = exp(library) * softmax(scale_logits), computed when read (training fuses it into the likelihood)
+        px = dist.NegativeBinomial.from_logits(scale_logits, library, torch.exp(self.log_theta), zi_logits)
         pl = None
         if self.l_encoder is not None:
             pl = dist.normal(self.library_log_means[batch][:, None], self.library_log_vars[batch][:, None].sqrt())

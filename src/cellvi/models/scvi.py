@@ -140,8 +140,6 @@ class SCVIModule(nn.Module):
         h = torch.cat([z, cont_covs], -1) if cont_covs.shape[-1] else z
         h = self.decoder(h, [batch, *cat_covs.unbind(-1)])  # (B, n_hidden)
         heads = self.heads(h).chunk(self.n_heads, -1)  # each (B, G)
-        scale = F.softmax(heads[0], -1)  # (B, G), rows sum to 1
-        rate = torch.exp(library) * scale
         disp = self.config.dispersion
         if disp == "gene-cell":
             theta = torch.exp(heads[2])
@@ -151,9 +149,10 @@ class SCVIModule(nn.Module):
             theta = torch.exp(self.log_theta)[batch if disp == "gene-batch" else label]  # (B, G)
         lik = self.config.gene_likelihood
         if lik == "poisson":
-            px = dist.Poisson(rate, scale=scale)
-        else:
-            px = dist.NegativeBinomial(rate, theta, heads[1] if lik == "zinb" else None, scale=scale)
+            scale = F.softmax(heads[0], -1)  # (B, G), rows sum to 1
+            px = dist.Poisson(torch.exp(library) * scale, scale=scale)
+        else:  # rate exp(library) * softmax(heads[0]), computed when read (training fuses it into the likelihood)
+            px = dist.NegativeBinomial.from_logits(heads[0], library, theta, heads[1] if lik == "zinb" else None)
         pz = dist.normal(torch.zeros_like(z), torch.ones_like(z))
         pl = None
         if self.l_encoder is not None:
