@@ -5,6 +5,8 @@ side by side with scvi-tools; and the scVI blog's headline (1.3M cells x 720 gen
     python benchmarks/bench_scale.py epochs --sizes 10000 100000 1000000 --scvi-python /work/venv-scvi/bin/python
     # 1.3M cells x 720 genes, scvi-tools' default epoch heuristic, from memory and from the backed file
     python benchmarks/bench_scale.py headline
+    # one process (2 threads) against two data-parallel processes (1 thread each, torchrun, gloo)
+    python benchmarks/bench_scale.py ddp --n-cells 100000
 
 Each measurement runs in its own subprocess (peak RSS is that process's); data are simulated in
 chunks of 20k cells (`cellvi.datasets.simulate`, one seed per chunk) and appended to an .h5ad on disk,
@@ -78,7 +80,10 @@ def run_one(args) -> dict:
         cellvi.SCVI.setup_anndata(adata, batch_key="batch")
         model = cellvi.SCVI(adata)
         t1 = time.perf_counter()
-        model.train(max_epochs=args.epochs, train_size=1.0, batch_size=128, accelerator="cpu")
+        model.train(max_epochs=args.epochs, train_size=1.0, batch_size=args.per_process_batch, accelerator="cpu",
+                    compile_kernels=False)
+        epoch_s = model.history_["epoch_seconds"]
+        out["epoch_seconds"] = epoch_s
     t2 = time.perf_counter()
     if args.latent:
         model.get_latent_representation()
@@ -114,18 +119,42 @@ def main() -> None:
     h.add_argument("--n-cells", type=int, default=1_300_000)
     h.add_argument("--n-genes", type=int, default=720)
     h.add_argument("--data-dir", type=Path, default=Path("/tmp/cellvi-scale"))
+    d = sub.add_parser("ddp")
+    d.add_argument("--n-cells", type=int, default=100_000)
+    d.add_argument("--n-genes", type=int, default=2000)
+    d.add_argument("--epochs", type=int, default=3)
+    d.add_argument("--data-dir", type=Path, default=Path("/tmp/cellvi-scale"))
     one = sub.add_parser("_one")
     one.add_argument("--which", required=True)
     one.add_argument("--file", required=True)
     one.add_argument("--epochs", type=int, default=None)
     one.add_argument("--latent", action="store_true")
+    one.add_argument("--per-process-batch", type=int, default=128)
     args = p.parse_args()
     if args.part == "_one":
         print("RESULT " + json.dumps(run_one(args)))
         return
     args.data_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    if args.part == "epochs":
+    if args.part == "ddp":
+        import os
+
+        file = args.data_dir / f"sim_{args.n_cells}x{args.n_genes}.h5ad"
+        make_h5ad(file, args.n_cells, args.n_genes, 1500.0)
+        env1 = {**os.environ, "OMP_NUM_THREADS": "2"}
+        one = subprocess.run([sys.executable, __file__, "_one", "--which", "cellvi", "--file", str(file), "--epochs",
+                              str(args.epochs)], capture_output=True, text=True, env=env1)
+        env2 = {**os.environ, "OMP_NUM_THREADS": "1"}
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              __file__, "_one", "--which", "cellvi", "--file", str(file), "--epochs", str(args.epochs),
+                              "--per-process-batch", "64"], capture_output=True, text=True, env=env2)
+        for name, proc in (("1 process x 2 threads, batch 128", one), ("2 processes x 1 thread, batch 64 each", two)):
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            r = json.loads(lines[0][7:]) if lines else {"error": proc.stderr[-2000:]}
+            r["setting"] = name
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    elif args.part == "epochs":
         for n in args.sizes:
             file = args.data_dir / f"sim_{n}x{args.n_genes}.h5ad"
             print(f"{file}: simulated and written in {make_h5ad(file, n, args.n_genes, 1500.0):.0f} s", flush=True)
