@@ -5,11 +5,16 @@ round of each library is kept."""
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import os
 import resource
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parser(default_epochs: int) -> argparse.ArgumentParser:
@@ -20,6 +25,10 @@ def parser(default_epochs: int) -> argparse.ArgumentParser:
     p.add_argument("--which", choices=["both", "cellvi", "scvi"], default="both")
     p.add_argument("--scvi-python", default=sys.executable)
     p.add_argument("--rounds", type=int, default=2, help="alternate the two libraries this many times; keep the fastest")
+    p.add_argument("--compile-kernels", choices=["auto", "on", "off"], default="on",
+                   help="cellvi's compiled likelihood kernels (auto: as train() decides; on for the steady state)")
+    p.add_argument("--floor", default=None,
+                   help="path of a plain-PyTorch SCVI step script (scvi_step_floor.py) to time in the same rounds")
     return p
 
 
@@ -30,12 +39,31 @@ def worker(args, run_cellvi: Callable, run_scvi: Callable) -> None:
     print("RESULT " + json.dumps(out))
 
 
-def alternate(script: str, args) -> tuple[dict, dict]:
-    """Run ``script --which cellvi`` and ``--which scvi`` alternately; the fastest result of each."""
-    common = ["--n-cells", str(args.n_cells), "--n-genes", str(args.n_genes), "--epochs", str(args.epochs)]
-    runs: dict[str, list[dict]] = {"cellvi": [], "scvi": []}
+def run_floor(path: str, n_cells: int, epochs: int) -> dict:
+    """The floor script's seconds per epoch (mean over its epochs, as the libraries' wall time / epochs)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, path, str(n_cells), str(epochs)], capture_output=True, text=True, env=env)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{'n_cells'")]
+    if proc.returncode or not line:
+        sys.exit(f"floor failed:\n{proc.stderr[-3000:]}")
+    out = ast.literal_eval(line[0])
+    return {"library": "plain-PyTorch floor", "s_per_epoch": sum(out["sec_per_epoch"]) / len(out["sec_per_epoch"]),
+            "fastest_epoch_s": out["min"], "opts": out["opts"]}
+
+
+def alternate(script: str, args, floor_cells: int | None = None) -> dict[str, dict]:
+    """Run ``script --which cellvi``, the floor script (``args.floor``, on ``floor_cells`` cells) and
+    ``--which scvi`` alternately; the fastest result of each, keyed "cellvi", "floor", "scvi"."""
+    common = ["--n-cells", str(args.n_cells), "--n-genes", str(args.n_genes), "--epochs", str(args.epochs),
+              "--compile-kernels", args.compile_kernels]
+    order = ["cellvi"] + (["floor"] if args.floor else []) + ["scvi"]
+    runs: dict[str, list[dict]] = {w: [] for w in order}
     for _ in range(args.rounds):
-        for which, python in (("cellvi", sys.executable), ("scvi", args.scvi_python)):
+        for which in order:
+            if which == "floor":
+                runs[which].append(run_floor(args.floor, floor_cells or args.n_cells, args.epochs))
+                continue
+            python = sys.executable if which == "cellvi" else args.scvi_python
             proc = subprocess.run([python, script, "--which", which, *common], capture_output=True, text=True)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not line:
@@ -43,5 +71,4 @@ def alternate(script: str, args) -> tuple[dict, dict]:
             runs[which].append(json.loads(line[0][7:]))
     for which, rs in runs.items():
         print(f"{which} s/epoch per round: {[round(r['s_per_epoch'], 3) for r in rs]}")
-    cellvi, scvi = (min(runs[w], key=lambda r: r["s_per_epoch"]) for w in ("cellvi", "scvi"))
-    return cellvi, scvi
+    return {w: min(rs, key=lambda r: r["s_per_epoch"]) for w, rs in runs.items()}

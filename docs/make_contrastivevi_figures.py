@@ -134,6 +134,7 @@ def main() -> None:
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     if args.part in ("all", "contrastivevi"):
         metrics.update(contrastivevi_part(adata, background, target, condition, cell_type, args.max_epochs, out))
+        metrics_path.write_text(json.dumps(metrics, indent=1))  # kept even if the SCVI reference is stopped
     # 7. reference: one latent space (SCVI) on the same cells, same batch key and epochs
     if args.part in ("all", "scvi"):
         ct_t = cell_type[target]

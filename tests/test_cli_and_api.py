@@ -39,6 +39,7 @@ def test_train_command_and_its_errors(tmp_path, capsys):
     assert main(["train", str(tmp_path / "in.h5ad"), "--batch-key", "batch", "--max-epochs", "2",
                  "--out", str(tmp_path / "o"), "--no-progress", "--color", "cell_type"]) == 0
     assert (tmp_path / "o" / "latent.png").exists()
-    assert main(["train", str(tmp_path / "in.h5ad"), "--batch-key", "nope", "--out", str(tmp_path / "o2"),
-                 "--no-progress"]) == 2
-    assert "'nope' is not a column" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "in.h5ad"), "--layer", "nope", "--out", str(tmp_path / "o2"),
+                 "--no-progress"]) == 2  # data errors (ValueError) print one line, exit 2, and write nothing
+    assert "cellvi: error: Layer 'nope' not found in adata.layers" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()

@@ -1,8 +1,5 @@
-import importlib.util
-
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
@@ -10,40 +7,9 @@ from sklearn.model_selection import cross_val_score
 
 import cellvi
 from cellvi.data.loader import CountData
+from cellvi.datasets import simulate_contrastive
 from cellvi.models.contrastivevi import ContrastiveVIModule, paired_batches
 from conftest import silhouette
-
-HAS_DE = importlib.util.find_spec("cellvi.de") is not None
-
-
-def simulate_contrastive(n_cells: int = 1500, n_genes: int = 200, *, n_program: int = 15, lfc: float = 2.0,
-                         seed: int = 0, **simulate_kwargs):
-    """``cellvi.datasets.simulate`` (3 cell types, 2 batches, ctrl/stim, no other stim effect) plus a
-    target-only program: half of the stim cells, across all cell types, express ``n_program`` genes
-    ``2**lfc`` times their cell type's level. Truth: ``obs["program"]`` ("on"/"off") and ``var["program"]``.
-    Also used by ``benchmarks/bench_contrastivevi.py``.
-    """
-    a = cellvi.datasets.simulate(n_cells, n_genes, n_cell_types=3, de_cell_types=0, abundance_shift=1.0, seed=seed,
-                                 **simulate_kwargs)
-    rng = np.random.default_rng(seed + 100)
-    X = a.X.toarray()
-    markers = a.var[[c for c in a.var if c.startswith("marker_")]].any(axis=1).to_numpy()
-    lib = X.sum(1)
-    ct = a.obs["cell_type"].cat.codes.to_numpy()
-    level = np.stack([(X[ct == k] / lib[ct == k, None]).mean(0) for k in range(ct.max() + 1)])  # (types, genes)
-    # program genes: neither markers nor batch genes, moderately expressed (below the top fifth), so that
-    # switching them on does not dilute every other gene's share of the library much
-    free = np.flatnonzero(~(markers | a.var["batch_gene"].to_numpy()))
-    by_level = free[np.argsort(-level.mean(0)[free])]
-    candidates = by_level[len(by_level) // 5 :][: 3 * n_program]
-    program = rng.choice(candidates, n_program, replace=False)
-    on = (a.obs["condition"] == "stim").to_numpy() & (rng.random(n_cells) < 0.5)
-    extra = rng.poisson((2**lfc - 1) * level[ct][:, program] * lib[:, None])  # expected total: 2**lfc x level
-    X[np.ix_(on, program)] += extra[on]
-    a.X = sp.csr_matrix(X.astype(np.float32))
-    a.var["program"] = np.isin(np.arange(n_genes), program)
-    a.obs["program"] = np.where(on, "on", "off")
-    return a
 
 
 def sets(a):
@@ -314,7 +280,6 @@ def test_save_load_round_trip_is_exact(tmp_path, trained):
 # --------------------------------------------------------------------------- differential expression
 
 
-@pytest.mark.skipif(not HAS_DE, reason="cellvi.de (the shared DE engine) is not available")
 def test_de_uses_salient_expression_only_inside_the_target_set(trained, monkeypatch):
     """Which expression ``differential_expression`` hands the engine (the engine's driver is faked)."""
     from cellvi import de
@@ -335,7 +300,10 @@ def test_de_uses_salient_expression_only_inside_the_target_set(trained, monkeypa
     trained.differential_expression(groupby="program", group1="on", group2="off")
     kinds = [kw["draws_fn"].keywords["kind"] for kw in calls]
     assert kinds == ["salient", "background", "background", "salient", "background", "salient"]
-    assert calls[0]["idx1"] is on and calls[0]["mode"] == "vanilla" and calls[0]["n_samples"] == 5000
+    # scvi-tools' defaults: change mode, one posterior sample per cell
+    assert calls[0]["idx1"] is on and calls[0]["mode"] == "change" and calls[0]["n_samples"] == 1
+    # the observed counts carry the salient program, so background expression does not use them
+    assert [kw.get("use_counts") for kw in calls] == [None, False, False, None, False, None]
     # the engine calls draws_fn(rows, n_samples, transform_batch, batch_size)
     torch.manual_seed(0)
     salient = calls[0]["draws_fn"](bg[:3], 2, None, None)
@@ -350,7 +318,6 @@ def test_de_uses_salient_expression_only_inside_the_target_set(trained, monkeypa
         trained.differential_expression(idx1=on, idx2=off_tg, target_idx=np.array([], dtype=int))
 
 
-@pytest.mark.skipif(not HAS_DE, reason="cellvi.de (the shared DE engine) is not available")
 def test_de_between_target_subgroups_recovers_the_program(trained):
     a = trained.adata
     _, tg = sets(a)

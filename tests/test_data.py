@@ -109,3 +109,25 @@ def test_split_sizes_follow_scvi_tools():
         for shuffle in (True, False):
             with pytest.raises(ValueError, match="train_size|validation_size"):
                 split_indices(10, train_size, validation_size, shuffle=shuffle)
+
+
+def test_csr_positions_past_2_to_the_31_nonzeros():
+    from cellvi.data.loader import csr_positions
+
+    assert [t.tolist() for t in csr_positions(torch.tensor([0, 2, 2, 5]), torch.tensor([2, 0]))] == \
+        [[0, 0, 0, 1, 1], [2, 3, 4, 0, 1]]
+    # an atlas whose row pointers pass 2^31 (and 2^32): positions stay exact in int64, no wrap-around
+    big = 2**31 + 5
+    indptr = torch.tensor([0, big, big + 3, 2 * big, 2 * big + 2], dtype=torch.int64)
+    rows, pos = csr_positions(indptr, torch.tensor([1, 3]))
+    assert rows.tolist() == [0, 0, 0, 1, 1]
+    assert pos.tolist() == [big, big + 1, big + 2, 2 * big, 2 * big + 1] and pos.dtype == torch.int64
+
+
+def test_csr_stays_on_the_host_when_it_does_not_fit_the_gpu():
+    from cellvi.data.loader import csr_storage
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert csr_storage(gpu, nbytes=4 * 2**30, free_bytes=80 * 2**30) == gpu  # fits: gathered on the GPU
+    assert csr_storage(gpu, nbytes=60 * 2**30, free_bytes=80 * 2**30) == cpu  # > half the free memory: host
+    assert csr_storage(cpu, nbytes=60 * 2**40, free_bytes=None) == cpu

@@ -4,6 +4,7 @@ import scipy.special
 import scipy.stats
 import torch
 
+from cellvi import distributions as dist
 from cellvi.distributions import NegativeBinomial, Poisson, digamma, nb_log_prob, poisson_log_prob, zinb_log_prob
 
 f64 = lambda v: torch.as_tensor(v, dtype=torch.float64)  # noqa: E731
@@ -69,6 +70,37 @@ def test_sparse_row_sum_gradients_match_dense(zi, theta_shape):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+def test_zinb_zero_term_falls_back_to_softplus_when_its_sum_underflows():
+    # float32: sigmoid(logit) and NB(0) both below 1e-38 at one entry -> the one-log form would give -inf
+    x = torch.tensor([[0.0, 3.0, 0.0]])
+    mu = torch.tensor([[5e4, 2.0, 1.0]], requires_grad=True)
+    theta = torch.tensor([40.0, 1.5, 0.7], requires_grad=True)
+    logits = torch.tensor([[-120.0, 0.3, -1.0]], requires_grad=True)
+    assert dist._zero_count_terms(mu, theta, torch.log(theta), logits)[4].min() <= 1e-30  # S underflowed
+    out = NegativeBinomial(mu, theta, logits).log_prob_sum(x)
+    grads = torch.autograd.grad(out.sum(), [mu, theta, logits])
+    ref_params = [p.detach().double().requires_grad_() for p in (mu, theta, logits)]
+    ref = zinb_log_prob(x.double(), *ref_params).sum(-1)
+    ref_grads = torch.autograd.grad(ref.sum(), ref_params)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-6, atol=1e-3)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("zi", [False, True])
+def test_sparse_row_sum_without_gradients_equals_with(zi):
+    g = torch.Generator().manual_seed(2)
+    x = torch.poisson(torch.rand(6, 9, generator=g, dtype=torch.float64) * 2)
+    mu = torch.rand(6, 9, generator=g, dtype=torch.float64) * 3 + 0.1
+    theta = torch.rand(9, generator=g, dtype=torch.float64) + 0.2
+    logits = torch.randn(6, 9, generator=g, dtype=torch.float64) if zi else None
+    d = NegativeBinomial(mu, theta, logits)
+    with torch.no_grad():
+        plain = d.log_prob_sum(x)
+    torch.testing.assert_close(plain, d.log_prob(x).sum(-1), rtol=1e-10, atol=1e-10)
+
+
 def test_samples_have_the_stated_moments():
     torch.manual_seed(0)
     mu, theta, logits = torch.full((1, 3), 6.0), torch.tensor([0.5, 2.0, 20.0]), torch.full((1, 3), -1.0)
@@ -81,3 +113,41 @@ def test_samples_have_the_stated_moments():
 def test_fast_digamma_matches_scipy():
     z = np.concatenate([np.geomspace(1e-4, 1e5, 400), np.arange(1, 50) + 0.37])
     np.testing.assert_allclose(digamma(f64(z)).numpy(), scipy.special.digamma(z), rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("zi", [False, True])
+@pytest.mark.parametrize("gene_theta", [False, True])
+def test_softmax_fused_likelihood_equals_the_dense_formula(zi, gene_theta):
+    """NegativeBinomial.from_logits (softmax fused into the sparse likelihood) against the plain formula."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.poisson(torch.rand(7, 11, generator=g, dtype=torch.float64) * 3)
+    h = torch.randn(7, 11, generator=g, dtype=torch.float64).requires_grad_()
+    lib = (torch.rand(7, 1, generator=g, dtype=torch.float64) * 3 + 2).requires_grad_()
+    theta = (torch.rand(11 if gene_theta else (7, 11), generator=g, dtype=torch.float64) + 0.3).requires_grad_()
+    logits = torch.randn(7, 11, generator=g, dtype=torch.float64).requires_grad_() if zi else None
+    params = [h, lib, theta] + ([logits] if zi else [])
+    weights = torch.rand(7, generator=g, dtype=torch.float64)
+    fused = NegativeBinomial.from_logits(h, lib, theta, logits).log_prob_sum(x)
+    mu = torch.exp(lib) * torch.softmax(h, -1)
+    dense = (zinb_log_prob(x, mu, theta, logits) if zi else dist.nb_log_prob(x, mu, theta)).sum(-1)
+    torch.testing.assert_close(fused, dense, rtol=1e-9, atol=1e-9)
+    for a, b in zip(torch.autograd.grad((fused * weights).sum(), params),
+                    torch.autograd.grad((dense * weights).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+    d = NegativeBinomial.from_logits(h, lib, theta, logits)  # read lazily: the same mu and scale
+    torch.testing.assert_close(d.mu, mu) and torch.testing.assert_close(d.scale, torch.softmax(h, -1))
+
+
+def test_compiled_kernels_equal_eager_ones():
+    pytest.importorskip("torch._dynamo")
+    g = torch.Generator().manual_seed(5)
+    x = torch.poisson(torch.rand(16, 40, generator=g) * 2)
+    h, lib = torch.randn(16, 40, generator=g).requires_grad_(), torch.full((16, 1), 5.0, requires_grad=True)
+    theta, logits = (torch.rand(40, generator=g) + 0.5).requires_grad_(), torch.randn(16, 40, generator=g).requires_grad_()
+    results = []
+    for on in (False, True):
+        with dist.compiled_kernels(on):
+            out = NegativeBinomial.from_logits(h, lib, theta, logits).log_prob_sum(x)
+            results.append((out, *torch.autograd.grad(out.sum(), [h, lib, theta, logits])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -218,8 +218,11 @@ def test_split_options_reach_the_model(small_adata):
         m.train(max_epochs=2, early_stopping=True, early_stopping_monitor="elbo_valid")
     with pytest.raises(ValueError, match="Unknown training option"):
         m.train(max_epochs=1, learning_rate=1e-3)
-    with pytest.raises(ValueError, match="several devices"):
-        m.train(max_epochs=1, accelerator="cpu", devices=2)
+    with pytest.raises(ValueError, match="devices=-2: give a positive count"):
+        m.train(max_epochs=1, accelerator="cpu", devices=-2)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is available; use accelerator='cpu'"):
+            m.train(max_epochs=1, accelerator="gpu")
 
 
 def test_plan_kwargs_match_keyword_conveniences(small_adata):

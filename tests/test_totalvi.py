@@ -116,6 +116,9 @@ def test_new_data_with_other_proteins_is_refused(trained):
 def test_model_needs_proteins():
     a = cellvi.datasets.simulate(100, 30, seed=0)
     cellvi.SCVI.setup_anndata(a)
+    with pytest.raises(ValueError, match="TotalVI.setup_anndata"):
+        cellvi.TotalVI(a)
+    cellvi.data.setup_anndata(a)  # a set-up for any model, without proteins
     with pytest.raises(ValueError, match="protein_expression_obsm_key"):
         cellvi.TotalVI(a)
 

@@ -183,3 +183,23 @@ def test_adam_falls_back_to_torch_optim_without_the_fused_kernel(monkeypatch):
     assert isinstance(opt, torch.optim.Adam)
     h = fit(_Quadratic(), _batches, None, TrainConfig(max_epochs=20, lr=0.1, enable_progress_bar=False), n_obs_train=20)
     assert h["elbo_train"][-1] < 0.1 * h["elbo_train"][0]
+
+
+def test_adam_state_round_trip_continues_identically():
+    torch.manual_seed(0)
+    a = [torch.randn(4, 3, requires_grad=True)]
+    b = [a[0].detach().clone().requires_grad_()]
+    first = Adam(a, lr=1e-2, eps=1e-8, weight_decay=0.0)
+    for _ in range(3):
+        first.zero_grad()
+        (a[0] ** 2).sum().backward()
+        first.step()
+    b[0].data.copy_(a[0].detach())
+    second = Adam(b, lr=1e-2, eps=1e-8, weight_decay=0.0)
+    second.load_state_dict({k: v.clone() for k, v in first.state_dict().items()})
+    assert second.state_dict()["0.step"].item() == 3.0
+    for params, opt in ((a, first), (b, second)):  # one more step from the same state: the same result
+        opt.zero_grad()
+        (params[0] ** 2).sum().backward()
+        opt.step()
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)

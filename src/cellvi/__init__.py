@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "SCVI": "cellvi.models.scvi",
     "ContrastiveVI": "cellvi.models.contrastivevi",
+    "MrVI": "cellvi.models.mrvi",
+    "MRVI": "cellvi.models.mrvi",
     "TotalVI": "cellvi.models.totalvi",
     "TOTALVI": "cellvi.models.totalvi",
     "PeakVI": "cellvi.models.peakvi",

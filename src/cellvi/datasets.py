@@ -37,7 +37,7 @@ def simulate(
     frac_batch_genes: float = 0.05,
     batch_lfc: float = 1.5,
     batch_noise: float = 0.3,
-    abundance_shift: float = 2.0,
+    abundance_shift: float | list[float] = 2.0,
     mean_library_size: float = 1500.0,
     theta: float = 5.0,
     seed: int = 0,
@@ -58,7 +58,8 @@ def simulate(
         Genes with a strong batch effect (log2 ``batch_lfc``) and the sd (log2) of the mild
         batch effect on every gene.
     abundance_shift
-        Fold change of the first cell type's proportion in ``stim`` (1 = none).
+        Fold change of the first cell type's proportion in ``stim`` (1 = none), or one fold change per
+        cell type (e.g. ``[3, 1, 1 / 3]``: the first type up, the third down).
     mean_library_size, theta
         Mean total counts per cell and NB inverse dispersion (gene-wise, around ``theta``).
     seed
@@ -79,7 +80,10 @@ def simulate(
     stim = rng.random(n_cells) < 0.5
     base_p = np.full(n_cell_types, 1.0 / n_cell_types)
     stim_p = base_p.copy()
-    stim_p[0] *= abundance_shift
+    if np.ndim(abundance_shift):
+        stim_p *= np.asarray(abundance_shift, dtype=float)
+    else:
+        stim_p[0] *= abundance_shift
     stim_p /= stim_p.sum()
     ct = np.where(stim, rng.choice(n_cell_types, n_cells, p=stim_p), rng.choice(n_cell_types, n_cells, p=base_p))
     batch = np.array([donors[d][0] for d in donor_idx])
@@ -263,6 +267,139 @@ def simulate_atac(
         var[f"accessibility_{t}"] = acc[k]
     var["region_factor"] = region_factor
     return AnnData(sp.csr_matrix(counts.astype(np.float32)), obs=obs, var=var)
+
+
+def simulate_contrastive(n_cells: int = 1500, n_genes: int = 200, *, n_program: int = 15, lfc: float = 2.0,
+                         seed: int = 0, **simulate_kwargs):
+    """:func:`simulate` (3 cell types, 2 batches, ctrl/stim, no other stim effect) plus a target-only
+    program, for contrastive models: half of the stim cells, across all cell types, express ``n_program``
+    genes ``2**lfc`` times their cell type's level. Truth: ``obs["program"]`` ("on"/"off") and
+    ``var["program"]``.
+    """
+    a = simulate(n_cells, n_genes, n_cell_types=3, de_cell_types=0, abundance_shift=1.0, seed=seed,
+                                 **simulate_kwargs)
+    rng = np.random.default_rng(seed + 100)
+    X = a.X.toarray()
+    markers = a.var[[c for c in a.var if c.startswith("marker_")]].any(axis=1).to_numpy()
+    lib = X.sum(1)
+    ct = a.obs["cell_type"].cat.codes.to_numpy()
+    level = np.stack([(X[ct == k] / lib[ct == k, None]).mean(0) for k in range(ct.max() + 1)])  # (types, genes)
+    # program genes: neither markers nor batch genes, moderately expressed (below the top fifth), so that
+    # switching them on does not dilute every other gene's share of the library much
+    free = np.flatnonzero(~(markers | a.var["batch_gene"].to_numpy()))
+    by_level = free[np.argsort(-level.mean(0)[free])]
+    candidates = by_level[len(by_level) // 5 :][: 3 * n_program]
+    program = rng.choice(candidates, n_program, replace=False)
+    on = (a.obs["condition"] == "stim").to_numpy() & (rng.random(n_cells) < 0.5)
+    extra = rng.poisson((2**lfc - 1) * level[ct][:, program] * lib[:, None])  # expected total: 2**lfc x level
+    X[np.ix_(on, program)] += extra[on]
+    a.X = sp.csr_matrix(X.astype(np.float32))
+    a.var["program"] = np.isin(np.arange(n_genes), program)
+    a.obs["program"] = np.where(on, "on", "off")
+    return a
+
+
+def simulate_cohort(
+    n_cells: int = 3000,
+    n_genes: int = 200,
+    *,
+    n_cell_types: int = 5,
+    n_groups: int = 2,
+    n_subgroups: int = 2,
+    n_samples_per_subgroup: int = 4,
+    frac_de_genes: float = 0.2,
+    de_lfc: float = 1.5,
+    da_fold: float = 3.0,
+    mean_library_size: float = 1500.0,
+    theta: float = 5.0,
+    seed: int = 0,
+) -> AnnData:
+    """Simulate a multi-sample cohort like MrVI's semi-synthetic benchmark (Boyeau et al., 2025, Fig. 2).
+
+    Samples are nested: ``n_groups`` values of covariate 1 (``cov1``), each split into ``n_subgroups``
+    (``cov1_sub``) of ``n_samples_per_subgroup`` samples. Cell subsets:
+
+    - ``type_0`` (subset A): differential expression along the hierarchy. Samples of group j shift
+      one set of genes by ``de_lfc`` (log2, between the extreme groups), samples of subgroup (j, k) shift a second set by
+      ``+/- de_lfc / 2``; samples of a subgroup are identical. The true sample distances are the
+      Euclidean distances between these log-mean shifts (``uns["truth"]["sample_distances"]``).
+    - ``type_1`` and ``type_2`` (subsets B, C): differential abundance along covariate 2 (``cov2``,
+      crossed with covariate 1): samples with ``cov2 == "high"`` have ``da_fold`` times more
+      ``type_1`` cells and ``da_fold`` times fewer ``type_2`` cells.
+    - the other types: neither.
+
+    Returns
+    -------
+    AnnData with counts in ``X`` (CSR, float32); ``obs``: ``cell_type``, ``sample``, ``cov1``,
+    ``cov1_sub``, ``cov2``; ``var``: ``de_group_gene``, ``de_subgroup_gene``, ``true_lfc_cov1`` (log2 shift,
+    last group vs first, in ``type_0``); ``uns["truth"]``: ``sample_distances`` (samples in
+    ``sample_names`` order), ``de_cell_type``, ``da_cell_types``.
+    """
+    if n_cell_types < 4:
+        raise ValueError(f"n_cell_types must be >= 4 (a DE subset, two DA subsets, a null one); got {n_cell_types}.")
+    rng = np.random.default_rng(seed)
+    ln2 = np.log(2.0)
+    types = [f"type_{k}" for k in range(n_cell_types)]
+    # --- samples and their covariates
+    n_samples = n_groups * n_subgroups * n_samples_per_subgroup
+    sample_names = [f"sample_{i:02d}" for i in range(n_samples)]
+    group = np.repeat(np.arange(n_groups), n_subgroups * n_samples_per_subgroup)
+    subgroup = np.repeat(np.arange(n_groups * n_subgroups), n_samples_per_subgroup)
+    high = np.arange(n_samples) % 2 == 1  # cov2 alternates within every subgroup: crossed with cov1
+    # --- cells: sample, then cell type with sample-dependent (DA) proportions
+    sample = rng.integers(n_samples, size=n_cells)
+    p = np.full((n_samples, n_cell_types), 1.0)
+    p[high, 1] *= da_fold
+    p[~high, 2] *= da_fold
+    p /= p.sum(1, keepdims=True)
+    ct = (rng.random(n_cells)[:, None] > np.cumsum(p[sample], 1)).sum(1)
+    # --- log mean expression: base + cell-type markers + DE shifts in type_0
+    base = rng.normal(0.0, 1.5, n_genes)
+    type_eff = np.zeros((n_cell_types, n_genes))
+    for k in range(n_cell_types):
+        m = rng.choice(n_genes, max(1, n_genes // 10), replace=False)
+        type_eff[k, m] = rng.uniform(1.0, 2.5, m.size)
+    n_de = max(2, int(frac_de_genes * n_genes))
+    de_genes = rng.choice(n_genes, n_de, replace=False)
+    group_genes, sub_genes = de_genes[: n_de // 2], de_genes[n_de // 2 :]
+    group_eff = np.zeros((n_groups, n_genes))
+    position = np.linspace(-0.5, 0.5, n_groups) if n_groups > 1 else np.zeros(1)  # groups spread along a line
+    group_eff[:, group_genes] = de_lfc * position[:, None] * rng.choice([-1, 1], group_genes.size)
+    sub_eff = np.zeros((n_groups * n_subgroups, n_genes))
+    sub_eff[:, sub_genes] = 0.5 * de_lfc * rng.choice([-1, 1], (n_groups * n_subgroups, sub_genes.size))
+    sample_eff = group_eff[group] + sub_eff[subgroup]  # (samples, genes), log2
+    log_mu = base + type_eff[ct] + (ct == 0)[:, None] * sample_eff[sample] * ln2
+    rho = np.exp(log_mu - log_mu.max(1, keepdims=True))
+    rho /= rho.sum(1, keepdims=True)
+    library = rng.lognormal(np.log(mean_library_size), 0.3, n_cells)
+    theta_g = theta * rng.lognormal(0.0, 0.3, n_genes)
+    counts = rng.poisson(rng.gamma(theta_g, rho * library[:, None] / theta_g))
+    empty = counts.sum(1) == 0
+    counts[empty, rng.integers(n_genes, size=empty.sum())] = 1
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(np.array(types)[ct], categories=types),
+            "sample": pd.Categorical(np.array(sample_names)[sample], categories=sample_names),
+            "cov1": pd.Categorical(np.array([f"group_{g}" for g in group])[sample]),
+            "cov1_sub": pd.Categorical(np.array([f"subgroup_{g}" for g in subgroup])[sample]),
+            "cov2": pd.Categorical(np.where(high, "high", "low")[sample], categories=["low", "high"]),
+        },
+        index=pd.Index([f"cell_{i}" for i in range(n_cells)]),
+    )
+    var = pd.DataFrame(index=pd.Index([f"gene_{g}" for g in range(n_genes)]))
+    var["de_group_gene"] = np.isin(np.arange(n_genes), group_genes)
+    var["de_subgroup_gene"] = np.isin(np.arange(n_genes), sub_genes)
+    var["true_lfc_cov1"] = group_eff[-1] - group_eff[0]
+    diff = sample_eff[:, None, :] - sample_eff[None, :, :]
+    adata = AnnData(sp.csr_matrix(counts.astype(np.float32)), obs=obs, var=var)
+    adata.uns["truth"] = {
+        "sample_names": sample_names,
+        "sample_distances": np.sqrt((diff**2).sum(-1)),
+        "de_cell_type": types[0],
+        "da_cell_types": types[1:3],
+        "seed": seed,
+    }
+    return adata
 
 
 # --------------------------------------------------------------------------- readers

@@ -4,8 +4,8 @@ The question asked of two populations of cells, A (``group1``) and B (``group2``
 *population-level* normalized expression ``h_A`` of each feature compare with ``h_B``? The engine
 answers it in five steps (:func:`differential_expression`):
 
-1. **Cells**: each population is subsampled to a bounded number of cells (``n_samples`` decoded
-   draws in all, so the cost does not grow with the population size).
+1. **Cells**: each population is subsampled to a bounded number of cells (``n_samples_overall``
+   decoded draws in all, ``n_samples`` per cell, so the cost does not grow with the population size).
 2. **Posterior draws**: each chosen cell's latent is drawn from its posterior and decoded to
    normalized expression at library size 1 (in its own batch, or averaged over the batches of
    ``batchid1``/``batchid2`` with ``batch_correction=True``). With ``weights="importance"`` the
@@ -22,8 +22,12 @@ answers it in five steps (:func:`differential_expression`):
    model's own error, measured on well-observed features (:func:`model_error_sd`), are centred on the
    well-observed features to remove compositional shifts (:func:`center_lfc`), and are shrunk by an
    empirical-Bayes spike-and-slab prior (:func:`shrink_lfc`), so that a feature the data say little
-   about keeps the prior's null weight. On request (``use_counts``) the groups' pooled counts update
-   the model's LFCs (:func:`combine_with_counts`) instead of only bounding their precision.
+   about keeps the prior's null weight. Before centring, the observed LFC of the counts (within
+   batches with ``batch_correction=True``, :func:`observed_lfc`) pulls the model's LFCs towards it in
+   proportion to their precisions (:func:`combine_with_counts`, ``use_counts=True``): where the model
+   has learned little of the contrast (its measured error is large), the counts decide, so a weakly
+   trained model gives a weaker answer rather than none; ``model_agreement`` in the table says how
+   much of the observed contrast the model carries (:func:`model_agreement`).
 5. **Calls** (:func:`expected_fdr_calls`): the largest top-ranked set whose posterior expected
    false discovery proportion is at most ``fdr_target``.
 
@@ -49,6 +53,16 @@ import pandas as pd
 import scipy.sparse as sp
 
 LOG_EPS = 1e-8  # keeps log2 finite when no pseudocount is used
+# A feature with at least this many counts in each group is "well observed": its observed log2 ratio is
+# precise to about 0.3 (Poisson), enough to measure the model's error on and to centre the LFCs on.
+MIN_COUNTS = 20.0
+# Fewest well-observed features for a median or mean square over them (error, centring) to be trusted.
+MIN_REFERENCE_FEATURES = 20
+# Most posterior draws decoded per cell of a small population: beyond it the cell bootstrap, not the
+# posterior, sets the spread of a population mean, and decoding costs grow for nothing.
+MAX_DRAWS_PER_CELL = 25
+# Posterior draws per cell that importance resampling chooses among.
+IMPORTANCE_DRAWS_PER_CELL = 10
 
 
 # --------------------------------------------------------------------------- pure statistics
@@ -115,6 +129,46 @@ def estimate_pseudocounts(scale1: np.ndarray, scale2: np.ndarray, nonzero1: np.n
     return float(max(np.quantile(v, quantile) for v in values))
 
 
+def importance_resample(draws: np.ndarray, log_w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Stratified sampling importance resampling of each cell's posterior draws.
+
+    Parameters
+    ----------
+    draws
+        ``(n_draws, n_cells, n_features)`` draws from the encoder ``q(z | x)``, decoded.
+    log_w
+        ``(n_draws, n_cells)`` log importance weights ``log p(x, z) - log q(z | x)``.
+
+    Returns
+    -------
+    Draws of the same shape that follow the weighted distribution: with normalised weights ``w`` of a
+    cell, its draw ``k`` is replaced by the draw at cumulative weight ``(k + U) / n_draws``, ``U ~ U(0, 1)``.
+    Equal weights give back every draw once; a dominant weight gives that draw every time.
+    """
+    n_draws, n_cells = log_w.shape
+    w = np.exp(log_w - log_w.max(0, keepdims=True))
+    cum = np.cumsum(w / w.sum(0, keepdims=True), 0)  # (n_draws, n_cells), per cell
+    u = (rng.random((n_draws, n_cells)) + np.arange(n_draws)[:, None]) / n_draws
+    pick = np.minimum((cum[None, :, :] < u[:, None, :]).sum(1), n_draws - 1)  # (n_draws, n_cells)
+    return draws[pick, np.arange(n_cells)[None, :]]
+
+
+def outlier_cells(z: np.ndarray, quantile: float = 0.999) -> np.ndarray:
+    """Cells whose latent mean lies outside the population's robust ellipsoid (boolean, ``(n_cells,)``).
+
+    Each dimension is centred on its median and scaled by its MAD (times 1.4826, the sd of a normal);
+    a cell is an outlier when its squared distance exceeds the chi-square ``quantile`` with
+    ``n_latent`` degrees of freedom.
+    """
+    from scipy.stats import chi2
+
+    z = np.asarray(z, dtype=np.float64)
+    center = np.median(z, 0)
+    scale = 1.4826 * np.median(np.abs(z - center), 0) + 1e-8  # robust sd per dimension
+    dist2 = (((z - center) / scale) ** 2).sum(1)
+    return dist2 > chi2.ppf(quantile, df=z.shape[1])
+
+
 def population_draws(draws: np.ndarray, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
     """Population-mean expression draws from per-cell posterior draws.
 
@@ -131,7 +185,10 @@ def population_draws(draws: np.ndarray, n_bootstrap: int, rng: np.random.Generat
     replacement), each cell contributing its posterior draw number ``t mod n_draws``.
     """
     n_draws, n_cells, _ = draws.shape
-    counts = rng.multinomial(n_cells, np.full(n_cells, 1.0 / n_cells), size=n_bootstrap).astype(np.float32)
+    # bootstrap counts (T, n_cells): how often each cell is drawn, from T * n_cells uniform picks
+    picks = rng.integers(n_cells, size=(n_bootstrap, n_cells)) + n_cells * np.arange(n_bootstrap)[:, None]
+    counts = np.bincount(picks.ravel(), minlength=n_bootstrap * n_cells).reshape(n_bootstrap, n_cells)
+    counts = counts.astype(np.float32)
     out = np.empty((n_bootstrap, draws.shape[2]), dtype=np.float64)
     for s in range(n_draws):
         rows = np.arange(s, n_bootstrap, n_draws)
@@ -150,46 +207,136 @@ def add_count_noise(h: np.ndarray, counts: np.ndarray, rng: np.random.Generator)
     return h * np.exp(rng.standard_normal(h.shape) / np.sqrt(counts + 0.5))
 
 
-def combine_with_counts(lfc: np.ndarray, counts1: np.ndarray, counts2: np.ndarray, library1: float,
-                        library2: float) -> np.ndarray:
-    """Update the model's LFC draws ``(T, n_features)`` with the two groups' observed counts.
+def group_count_stats(X, rows: np.ndarray, library: np.ndarray, squares=None) -> tuple[np.ndarray, float, np.ndarray]:
+    """Pooled counts of one group of cells and their spread across cells.
 
-    The model's draws (mean ``m_g``, variance ``v_g``: its uncertainty plus its own error) are the
-    prior; the pooled counts give the likelihood ``N(o_g, u_g)`` with
-    ``o_g = log2((C_1 + 0.5) / L_1) - log2((C_2 + 0.5) / L_2)`` and Poisson variance
-    ``u_g = (1 / (C_1 + 0.5) + 1 / (C_2 + 0.5)) / ln(2)^2``. The posterior is normal with precision
-    ``1/v + 1/u``. Well-observed features follow their counts (a decoder that shrinks a real effect,
-    or invents one, is corrected); features with few counts keep the model's estimate, which shares
-    strength across genes and cells.
+    Parameters
+    ----------
+    X
+        CSR count matrix ``(cells, features)``.
+    rows
+        Row positions of the group's cells.
+    library
+        Observed total counts of every cell of ``X``.
+    squares
+        ``X`` squared elementwise, when the caller computed it once for many groups.
+
+    Returns
+    -------
+    ``(C, L, S2)``: ``C_g = sum_i x_ig``, ``L = sum_i l_i`` and the residual sum of squares
+    ``S2_g = sum_i (x_ig - R_g l_i)^2`` around the ratio ``R_g = C_g / L`` (shape ``(n_features,)``).
     """
-    o = np.log2((counts1 + 0.5) / library1) - np.log2((counts2 + 0.5) / library2)
-    u = (1.0 / (counts1 + 0.5) + 1.0 / (counts2 + 0.5)) / np.log(2) ** 2
+    lib = library[rows].astype(np.float64)
+    W = np.zeros((X.shape[0], 2))
+    W[rows, 0], W[rows, 1] = 1.0, lib  # one pass over the CSR, no copy of the group's rows
+    C, sum_xl = np.asarray(X.T @ W, dtype=np.float64).T
+    sum_x2 = np.asarray(X.multiply(X).T @ W[:, 0] if squares is None else squares.T @ W[:, 0], dtype=np.float64)
+    L = float(lib.sum())
+    R = C / max(L, 1e-12)
+    S2 = np.maximum(sum_x2 - 2.0 * R * sum_xl + R**2 * float(lib @ lib), 0.0)
+    return C, L, S2
+
+
+def log_ratio_var(C: np.ndarray, S2: np.ndarray, n_cells: int) -> np.ndarray:
+    """Variance (natural log) of the log ratio ``log((C + 0.5) / L)`` estimated from ``n_cells`` cells.
+
+    The ratio estimator's variance, ``n / (n - 1) * S2 / L^2``, divided by ``R^2`` (delta method),
+    with ``C + 0.5`` for ``C``; never below Poisson's ``1 / (C + 0.5)``. ``S2`` (from
+    :func:`group_count_stats`) carries the cell-to-cell spread (overdispersion, heterogeneous
+    cells) that pooled Poisson counts ignore.
+    """
+    n = max(int(n_cells), 2)
+    c = C + 0.5
+    return np.maximum(n / (n - 1) * S2 / c**2, 1.0 / c)
+
+
+def observed_lfc(stats1: list[tuple], stats2: list[tuple]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Log2 fold change of the observed counts, within strata, and its variance.
+
+    Parameters
+    ----------
+    stats1, stats2
+        For each stratum (a batch with ``batch_correction=True``, else one stratum of all cells), the
+        ``(C, L, S2, n_cells)`` of each group (:func:`group_count_stats`); ``None`` where the group has
+        fewer than 2 cells in that stratum.
+
+    Returns
+    -------
+    ``(o, u)``, shape ``(n_features,)`` each: the inverse-variance weighted mean over strata of
+    ``o_b = log2((C_1b + 0.5) / L_1b) - log2((C_2b + 0.5) / L_2b)`` and its variance ``u``;
+    ``None`` when no stratum holds both groups. Comparing within a stratum removes what differs
+    between strata (the batch effect) from the observed contrast.
+    """
+    num, prec = 0.0, 0.0
+    for s1, s2 in zip(stats1, stats2):
+        if s1 is None or s2 is None:
+            continue
+        (C1, L1, S1, n1), (C2, L2, S2_, n2) = s1, s2
+        o_b = np.log2((C1 + 0.5) / L1) - np.log2((C2 + 0.5) / L2)
+        u_b = (log_ratio_var(C1, S1, n1) + log_ratio_var(C2, S2_, n2)) / np.log(2) ** 2
+        num, prec = num + o_b / u_b, prec + 1.0 / u_b
+    if np.isscalar(prec):
+        return None
+    return num / prec, 1.0 / prec
+
+
+def combine_with_counts(lfc: np.ndarray, observed: np.ndarray, observed_var: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Pull the model's LFC draws ``(T, n_features)`` towards the observed LFC ``N(o_g, u_g)``.
+
+    The model's draws have mean ``m_g`` and variance ``v_g`` (its posterior uncertainty, its own error
+    :func:`model_error_sd` and the counts' precision floor :func:`add_count_noise`); the observed LFC
+    (:func:`observed_lfc`) has variance ``u_g``. The two are weighed by precision,
+    ``mean = (m / v + o / u) / (1 / v + 1 / u)``, but the variance is that of the better source,
+    ``min(v, u)``, not the smaller variance of two independent measurements: the model learned its
+    LFCs from the same counts, so adding their precisions would count the counts twice (it made
+    false calls of low-count genes on a well-trained model). Where the model is precise and accurate
+    it dominates (it shares strength across genes and cells); where it has learned little of the
+    contrast (``v`` large through its error), the counts do, so a weakly trained model gives a weaker
+    answer, not an empty one.
+
+    Returns
+    -------
+    ``(draws, model_share)``: draws ``(T, n_features)`` and the weight ``(1/v) / (1/v + 1/u)`` of the
+    model in each feature's mean.
+    """
     m, v = lfc.mean(0), np.maximum(lfc.var(0), 1e-12)
-    post_var = 1.0 / (1.0 / v + 1.0 / u)
-    post_mean = post_var * (m / v + o / u)
-    return post_mean + np.sqrt(post_var / v) * (lfc - m)
+    share = (1.0 / v) / (1.0 / v + 1.0 / observed_var)
+    mean = share * m + (1.0 - share) * observed
+    return mean + np.sqrt(np.minimum(v, observed_var) / v) * (lfc - m), share
 
 
-def model_error_sd(model_lfc: np.ndarray, counts1: np.ndarray, counts2: np.ndarray, library1: float,
-                   library2: float, min_counts: float = 20.0) -> float:
-    """How far the model's LFCs (log2) stray from the observed ones beyond count noise.
+def model_error_sd(model_lfc: np.ndarray, observed: np.ndarray, observed_var: np.ndarray,
+                   well_observed: np.ndarray) -> float:
+    """How far the model's LFCs (log2) stray from the observed ones beyond the observation noise.
 
-    On features with at least ``min_counts`` counts in both groups the observed LFC
-    ``log2((C_1 / L_1) / (C_2 / L_2))`` is precise, and ``model - observed`` has variance
-    ``tau^2 + (1/C_1 + 1/C_2) / ln(2)^2``. ``tau`` is the model's own error on an LFC, which its
-    posterior does not know about (VAE decoders shrink real effects and leak a little of them into
-    other features). It is estimated from the mean square, not a robust spread: the few features the
-    model gets badly wrong are exactly the false calls to guard against. 0 when fewer than 20
-    features qualify.
+    On the ``well_observed`` features (boolean mask) the observed LFC ``o_g`` (:func:`observed_lfc`) is
+    precise, and ``model - observed`` has variance ``tau^2 + u_g``. ``tau`` is the model's own error on
+    an LFC, which its posterior does not know about (VAE decoders shrink real effects, more so when
+    briefly trained, and leak a little of them into other features). It is estimated from the mean
+    square, not a robust spread: the few features the model gets badly wrong are exactly the false
+    calls to guard against. 0 when fewer than ``MIN_REFERENCE_FEATURES`` features qualify.
     """
-    ok = (counts1 >= min_counts) & (counts2 >= min_counts) & np.isfinite(model_lfc)
-    if ok.sum() < 20:
+    ok = well_observed & np.isfinite(model_lfc)
+    if ok.sum() < MIN_REFERENCE_FEATURES:
         return 0.0
-    observed = np.log2(counts1[ok] / library1) - np.log2(counts2[ok] / library2)
-    d = model_lfc[ok] - observed
+    d = model_lfc[ok] - observed[ok]
     total_var = np.mean((d - np.median(d)) ** 2)
-    poisson_var = np.median((1.0 / counts1[ok] + 1.0 / counts2[ok]) / np.log(2) ** 2)
-    return float(np.sqrt(max(total_var - poisson_var, 0.0)))
+    return float(np.sqrt(max(total_var - np.median(observed_var[ok]), 0.0)))
+
+
+def model_agreement(model_lfc: np.ndarray, observed: np.ndarray, well_observed: np.ndarray) -> float:
+    """Pearson correlation of the model's LFCs with the observed ones over the ``well_observed`` features.
+
+    How much of the observed contrast the model carries: near 1 when it learned the contrast, near 0
+    when it learned little of it (a briefly trained model, a small population, a weak effect) and the
+    observed counts decide (:func:`combine_with_counts`), or when there is no contrast to learn. NaN
+    when fewer than ``MIN_REFERENCE_FEATURES`` features are well observed.
+    """
+    ok = well_observed & np.isfinite(model_lfc) & np.isfinite(observed)
+    if ok.sum() < MIN_REFERENCE_FEATURES or model_lfc[ok].std() == 0 or observed[ok].std() == 0:
+        return float("nan")
+    return float(np.corrcoef(model_lfc[ok], observed[ok])[0, 1])
 
 
 def lfc_draws(h1: np.ndarray, h2: np.ndarray, pseudocounts: float) -> np.ndarray:
@@ -206,7 +353,7 @@ def center_lfc(lfc: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, floa
     absolute expression did not change. Assuming most well-observed features do not change, their
     median LFC is that compositional shift (as DESeq2's median-of-ratios size factors assume).
     """
-    ref = reference if reference.sum() >= 20 else np.ones_like(reference)
+    ref = reference if reference.sum() >= MIN_REFERENCE_FEATURES else np.ones_like(reference)
     shift = float(np.median(lfc.mean(0)[ref]))
     return lfc - shift, shift
 
@@ -216,17 +363,25 @@ def fit_spike_slab(m: np.ndarray, v: np.ndarray) -> tuple[float, float]:
 
     Each feature's LFC estimate is ``m_g`` with variance ``v_g``; its marginal likelihood is
     ``pi0 N(m; 0, v) + (1 - pi0) N(m; 0, v + s2)``. ``(pi0, s2)`` maximise the sum over features
-    (grid search). Features with wide posteriors barely inform the fit, so most features being null is
-    learned from the well-measured ones.
+    (grid search, ``pi0`` in [0, 0.999], ``s2`` in [1e-3, 25]). Features with wide posteriors barely
+    inform the fit, so most features being null is learned from the well-measured ones.
     """
-    pis = np.linspace(0.0, 0.999, 200)[:, None, None]
-    s2s = np.geomspace(1e-3, 25.0, 60)[None, :, None]
     log_n = lambda x, var: -0.5 * (np.log(2 * np.pi * var) + x**2 / var)  # noqa: E731
-    l0, l1 = log_n(m, v)[None, None, :], log_n(m[None, None, :], v[None, None, :] + s2s)
-    with np.errstate(divide="ignore"):
-        ll = np.logaddexp(np.log(pis) + l0, np.log1p(-pis) + l1).sum(-1)
-    i, j = np.unravel_index(np.argmax(ll), ll.shape)
-    return float(pis[i, 0, 0]), float(s2s[0, j, 0])
+    l0 = log_n(m, v)
+
+    def best(pis: np.ndarray, s2s: np.ndarray) -> tuple[int, int]:
+        l1 = log_n(m[None, None, :], v[None, None, :] + s2s[None, :, None])
+        with np.errstate(divide="ignore"):
+            ll = np.logaddexp(np.log(pis)[:, None, None] + l0, np.log1p(-pis)[:, None, None] + l1).sum(-1)
+        return np.unravel_index(np.argmax(ll), ll.shape)
+
+    # coarse grid, then a fine one around its best point (a quarter of the work of one fine grid)
+    pis, s2s = np.linspace(0.0, 0.999, 41), np.geomspace(1e-3, 25.0, 41)
+    i, j = best(pis, s2s)
+    pis = np.linspace(pis[max(i - 1, 0)], pis[min(i + 1, pis.size - 1)], 41)
+    s2s = np.geomspace(s2s[max(j - 1, 0)], s2s[min(j + 1, s2s.size - 1)], 21)
+    i, j = best(pis, s2s)
+    return float(pis[i]), float(s2s[j])
 
 
 def shrink_lfc(lfc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -253,24 +408,26 @@ def shrink_lfc(lfc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def summarize(h1: np.ndarray, h2: np.ndarray, *, mode: str, delta: float | None, pseudocounts: float,
               lfc_error_sd: float = 0.0, rng: np.random.Generator | None = None,
               reference: np.ndarray | None = None, center: bool = True, shrink: bool = False,
-              observed: tuple | None = None, min_delta: float = 0.1) -> pd.DataFrame:
+              observed: tuple[np.ndarray, np.ndarray] | None = None, min_delta: float = 0.1) -> pd.DataFrame:
     """Per-feature evidence from population draws ``h1``, ``h2`` of shape ``(T, n_features)``.
 
     The LFC draws get, in order: the model's own error ``N(0, lfc_error_sd^2)`` (:func:`model_error_sd`),
-    the update with the ``observed`` counts (:func:`combine_with_counts`, when given),
+    the update with the ``observed`` LFC and its variance (:func:`combine_with_counts`, when given),
     centring on the ``reference`` features (:func:`center_lfc`; default all features) and empirical-Bayes
-    spike-and-slab shrinkage (:func:`shrink_lfc`). Returns the columns proba_de, proba_not_de, bayes_factor, scale1,
-    scale2, pseudocounts, delta, lfc_mean, lfc_median, lfc_std, lfc_min, lfc_max (and proba_m1, proba_m2
-    in vanilla mode, from ``P(lfc > 0)``). With shrinkage, ``lfc_mean`` is the posterior mean (null mass
-    included) and the other LFC summaries describe the LFC given that the feature changes.
+    spike-and-slab shrinkage (:func:`shrink_lfc`). Returns the columns proba_de, proba_not_de, bayes_factor,
+    scale1, scale2, pseudocounts, delta, lfc_mean, lfc_median, lfc_std, lfc_min, lfc_max (and proba_m1,
+    proba_m2 in vanilla mode, from ``P(lfc > 0)``; ``model_share`` with ``observed``). With shrinkage,
+    ``lfc_mean`` is the posterior mean (null mass included) and the other LFC summaries describe the LFC
+    given that the feature changes.
     """
     if mode not in ("vanilla", "change"):
         raise ValueError(f"mode={mode!r} is not one of ('vanilla', 'change').")
     lfc = lfc_draws(h1, h2, pseudocounts)
     if lfc_error_sd > 0:
         lfc = lfc + (rng or np.random.default_rng(0)).standard_normal(lfc.shape) * lfc_error_sd
-    if observed is not None:  # (counts1, counts2, library1, library2)
-        lfc = combine_with_counts(lfc, *observed)
+    extra = {}
+    if observed is not None:
+        lfc, extra["model_share"] = combine_with_counts(lfc, *observed)
     if reference is None:
         reference = np.ones(lfc.shape[1], bool)
     if center:
@@ -279,10 +436,9 @@ def summarize(h1: np.ndarray, h2: np.ndarray, *, mode: str, delta: float | None,
     if shrink:
         lfc, w = shrink_lfc(lfc)
     lfc_mean = w * lfc.mean(0)
-    extra = {}
     if mode == "vanilla":
         p1 = w * (lfc > 0).mean(0) + 0.5 * (1.0 - w)  # an LFC of exactly 0 counts half
-        extra = {"proba_m1": p1, "proba_m2": 1.0 - p1}
+        extra.update(proba_m1=p1, proba_m2=1.0 - p1)
         proba_de = np.maximum(p1, 1.0 - p1)  # probability of the more likely direction
         bf = bayes_factor(p1)
         used_delta = np.nan
@@ -296,7 +452,7 @@ def summarize(h1: np.ndarray, h2: np.ndarray, *, mode: str, delta: float | None,
         "proba_de": proba_de,
         "proba_not_de": 1.0 - proba_de,
         "bayes_factor": bf,
-        **extra,
+        **{k: v for k, v in extra.items() if k != "model_share"},
         "scale1": h1.mean(0),
         "scale2": h2.mean(0),
         "pseudocounts": pseudocounts,
@@ -306,21 +462,28 @@ def summarize(h1: np.ndarray, h2: np.ndarray, *, mode: str, delta: float | None,
         "lfc_std": lfc.std(0),
         "lfc_min": lfc.min(0),
         "lfc_max": lfc.max(0),
+        **({"model_share": extra["model_share"]} if "model_share" in extra else {}),
     })
 
 
 def raw_stats(X, idx1: np.ndarray, idx2: np.ndarray) -> dict[str, np.ndarray]:
-    """Observed-count statistics of the two groups: raw means, fraction non-zero, means per 10^4 counts."""
+    """Observed-count statistics of the two groups: raw means, fraction non-zero, means per 10^4 counts.
+
+    Computed as products of the CSR with per-cell weight columns (two passes over ``X``, no copy of
+    the groups' rows).
+    """
     X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
-    out = {}
-    for k, idx in (("1", idx1), ("2", idx2)):
-        sub = X[idx]
-        lib = np.asarray(sub.sum(1)).ravel()
-        norm = sp.diags(1e4 / np.maximum(lib, 1e-12)) @ sub
-        out[f"raw_mean{k}"] = np.asarray(sub.mean(0)).ravel()
-        out[f"non_zeros_proportion{k}"] = np.asarray((sub > 0).mean(0)).ravel()
-        out[f"raw_normalized_mean{k}"] = np.asarray(norm.mean(0)).ravel()
-    return out
+    library = np.asarray(X.sum(1), dtype=np.float64).ravel()
+    W = np.zeros((X.shape[0], 4))  # mean and mean per 10^4 counts, for each group
+    for j, idx in enumerate((idx1, idx2)):
+        W[idx, 2 * j] = 1.0 / idx.size
+        W[idx, 2 * j + 1] = 1e4 / np.maximum(library[idx], 1e-12) / idx.size
+    means = np.asarray(X.T @ W, dtype=np.float64)
+    nonzero = np.asarray((X > 0).T @ W[:, [0, 2]], dtype=np.float64)
+    return {
+        "raw_mean1": means[:, 0], "non_zeros_proportion1": nonzero[:, 0], "raw_normalized_mean1": means[:, 1],
+        "raw_mean2": means[:, 2], "non_zeros_proportion2": nonzero[:, 1], "raw_normalized_mean2": means[:, 3],
+    }
 
 
 # --------------------------------------------------------------------------- choosing cells
@@ -429,11 +592,18 @@ def _warn_if_out_of_distribution(model, adata, rows1, rows2, batch_correction: b
         )
 
 
-def _cell_draws(draws_fn: Callable, rows: np.ndarray, batches: list | None, n_samples: int, weights: str,
-                batch_size: int | None, rng: np.random.Generator) -> np.ndarray:
-    """``(n_draws, n_cells, n_features)`` decoded draws for a bounded subsample of ``rows``."""
-    n_draws = 10 if weights == "importance" else max(1, min(25, -(-n_samples // rows.size)))
-    n_cells = max(1, min(rows.size, n_samples // n_draws))
+def _draws_per_cell(n_rows: int, n_samples_overall: int, n_samples: int | None, weights: str) -> tuple[int, int]:
+    """(posterior draws per cell, cells to decode) for a population of ``n_rows`` cells."""
+    if n_samples is None:  # as many as the budget allows, spread over every cell of a small population
+        n_samples = max(1, min(MAX_DRAWS_PER_CELL, -(-n_samples_overall // n_rows)))
+    if weights == "importance":
+        n_samples = max(n_samples, IMPORTANCE_DRAWS_PER_CELL)
+    return n_samples, max(1, min(n_rows, n_samples_overall // n_samples))
+
+
+def _cell_draws(draws_fn: Callable, rows: np.ndarray, batches: list | None, n_draws: int, n_cells: int,
+                weights: str, batch_size: int | None, rng: np.random.Generator) -> np.ndarray:
+    """``(n_draws, n_cells, n_features)`` decoded draws for ``n_cells`` cells chosen from ``rows``."""
     chosen = np.sort(rng.choice(rows, n_cells, replace=False)) if n_cells < rows.size else rows
     if weights == "uniform":  # independent draws per batch are fine: their average is the batch mean
         per_batch = [np.asarray(draws_fn(chosen, n_draws, b, batch_size), dtype=np.float32)
@@ -442,14 +612,44 @@ def _cell_draws(draws_fn: Callable, rows: np.ndarray, batches: list | None, n_sa
     # importance: the same z decoded in every batch; weights from the cell's own batch
     flat, log_w = draws_fn(chosen, n_draws, batches, batch_size, return_log_weights=True)
     draws = np.asarray(flat, dtype=np.float32).reshape(n_draws, chosen.size, -1)
-    w = np.exp(log_w - log_w.max(0, keepdims=True))
-    w /= w.sum(0, keepdims=True)  # (n_draws, n_cells), per cell
-    # sampling importance resampling, stratified: draw k of a cell is replaced by the weighted draw at
-    # cumulative-weight position (k + U) / n_draws
-    u = (rng.random((n_draws, chosen.size)) + np.arange(n_draws)[:, None]) / n_draws
-    cum = np.cumsum(w, 0)
-    pick = np.minimum((cum[None, :, :] < u[:, None, :]).sum(1), n_draws - 1)  # (n_draws, n_cells)
-    return draws[pick, np.arange(chosen.size)[None, :]]
+    return importance_resample(draws, np.asarray(log_w), rng)
+
+
+def _strata(model, adata, batch_correction: bool) -> np.ndarray:
+    """Stratum code of every cell for the observed contrast: its batch with batch correction, else 0."""
+    key = model.spec.batch_key
+    if not batch_correction or key is None:
+        return np.zeros(adata.n_obs, dtype=np.int64)
+    return np.asarray(pd.Categorical(adata.obs[key].astype(str), categories=list(model.spec.batch_categories)).codes)
+
+
+def _count_evidence(X, squares, library: np.ndarray, strata: np.ndarray, rows1: np.ndarray, rows2: np.ndarray
+                    ) -> dict:
+    """Pooled counts of each group and the observed LFC within strata (:func:`observed_lfc`).
+
+    ``observed`` is ``None`` when no stratum holds both groups; ``pooled`` is the observed LFC over all
+    cells, which still carries what differs between strata, used only to measure the model's error then.
+    """
+    def per_stratum(rows):
+        out = []
+        for b in range(int(strata.max()) + 1):
+            r = rows[strata[rows] == b]
+            out.append((*group_count_stats(X, r, library, squares), r.size) if r.size >= 2 else None)
+        return out
+
+    pooled1, pooled2 = (group_count_stats(X, rows, library, squares) for rows in (rows1, rows2))
+    pooled = observed_lfc([(*pooled1, rows1.size)], [(*pooled2, rows2.size)])
+    one_stratum = strata.max() == 0 and rows1.size >= 2 and rows2.size >= 2
+    observed = pooled if one_stratum else observed_lfc(per_stratum(rows1), per_stratum(rows2))
+    return {"counts1": pooled1[0], "counts2": pooled2[0], "observed": observed, "pooled": pooled}
+
+
+def _sort_table(table: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """Sort as scvi-tools does, by ``proba_de`` (change) or ``bayes_factor`` (vanilla), descending; ties
+    (common where ``proba_de`` saturates at 1) by ``|lfc_mean|``, descending."""
+    key = table["proba_de" if mode == "change" else "bayes_factor"].to_numpy()
+    order = np.lexsort((-table["lfc_mean"].abs().to_numpy(), -key))
+    return table.iloc[order]
 
 
 def differential_expression(
@@ -471,11 +671,13 @@ def differential_expression(
     silent: bool = False,
     weights: str = "uniform",
     filter_outlier_cells: bool = False,
-    pseudocounts: float | None = 0.0,
-    n_samples: int = 5000,
+    *,
+    pseudocounts: float | None = None,
+    n_samples_overall: int = 5000,
+    n_samples: int | None = None,
     n_bootstrap: int = 1000,
     seed: int | None = None,
-    use_counts: bool = False,
+    use_counts: bool = True,
     center_lfc: bool = True,
     shrink_lfc: bool = True,
     draws_fn: Callable | None = None,
@@ -484,12 +686,17 @@ def differential_expression(
 ) -> pd.DataFrame:
     """Bayesian DE between two populations of cells (see the module docstring for the method).
 
+    The arguments up to ``filter_outlier_cells`` are those of scvi-tools' ``differential_expression``,
+    with its defaults and meaning; the keyword-only ones after it are those scvi-tools passes on to its
+    ``get_bayes_factors`` (``pseudocounts``, ``n_samples_overall``) or its expression function
+    (``n_samples``), then cellvi's own.
+
     Parameters
     ----------
     model
         A trained cellvi model.
     adata
-        Data to compare (default: the model's).
+        Data to compare (default: the model's); genes and categories must match the model's.
     groupby, group1, group2
         ``.obs`` column and groups; without ``group2`` each group of ``group1`` (all groups when
         ``None``) is compared with the rest, in one table with a ``comparison`` column.
@@ -497,16 +704,22 @@ def differential_expression(
         Instead of groups: boolean masks, integer positions or ``adata.obs.query`` strings
         (``"cell_type == 'B' and condition == 'stim'"``); ``idx2=None`` means all other cells.
     mode
-        ``"vanilla"``: ``proba_m1 = P(h1 > h2)``. ``"change"``: ``proba_de = P(|lfc| > delta)``.
+        ``"vanilla"``: ``proba_m1 = P(h1 > h2)``, the table sorted by ``bayes_factor``. ``"change"``:
+        ``proba_de = P(|lfc| > delta)``, sorted by ``proba_de``, with the calls ``is_de_fdr_<fdr_target>``.
     delta
         LFC threshold (log2) of the change mode; ``None`` estimates it (:func:`estimate_delta`).
+    batch_size
+        Cells decoded at once.
+    all_stats
+        Add the observed-count statistics (:func:`raw_stats`).
     batch_correction, batchid1, batchid2
         Decode each population's cells as if from every batch (or those listed) and average, so batch
-        effects do not enter the comparison. Use it when batches are shared by both populations; when
-        each population sits in its own batch the decoded expression is out of distribution (a warning
-        says so). Default ``False``: each cell in its own batch.
+        effects do not enter the comparison; the observed counts are then compared within batches. Use
+        it when batches are shared by both populations; when each population sits in its own batch the
+        decoded expression is out of distribution (a warning says so). Default ``False``: each cell in
+        its own batch.
     fdr_target
-        Posterior expected FDR of the calls in ``is_de_fdr_<fdr_target>``.
+        Posterior expected FDR of the calls in ``is_de_fdr_<fdr_target>`` (change mode).
     silent
         Accepted for scvi-tools compatibility; the engine prints nothing (a call takes about a second).
     weights
@@ -515,26 +728,34 @@ def differential_expression(
     filter_outlier_cells
         Drop cells whose latent mean is far from their population's (robust distance, 99.9 % chi-square).
     pseudocounts
-        Added to expression before the log: a number, or ``None`` for a data-driven value
-        (:func:`estimate_pseudocounts`).
-    n_samples
+        Added to expression before the log: a number, or ``None`` (default, as scvi-tools) for a
+        data-driven value (:func:`estimate_pseudocounts`).
+    n_samples_overall
         Decoded draws per population (cells x draws per cell); bounds the cost for large populations.
+    n_samples
+        Posterior draws decoded per chosen cell (scvi-tools passes it to the expression function).
+        ``None``: as many as ``n_samples_overall`` allows over the population's cells, at most
+        ``MAX_DRAWS_PER_CELL``.
     n_bootstrap
-        Population-level draws used for the probabilities and LFC summaries.
+        (cellvi only) Size of the population bootstrap: the number of population-level draws
+        (:func:`population_draws`) behind the probabilities and LFC summaries.
     seed
-        Seed of the cell subsampling, bootstrap and posterior draws (default ``cellvi.settings.seed``).
+        (cellvi only) Seed of the cell subsampling, bootstrap and posterior draws (default
+        ``cellvi.settings.seed``).
     use_counts
-        (cellvi only, off by default) Update the model's LFCs with the groups' pooled observed counts
-        (:func:`combine_with_counts`); ignored with ``batch_correction=True``, where the observed counts
-        still carry the batch effect. More power, but pooled counts also carry donor-to-donor variation,
-        which raised the false discovery proportion in our benchmark.
+        (cellvi only, on by default) Update the model's LFCs with the observed LFC of the counts
+        (:func:`observed_lfc`, within batches with ``batch_correction=True``; :func:`combine_with_counts`).
+        Each source is weighted by its precision, the model's including its measured error
+        (:func:`model_error_sd`), so the counts decide where the model has learned little of the contrast;
+        the column ``model_share`` says how much of each feature's evidence came from the model. ``False``:
+        the counts only bound the precision (:func:`add_count_noise`).
     center_lfc
         (cellvi only) Remove the compositional shift: subtract the median LFC of well-observed features
         (:func:`center_lfc`). ``False`` compares the raw proportions, as scvi-tools does.
     shrink_lfc
-        (cellvi only, off by default) Empirical-Bayes spike-and-slab shrinkage of the LFCs
-        (:func:`shrink_lfc`): features the data say little about are not called, at a large cost in
-        power when the model shrinks real effects (see ``docs/de.md``).
+        (cellvi only, on by default) Empirical-Bayes spike-and-slab shrinkage of the LFCs
+        (:func:`shrink_lfc`): features the data say little about are not called. ``False`` keeps the
+        unshrunk LFCs, at the cost of false calls on wide posteriors.
     draws_fn, latent_fn
         Overrides of the model's ``_de_draws`` and latent means (for models with several kinds of
         expression, e.g. ContrastiveVI).
@@ -545,21 +766,20 @@ def differential_expression(
 
     Returns
     -------
-    DataFrame indexed by feature, sorted by evidence, with the columns of scvi-tools
-    (``proba_de``, ``bayes_factor``, ``scale1``, ``lfc_mean``, ..., ``is_de_fdr_<target>``,
-    ``comparison``, ``group1``, ``group2``).
+    DataFrame indexed by feature with the columns of scvi-tools (``proba_de``, ``bayes_factor``,
+    ``scale1``, ``lfc_mean``, ..., ``is_de_fdr_<target>`` in change mode, ``comparison``, ``group1``,
+    ``group2``), plus cellvi's ``model_agreement`` (one value per comparison, :func:`model_agreement`:
+    low when the model carries little of the contrast and the counts decide) and, with ``use_counts``,
+    ``model_share`` (per feature, :func:`combine_with_counts`); one block per comparison, each sorted as
+    scvi-tools sorts (``mode`` above).
     """
     import torch
 
     from cellvi import settings
     from cellvi.data.setup import get_counts
 
-    if weights not in ("uniform", "importance"):
-        raise ValueError(f"weights={weights!r} is not one of ('uniform', 'importance').")
-    if mode not in ("vanilla", "change"):
-        raise ValueError(f"mode={mode!r} is not one of ('vanilla', 'change').")
-    if not 0.0 < fdr_target < 1.0:
-        raise ValueError(f"fdr_target must be in (0, 1), got {fdr_target}.")
+    # 1. options and the functions that decode expression
+    _check_options(mode, weights, fdr_target, n_samples_overall, n_samples, n_bootstrap)
     adata = model.adata if adata is None else adata
     if weights == "importance" and (draws_fn is not None or not _supports_weights(model)):
         raise ValueError(f"weights='importance' is not available for this comparison with {type(model).__name__}; "
@@ -571,50 +791,87 @@ def differential_expression(
     rng = np.random.default_rng(seed)
     batches1 = _batch_list(model, batch_correction, batchid1)
     batches2 = _batch_list(model, batch_correction, batchid2)
+    # 2. observed counts, once per call: CSR, library sizes, strata for the observed contrast
     if features is None:  # the model's genes
         features = (model.spec.var_names, get_counts(adata, model.spec.layer))
     names, X = pd.Index(features[0]), features[1]
-    X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(X)  # once, not per comparison
-    library = np.asarray(X.sum(1)).ravel()  # observed total counts per cell
+    X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(X)
+    library = np.asarray(X.sum(1), dtype=np.float64).ravel()
+    squares = X.multiply(X).tocsr()
+    strata = _strata(model, adata, batch_correction)
+
+    def population(rows: np.ndarray, batches: list | None) -> np.ndarray:  # (n_bootstrap, n_features)
+        n_draws, n_cells = _draws_per_cell(rows.size, n_samples_overall, n_samples, weights)
+        draws = _cell_draws(draws_fn, rows, batches, n_draws, n_cells, weights, batch_size, rng)
+        return population_draws(draws, n_bootstrap, rng)
+
     tables = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for name1, name2, rows1, rows2 in comparisons(adata, groupby, group1, group2, idx1, idx2):
             _warn_if_out_of_distribution(model, adata, rows1, rows2, batch_correction)
+            # 3. cells: drop latent outliers on request
             if filter_outlier_cells:
                 rows1, rows2 = _drop_outliers(latent_fn, rows1), _drop_outliers(latent_fn, rows2)
-            d1 = _cell_draws(draws_fn, rows1, batches1, n_samples, weights, batch_size, rng)
-            d2 = _cell_draws(draws_fn, rows2, batches2, n_samples, weights, batch_size, rng)
-            c1, c2 = _counts_per_feature(X, rows1), _counts_per_feature(X, rows2)
-            L1, L2 = library[rows1].sum(), library[rows2].sum()
-            counts_update = bool(use_counts) and not batch_correction
-            h1, h2 = population_draws(d1, n_bootstrap, rng), population_draws(d2, n_bootstrap, rng)
-            if not counts_update:  # the counts enter as a precision floor instead of a likelihood
-                h1, h2 = add_count_noise(h1, c1, rng), add_count_noise(h2, c2, rng)
-            stats = raw_stats(X, rows1, rows2) if all_stats else {}
-            pc = pseudocounts
-            if pc is None:
-                if not all_stats:
-                    raise ValueError("pseudocounts=None estimates them from observed counts: set all_stats=True.")
-                pc = estimate_pseudocounts(h1.mean(0), h2.mean(0), stats["non_zeros_proportion1"] > 0,
-                                           stats["non_zeros_proportion2"] > 0)
-            tau = model_error_sd(lfc_draws(h1.mean(0), h2.mean(0), pc), c1, c2, L1, L2)
-            well_observed = (c1 >= 20) & (c2 >= 20)
+            # 4. population draws of normalized expression (cell subsample x posterior draws, bootstrapped)
+            h1, h2 = population(rows1, batches1), population(rows2, batches2)
+            # 5. the observed counts: a precision floor, and (use_counts) an estimate of the LFC of their own
+            counts = _count_evidence(X, squares, library, strata, rows1, rows2)
+            observed = counts["observed"] if use_counts else None
+            h1, h2 = add_count_noise(h1, counts["counts1"], rng), add_count_noise(h2, counts["counts2"], rng)
+            # 6. effect sizes and evidence: model error, count update, centring, shrinkage
+            pc = pseudocounts if pseudocounts is not None else estimate_pseudocounts(
+                h1.mean(0), h2.mean(0), counts["counts1"] > 0, counts["counts2"] > 0)
+            well_observed = (counts["counts1"] >= MIN_COUNTS) & (counts["counts2"] >= MIN_COUNTS)
+            model_lfc = lfc_draws(h1.mean(0), h2.mean(0), pc)
+            reference_lfc = counts["observed"] or counts["pooled"]
+            tau = model_error_sd(model_lfc, *reference_lfc, well_observed)
             table = summarize(h1, h2, mode=mode, delta=delta, pseudocounts=pc, lfc_error_sd=tau, rng=rng,
-                              reference=well_observed, center=center_lfc, shrink=shrink_lfc,
-                              observed=(c1, c2, L1, L2) if counts_update else None)
-            for key, v in stats.items():
-                table[key] = v
-            table[f"is_de_fdr_{fdr_target}"] = expected_fdr_calls(table["proba_de"].to_numpy(), fdr_target)
+                              reference=well_observed, center=center_lfc, shrink=shrink_lfc, observed=observed)
+            # 7. the table: count statistics, calls (change mode), names, scvi-tools' order
+            table["model_agreement"] = model_agreement(model_lfc, reference_lfc[0], well_observed)
+            if all_stats:
+                table = table.assign(**raw_stats(X, rows1, rows2))
+            if mode == "change":
+                table[f"is_de_fdr_{fdr_target}"] = expected_fdr_calls(table["proba_de"].to_numpy(), fdr_target)
             table["comparison"] = f"{name1} vs {name2}"
             table["group1"], table["group2"] = name1, name2
             table.index = names
-            tables.append(table.sort_values(["proba_de", "lfc_mean"], ascending=False, key=_evidence_key))
+            tables.append(_sort_table(_order_columns(table, mode), mode))
     return pd.concat(tables)
 
 
-def _counts_per_feature(X, rows: np.ndarray) -> np.ndarray:
-    return np.asarray(X[rows].sum(0), dtype=np.float64).ravel()
+# scvi-tools 1.4.2's columns per mode, in its order (tests/data/scvi_tools_1.4.2_api.json); cellvi's own
+# columns follow them, then the calls and the comparison names
+SCVI_TOOLS_COLUMNS = {
+    "vanilla": ["proba_m1", "proba_m2", "bayes_factor", "scale1", "scale2"],
+    "change": ["proba_de", "proba_not_de", "bayes_factor", "scale1", "scale2", "pseudocounts", "delta", "lfc_mean",
+               "lfc_median", "lfc_std", "lfc_min", "lfc_max"],
+}
+RAW_COLUMNS = ["raw_mean1", "raw_mean2", "non_zeros_proportion1", "non_zeros_proportion2", "raw_normalized_mean1",
+               "raw_normalized_mean2"]
+
+
+def _order_columns(table: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """scvi-tools' columns in scvi-tools' order, then cellvi's, then ``is_de_fdr_*``, comparison, groups."""
+    last = [c for c in table.columns if c.startswith("is_de_fdr_")] + ["comparison", "group1", "group2"]
+    first = [c for c in SCVI_TOOLS_COLUMNS[mode] + RAW_COLUMNS if c in table.columns]
+    middle = [c for c in table.columns if c not in first and c not in last]
+    return table[first + middle + [c for c in last if c in table.columns]]
+
+
+def _check_options(mode: str, weights: str, fdr_target: float, n_samples_overall: int, n_samples: int | None,
+                   n_bootstrap: int) -> None:
+    if weights not in ("uniform", "importance"):
+        raise ValueError(f"weights={weights!r} is not one of ('uniform', 'importance').")
+    if mode not in ("vanilla", "change"):
+        raise ValueError(f"mode={mode!r} is not one of ('vanilla', 'change').")
+    if not 0.0 < fdr_target < 1.0:
+        raise ValueError(f"fdr_target must be in (0, 1), got {fdr_target}.")
+    for name, value in (("n_samples_overall", n_samples_overall), ("n_samples", n_samples),
+                        ("n_bootstrap", n_bootstrap)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 def _supports_weights(model) -> bool:
@@ -623,20 +880,11 @@ def _supports_weights(model) -> bool:
     return "return_log_weights" in inspect.signature(model._de_draws).parameters
 
 
-def _evidence_key(col: pd.Series) -> pd.Series:
-    """Sort by proba_de, then by |lfc_mean| (ties are common when proba_de saturates at 1)."""
-    return col.abs() if col.name == "lfc_mean" else col
-
-
-def _drop_outliers(latent_fn: Callable, rows: np.ndarray, quantile: float = 0.999) -> np.ndarray:
-    """Cells of ``rows`` whose latent mean lies within the population's robust ellipsoid."""
-    from scipy.stats import chi2
-
+def _drop_outliers(latent_fn: Callable, rows: np.ndarray) -> np.ndarray:
+    """Cells of ``rows`` that are not latent outliers (:func:`outlier_cells`); all of them when the
+    population is too small to estimate its spread or fewer than 2 cells would remain."""
     z = np.asarray(latent_fn(rows), dtype=np.float64)
     if rows.size < 3 * z.shape[1]:
         return rows
-    center = np.median(z, 0)
-    scale = 1.4826 * np.median(np.abs(z - center), 0) + 1e-8  # robust sd per dimension
-    dist2 = (((z - center) / scale) ** 2).sum(1)
-    keep = dist2 <= chi2.ppf(quantile, df=z.shape[1])
+    keep = ~outlier_cells(z)
     return rows[keep] if keep.sum() >= 2 else rows

@@ -22,6 +22,54 @@ from torch import Tensor
 
 EPS = 1e-8
 
+# --------------------------------------------------------------------------- compiled kernels (opt-in)
+
+_COMPILED: dict = {}  # function -> its torch.compile'd version (or the function itself where compiling failed)
+_USE_COMPILED = [False]
+
+
+def kernel(fn):
+    """``fn`` itself, or its ``torch.compile``'d version inside :func:`compiled_kernels` (``True``).
+
+    Only large elementwise kernels go through here: compiling fuses their passes over the
+    ``(cells, genes)`` arrays into one. Where compilation fails (no C++ compiler, an old PyTorch) the
+    eager function is used, once and for all, with a warning.
+    """
+    if not _USE_COMPILED[0]:
+        return fn
+    if fn not in _COMPILED:
+        def first_call(*args, _fn=fn):
+            try:
+                compiled = torch.compile(_fn, dynamic=False)
+                out = compiled(*args)
+            except Exception as err:  # any backend failure: stay eager
+                import warnings
+
+                warnings.warn(f"torch.compile of {_fn.__name__} failed ({type(err).__name__}); using eager "
+                              "kernels.", RuntimeWarning, stacklevel=3)
+                _COMPILED[_fn] = _fn
+                return _fn(*args)
+            _COMPILED[_fn] = compiled
+            return out
+
+        return first_call
+    return _COMPILED[fn]
+
+
+class compiled_kernels:
+    """Context manager: use compiled likelihood kernels (``on=True``) or eager ones inside the block."""
+
+    def __init__(self, on: bool):
+        self.on, self.before = bool(on), None
+
+    def __enter__(self):
+        self.before, _USE_COMPILED[0] = _USE_COMPILED[0], self.on
+        return self
+
+    def __exit__(self, *exc):
+        _USE_COMPILED[0] = self.before
+        return False
+
 
 def normal(loc: Tensor, scale: Tensor) -> torch.distributions.Normal:
     """A Normal without torch.distributions' per-construction argument checks (they cost a sync per step)."""
@@ -110,82 +158,176 @@ def digamma(z: Tensor) -> Tensor:
     return torch.log(z + 6.0) - 0.5 * inv - tail - shift
 
 
-class _NBRowLogLik(torch.autograd.Function):
-    """Per-cell ``sum_g log NB(x | mu, theta)`` (or ZINB with ``logits``) with a hand-written gradient.
+def _zero_count_terms(mu: Tensor, theta: Tensor, log_theta: Tensor, logits: Tensor | None):
+    """The x = 0 log-probability on every entry and its derivatives, in few elementwise passes.
 
-    The x = 0 formula is evaluated densely, with no ``lgamma``; the non-zero entries add their
-    difference to it. ``lgamma``/``digamma`` run on the non-zeros only, and on the gene vector when
-    theta is per gene. The backward pass reuses the forward's softplus values
-    (``sigmoid(u) = -expm1(-softplus(u))``) instead of an autograd graph of ~30 small ops.
+    Returns ``(value, d/dmu, d/dtheta, d/dlogits, S)``, each shaped as ``mu`` (``d/dlogits`` and ``S``
+    are None for NB). With ``t = theta + mu``: NB ``log NB(0) = theta (log theta - log t)``; ZINB
+    ``log S`` with ``S = sigmoid(l) + sigmoid(-l) NB(0)`` (= softplus(nb0 - l) - softplus(-l), with one
+    log and one exp instead of two softplus). Where ``S`` underflows (``S.min() <= 1e-30``) the caller
+    uses :func:`_zero_count_terms_softplus` instead. No data-dependent branch: ``torch.compile`` fuses it.
     """
+    t = mu + (theta + EPS)
+    d = log_theta - torch.log(t)  # log theta - log t
+    nb0 = d * theta
+    w = theta / t  # -d nb0 / d mu
+    if logits is None:
+        return nb0, -w, d + theta / (theta + EPS) - w, None, None
+    sn = torch.sigmoid(-logits)
+    snr = torch.exp(nb0) * sn
+    S = torch.sigmoid(logits) + snr
+    a = snr / S  # sigmoid(nb0 - l): d value / d nb0
+    return torch.log(S), -(w * a), (d + theta / (theta + EPS) - w) * a, sn - a, S
+
+
+def _zero_terms_or_fallback(mu: Tensor, theta: Tensor, log_theta: Tensor, logits: Tensor | None):
+    """:func:`_zero_count_terms` (through :func:`kernel`), or the softplus form where ``S`` underflowed."""
+    value, grad_mu, grad_theta, grad_logits, S = kernel(_zero_count_terms)(mu, theta, log_theta, logits)
+    if S is not None and not bool(S.min() > 1e-30):
+        value, grad_mu, grad_theta, grad_logits = _zero_count_terms_softplus(mu, theta, log_theta, logits)
+    return value, grad_mu, grad_theta, grad_logits
+
+
+def _zero_count_terms_softplus(mu: Tensor, theta: Tensor, log_theta: Tensor, logits: Tensor):
+    """As :func:`_zero_count_terms` for ZINB, with softplus (no underflow; slower)."""
+    t = mu + (theta + EPS)
+    d = log_theta - torch.log(t)
+    w = theta / t
+    u = d * theta - logits
+    a = torch.sigmoid(u)
+    grad_theta = (d + theta / (theta + EPS) - w) * a
+    return F.softplus(u) - F.softplus(-logits), -w * a, grad_theta, torch.sigmoid(-logits) - a
+
+
+def _nonzero_correction(x, mu, theta, log_theta, lgamma_theta, digamma_theta, logits):
+    """At the non-zero counts ``x`` (1-D, with their ``mu``, ``theta``, ... gathered alongside):
+    ``log p(x) - log p(0)`` and its derivatives w.r.t. mu, theta, logits (None for NB).
+
+    ``log NB(x) - log NB(0) = x (log mu - log t) + lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)``; for
+    ZINB the zero-inflation part adds ``-l - softplus(nb0 - l) + nb0`` = ``-softplus(l - nb0)``.
+    """
+    t = mu + theta + EPS
+    lt = torch.log(t)
+    inv_t = 1.0 / t
+    value = x * (torch.log(mu + EPS) - lt) + torch.lgamma(x + theta) - lgamma_theta - torch.lgamma(x + 1.0)
+    grad_mu = x * (1.0 / (mu + EPS) - inv_t)
+    grad_theta = digamma(x + theta) - digamma_theta - x * inv_t
+    if logits is None:
+        return value, grad_mu, grad_theta, None
+    v = logits - theta * (log_theta - lt)  # l - nb0
+    c = torch.sigmoid(v)  # d value / d nb0
+    value = value - F.softplus(v)
+    grad_mu = grad_mu - c * theta * inv_t
+    grad_theta = grad_theta + c * (log_theta - lt + theta / (theta + EPS) - theta * inv_t)
+    return value, grad_mu, grad_theta, -c
+
+
+def nb_row_log_lik(mu: Tensor, theta: Tensor, logits: Tensor | None, nz: Nonzeros, need_grad: bool = True):
+    """``sum_g log NB(x_g | mu, theta)`` (ZINB with ``logits``) per cell, and its derivatives.
+
+    The x = 0 formula is evaluated on every entry (no ``lgamma``); the non-zero entries ``nz`` add
+    their difference to it (``lgamma``/``digamma`` run there only, and on the gene vector when theta is
+    per gene). Derivatives are computed in the same pass, where the intermediates are at hand.
+
+    Parameters
+    ----------
+    mu
+        Means, ``(cells, genes)``.
+    theta
+        Inverse dispersion, ``(genes,)`` or ``(cells, genes)``.
+    logits
+        Zero-inflation logits ``(cells, genes)``, or None (NB).
+    nz
+        Non-zero entries of the counts.
+    need_grad
+        Also return the derivatives (else they are None).
+
+    Returns
+    -------
+    ``(value, d/dmu, d/dtheta, d/dlogits)``: value ``(cells,)``; derivatives of each cell's value with
+    respect to its own entries, shaped as ``mu`` (``d/dlogits`` None for NB).
+    """
+    G = mu.shape[1]
+    gene_theta = theta.dim() == 1
+    flat = nz.rows * G + nz.cols
+    log_theta = torch.log(theta + EPS)
+    if gene_theta:
+        th_nz, lth_nz = theta.index_select(0, nz.cols), log_theta.index_select(0, nz.cols)
+        lgamma_theta = torch.lgamma(theta).index_select(0, nz.cols)
+        digamma_theta = digamma(theta).index_select(0, nz.cols) if need_grad else None
+    else:
+        th_nz, lth_nz = theta.reshape(-1).index_select(0, flat), log_theta.reshape(-1).index_select(0, flat)
+        lgamma_theta = torch.lgamma(th_nz)
+        digamma_theta = digamma(th_nz) if need_grad else None
+    value, grad_mu, grad_theta, grad_logits = _zero_terms_or_fallback(mu, theta, log_theta, logits)
+    l_nz = None if logits is None else logits[nz.rows, nz.cols]  # logits may be a strided view: no copy
+    nz_terms = _nonzero_correction(nz.values, mu.reshape(-1).index_select(0, flat), th_nz, lth_nz, lgamma_theta,
+                                   digamma_theta if need_grad else torch.zeros_like(th_nz), l_nz)
+    out = value.sum(-1).index_add_(0, nz.rows, nz_terms[0])
+    if not need_grad:
+        return out, None, None, None
+    grad_mu.view(-1).index_add_(0, flat, nz_terms[1])
+    if gene_theta:
+        grad_theta = grad_theta.expand_as(mu).contiguous() if grad_theta.shape != mu.shape else grad_theta
+    grad_theta.view(-1).index_add_(0, flat, nz_terms[2])
+    if grad_logits is not None:
+        grad_logits.view(-1).index_add_(0, flat, nz_terms[3])
+    return out, grad_mu, grad_theta, grad_logits
+
+
+class _NBRowLogLik(torch.autograd.Function):
+    """:func:`nb_row_log_lik` as an autograd function: derivatives from the forward pass, scaled in backward."""
 
     @staticmethod
     def forward(ctx, mu, theta, logits, rows, cols, xv):
-        B, G = mu.shape
-        eps = EPS
-        gene_theta = theta.dim() == 1
-        flat = rows * G + cols
-        th_nz = theta.index_select(0, cols) if gene_theta else theta.reshape(-1).index_select(0, flat)
-        mu_nz = mu.reshape(-1).index_select(0, flat)
-        # x = 0 everywhere: log NB(0) = theta (log theta - log(theta + mu)), dense, no lgamma
-        lth = torch.log(theta + eps)
-        tm = mu + (theta + eps)
-        L = torch.log(tm)
-        nb0 = torch.sub(lth, L).mul_(theta)  # (B, G)
-        # at the non-zeros: log NB(x) - log NB(0)
-        tm_nz = mu_nz + th_nz + eps
-        L_nz = torch.log(tm_nz)
-        nb0_nz = th_nz * (torch.log(th_nz + eps) - L_nz)
-        lgamma_theta_nz = torch.lgamma(theta).index_select(0, cols) if gene_theta else torch.lgamma(th_nz)
-        extra = xv * (torch.log(mu_nz + eps) - L_nz) + torch.lgamma(xv + th_nz) - lgamma_theta_nz - torch.lgamma(xv + 1)
-        if logits is None:
-            out = nb0.sum(-1).index_add_(0, rows, extra)
-            u = neg_l = u_nz = None
-        else:  # zero-inflated: log[pi + (1 - pi) NB(0)] = softplus(nb0 - l) - softplus(-l)
-            u = nb0.sub_(logits)  # nb0 is not needed any more: reuse its memory
-            neg_l = torch.neg(logits)
-            zero_term = F.softplus(u).sub_(F.softplus(neg_l))
-            l_nz = logits.reshape(-1).index_select(0, flat)
-            u_nz = nb0_nz - l_nz
-            zero_nz = F.softplus(u_nz) - F.softplus(-l_nz)
-            out = zero_term.sum(-1).index_add_(0, rows, nb0_nz + extra - F.softplus(l_nz) - zero_nz)
-        ctx.save_for_backward(theta, lth, tm, L, u, neg_l, rows, cols, flat, xv, mu_nz, tm_nz, th_nz, u_nz)
+        out, grad_mu, grad_theta, grad_logits = nb_row_log_lik(mu, theta, logits, Nonzeros(rows, cols, xv))
+        ctx.save_for_backward(grad_mu, grad_theta, grad_logits)
+        ctx.gene_theta = theta.dim() == 1
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        theta, lth, tm, L, u, neg_l, rows, cols, flat, xv, mu_nz, tm_nz, th_nz, u_nz = ctx.saved_tensors
-        eps = EPS
-        gene_theta = theta.dim() == 1
+        grad_mu, grad_theta, grad_logits = ctx.saved_tensors
         g = grad[:, None]  # (B, 1)
-        # zero-count term: d/d nb0 is 1 (NB) or sigmoid(u) (ZINB); nb0 depends on mu and theta
-        sig_u = None if u is None else torch.sigmoid(u)
-        w = g if u is None else sig_u * g
-        nr = torch.div(-theta, tm)  # d nb0 / d mu = -theta / (theta + mu)
-        grad_mu = nr * w
-        grad_theta = torch.add(nr, lth + theta / (theta + eps)).sub_(L).mul_(w)  # d nb0 / d theta * w
-        # non-zero entries: their derivative minus the zero term's
-        g_nz = grad.index_select(0, rows)
-        nr_nz = -th_nz / tm_nz
-        d_extra_dmu = xv * (1.0 / (mu_nz + eps) - 1.0 / tm_nz)
-        psi_theta_nz = torch.digamma(theta).index_select(0, cols) if gene_theta else digamma(th_nz)
-        d_extra_dtheta = digamma(xv + th_nz) - psi_theta_nz - xv / tm_nz
-        grad_logits = None
-        if u is None:
-            c_mu, c_theta = g_nz * d_extra_dmu, g_nz * d_extra_dtheta
-        else:
-            one_minus = 1.0 - torch.sigmoid(u_nz)  # d(non-zero term)/d nb0 - d(zero term)/d nb0
-            dnb0_dtheta_nz = nr_nz + torch.log(th_nz + eps) + th_nz / (th_nz + eps) - torch.log(tm_nz)
-            c_mu = g_nz * (one_minus * nr_nz + d_extra_dmu)
-            c_theta = g_nz * (one_minus * dnb0_dtheta_nz + d_extra_dtheta)
-            grad_logits = torch.sigmoid(neg_l).sub_(sig_u).mul_(g)  # sigmoid(-l) - sigmoid(u)
-            grad_logits.view(-1).index_add_(0, flat, -g_nz * one_minus)
-        grad_mu.view(-1).index_add_(0, flat, c_mu)
-        if gene_theta:
-            grad_theta = grad_theta.sum(0).index_add_(0, cols, c_theta)
-        else:
-            grad_theta.view(-1).index_add_(0, flat, c_theta)
-        return grad_mu, grad_theta, grad_logits, None, None, None
+        # theta per gene: its derivative sums the cells' derivatives, weighted by their upstream gradient
+        d_theta = torch.mv(grad_theta.t(), grad) if ctx.gene_theta else grad_theta * g
+        return grad_mu * g, d_theta, None if grad_logits is None else grad_logits * g, None, None, None
+
+
+def _softmax_rate(scale_logits: Tensor, log_library: Tensor) -> tuple[Tensor, Tensor]:
+    """``scale = softmax(scale_logits)`` over genes and ``mu = exp(log_library) * scale``."""
+    scale = torch.softmax(scale_logits, -1)
+    return scale, torch.exp(log_library) * scale
+
+
+def _softmax_rate_backward(grad_mu: Tensor, mu: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Derivatives with respect to the scale logits and the log library from those w.r.t. ``mu``:
+    with ``q = grad_mu * mu``, ``d/dlogits = q - scale * sum(q)`` and ``d/dlog_library = sum(q)``."""
+    q = grad_mu * mu
+    total = q.sum(-1, keepdim=True)
+    return q - scale * total, total
+
+
+class _NBRowLogLikFromLogits(torch.autograd.Function):
+    """:func:`nb_row_log_lik` of ``mu = exp(l) softmax(h)``, with the softmax and its derivative in the same
+    passes (two fusable kernels around the sparse correction), derivatives from the forward pass."""
+
+    @staticmethod
+    def forward(ctx, scale_logits, log_library, theta, logits, rows, cols, xv):
+        scale, mu = kernel(_softmax_rate)(scale_logits, log_library)
+        out, grad_mu, grad_theta, grad_logits = nb_row_log_lik(mu, theta, logits, Nonzeros(rows, cols, xv))
+        grad_h, grad_l = kernel(_softmax_rate_backward)(grad_mu, mu, scale)
+        ctx.save_for_backward(grad_h, grad_l, grad_theta, grad_logits)
+        ctx.gene_theta = theta.dim() == 1
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_l, grad_theta, grad_logits = ctx.saved_tensors
+        g = grad[:, None]
+        d_theta = torch.mv(grad_theta.t(), grad) if ctx.gene_theta else grad_theta * g
+        d_logits = None if grad_logits is None else grad_logits * g
+        return grad_h * g, grad_l * g, d_theta, d_logits, None, None, None
 
 
 class NegativeBinomial:
@@ -204,7 +346,29 @@ class NegativeBinomial:
     """
 
     def __init__(self, mu: Tensor, theta: Tensor, zi_logits: Tensor | None = None, scale: Tensor | None = None):
-        self.mu, self.theta, self.zi_logits, self.scale = mu, theta, zi_logits, scale
+        self._mu, self.theta, self.zi_logits, self._scale = mu, theta, zi_logits, scale
+        self.scale_logits = self.log_library = None
+
+    @classmethod
+    def from_logits(cls, scale_logits: Tensor, log_library: Tensor, theta: Tensor,
+                    zi_logits: Tensor | None = None) -> NegativeBinomial:
+        """``mu = exp(log_library) * softmax(scale_logits)`` (scVI's decoder), computed only when read:
+        :meth:`log_prob_sum` fuses the softmax into the likelihood instead."""
+        d = cls(None, theta, zi_logits)
+        d.scale_logits, d.log_library = scale_logits, log_library
+        return d
+
+    @property
+    def scale(self) -> Tensor | None:
+        if self._scale is None and self.scale_logits is not None:
+            self._scale = torch.softmax(self.scale_logits, -1)
+        return self._scale
+
+    @property
+    def mu(self) -> Tensor:
+        if self._mu is None:
+            self._mu = torch.exp(self.log_library) * self.scale
+        return self._mu
 
     @property
     def mean(self) -> Tensor:
@@ -231,6 +395,11 @@ class NegativeBinomial:
         ``nz`` are the non-zero entries of ``x`` when already known (the loader provides them).
         """
         nz = nonzeros(x) if nz is None else nz
+        if not torch.is_grad_enabled():
+            return nb_row_log_lik(self.mu, self.theta, self.zi_logits, nz, need_grad=False)[0]
+        if self.scale_logits is not None and self._mu is None:  # training: softmax fused with the likelihood
+            return _NBRowLogLikFromLogits.apply(self.scale_logits, self.log_library, self.theta, self.zi_logits,
+                                                nz.rows, nz.cols, nz.values)
         return _NBRowLogLik.apply(self.mu, self.theta, self.zi_logits, nz.rows, nz.cols, nz.values)
 
     @torch.no_grad()

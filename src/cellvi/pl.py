@@ -42,8 +42,12 @@ def training_curves(history: dict[str, pd.DataFrame], keys: tuple[str, ...] = ("
     return ax
 
 
-def embedding(coords: np.ndarray, colors: dict[str, pd.Series], save: str | None = None, s: float = 3.0):
-    """Scatter of 2-D ``coords`` in one panel per entry of ``colors`` (name -> categorical values)."""
+def embedding(coords: np.ndarray, colors: dict[str, pd.Series], save: str | None = None, s: float = 3.0,
+              basis: str | None = None, title: str | None = None):
+    """Scatter of 2-D ``coords`` in one panel per entry of ``colors`` (name -> categorical values).
+
+    ``basis`` (e.g. ``"UMAP"``, ``"PCA"``) names the axes ``UMAP 1``, ``UMAP 2``; ``title`` goes above the panels.
+    """
     plt = _plt()
     fig, axes = plt.subplots(1, len(colors), figsize=(4.5 * len(colors), 4), squeeze=False)
     for ax, (name, values) in zip(axes[0], colors.items()):
@@ -55,7 +59,12 @@ def embedding(coords: np.ndarray, colors: dict[str, pd.Series], save: str | None
         ax.set_title(name)
         ax.set_xticks([])
         ax.set_yticks([])
+        if basis:
+            ax.set_xlabel(f"{basis} 1")
+            ax.set_ylabel(f"{basis} 2")
         ax.legend(frameon=False, fontsize=7, markerscale=3, loc="best")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     if save:
         fig.savefig(save, dpi=120)
@@ -73,7 +82,7 @@ def volcano(results: pd.DataFrame, fdr_key: str | None = None, n_labels: int = 1
     fdr_key
         Boolean column marking the calls (default: the ``is_de_fdr_*`` column), drawn in red.
     n_labels
-        Label this many called features with the largest |lfc_mean|.
+        Label this many called features with the largest ``|lfc_mean|``.
     """
     plt = _plt()
     if results["comparison"].nunique() > 1:
@@ -97,3 +106,62 @@ def volcano(results: pd.DataFrame, fdr_key: str | None = None, n_labels: int = 1
         ax.figure.savefig(save, dpi=120)
         plt.close(ax.figure)
     return ax
+
+
+def sample_distance_heatmap(dist, sample_info: pd.DataFrame | None = None, color_by: list[str] | None = None,
+                            method: str = "complete", cmap: str = "viridis", title: str | None = None,
+                            save: str | None = None):
+    """Heatmap of a sample-by-sample distance matrix, ordered by hierarchical clustering, with the
+    dendrogram on top and one colour strip per sample covariate.
+
+    Parameters
+    ----------
+    dist
+        ``(S, S)`` array or an xarray DataArray with ``sample_x`` / ``sample_y`` coordinates (e.g.
+        ``model.get_local_sample_distances(groupby="cell_type")["cell_type"].sel(cell_type_name="B")``).
+    sample_info
+        One row per sample, in the matrix's order (``model.sample_info``), for the colour strips.
+    color_by
+        Columns of ``sample_info`` to draw as strips.
+    method
+        Linkage method of :func:`scipy.cluster.hierarchy.linkage`.
+
+    Returns
+    -------
+    The matplotlib Figure.
+    """
+    from scipy.cluster.hierarchy import dendrogram
+
+    from cellvi.analysis.explore import sample_linkage
+
+    plt = _plt()
+    names = [str(s) for s in dist.coords["sample_x"].values] if hasattr(dist, "coords") else None
+    d = np.asarray(dist.values if hasattr(dist, "values") else dist, dtype=np.float64)
+    names = names or [str(i) for i in range(d.shape[0])]
+    color_by = list(color_by or [])
+    n_strips = len(color_by)
+    fig = plt.figure(figsize=(6, 6 + 0.25 * n_strips))
+    grid = fig.add_gridspec(2 + n_strips, 2, height_ratios=[1.2] + [0.15] * n_strips + [5], width_ratios=[20, 1],
+                            hspace=0.05, wspace=0.05)
+    order = dendrogram(sample_linkage(d, method), ax=fig.add_subplot(grid[0, 0]), no_labels=True,
+                       color_threshold=0, above_threshold_color="k")["leaves"]
+    fig.axes[0].axis("off")
+    for i, key in enumerate(color_by):
+        ax = fig.add_subplot(grid[1 + i, 0])
+        values = pd.Categorical(sample_info[key].astype(str).to_numpy()[order])
+        ax.imshow(values.codes[None, :], aspect="auto", cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([0])
+        ax.set_yticklabels([key], fontsize=8)
+    ax = fig.add_subplot(grid[-1, 0])
+    im = ax.imshow(d[np.ix_(order, order)], cmap=cmap, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(order)))
+    ax.set_xticklabels([names[i] for i in order], rotation=90, fontsize=7)
+    ax.set_yticks(range(len(order)))
+    ax.set_yticklabels([names[i] for i in order], fontsize=7)
+    fig.colorbar(im, cax=fig.add_subplot(grid[-1, 1]), label="distance")
+    if title:
+        fig.suptitle(title)
+    if save:
+        fig.savefig(save, dpi=120, bbox_inches="tight")
+    return fig

@@ -8,6 +8,7 @@ indexed the same way. Keys of a minibatch (the one vocabulary all modules read):
 ``x``            float32 (B, G)   counts
 ``batch``        int64   (B,)     batch code
 ``label``        int64   (B,)     label code
+``sample``       int64   (B,)     sample code (MrVI's ``sample_key``; all 0 when none was set up)
 ``cat_covs``     int64   (B, K)   extra categorical covariate codes (K may be 0)
 ``cont_covs``    float32 (B, C)   continuous covariates (C may be 0)
 ``size_factor``  float32 (B, 1)   present only when a size_factor_key was set up
@@ -50,6 +51,21 @@ def _to_csr(X) -> sp.csr_matrix:
     return sp.csr_matrix(np.asarray(X, dtype=np.float32))
 
 
+def csr_positions(indptr: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """For the CSR rows ``idx``: the minibatch row of each of their non-zeros, and its position in the
+    CSR arrays (row start + rank within the row). All int64, so atlases past 2^31 non-zeros index safely.
+
+    >>> csr_positions(torch.tensor([0, 2, 2, 5]), torch.tensor([2, 0]))
+    (tensor([0, 0, 0, 1, 1]), tensor([2, 3, 4, 0, 1]))
+    """
+    start = indptr[idx]
+    counts = indptr[idx + 1] - start
+    total = int(counts.sum())
+    rows = torch.repeat_interleave(torch.arange(idx.numel(), device=indptr.device), counts, output_size=total)
+    first = torch.repeat_interleave(counts.cumsum(0) - counts, counts, output_size=total)
+    return rows, start[rows] + torch.arange(total, device=indptr.device) - first
+
+
 def obs_arrays(adata: AnnData, spec: DataSpec) -> dict[str, np.ndarray]:
     """The per-cell covariates of the minibatch vocabulary (all keys but ``x``, ``index``, ``nonzeros``)."""
     n = adata.n_obs
@@ -57,6 +73,7 @@ def obs_arrays(adata: AnnData, spec: DataSpec) -> dict[str, np.ndarray]:
     obs = {
         "batch": zeros if spec.batch_key is None else codes(adata, spec.batch_key, spec.batch_categories),
         "label": zeros if spec.labels_key is None else codes(adata, spec.labels_key, spec.label_categories),
+        "sample": zeros if spec.sample_key is None else codes(adata, spec.sample_key, spec.sample_categories),
         "cat_covs": np.stack([codes(adata, k, c) for k, c in zip(spec.categorical_covariate_keys,
                                                                 spec.covariate_categories)], 1)
         if spec.categorical_covariate_keys else np.zeros((n, 0), dtype=np.int64),
@@ -73,8 +90,21 @@ def obs_arrays(adata: AnnData, spec: DataSpec) -> dict[str, np.ndarray]:
     return obs
 
 
+def csr_storage(device: torch.device, nbytes: int, free_bytes: int | None) -> torch.device:
+    """Where to keep a CSR of ``nbytes`` for minibatches on ``device``: on the device itself when it takes at
+    most half of the device's free memory (``free_bytes``; ``None``: not a GPU), else in host memory."""
+    if device.type != "cuda" or free_bytes is None or nbytes <= free_bytes // 2:
+        return device
+    return torch.device("cpu")
+
+
 class CountData:
-    """The tensors of one AnnData, read through a :class:`DataSpec`, on ``device``."""
+    """The tensors of one AnnData, read through a :class:`DataSpec`, for minibatches on ``device``.
+
+    The CSR lives on ``device`` when it fits there (half of a GPU's free memory); otherwise it stays in
+    host memory, minibatches are gathered there into pinned memory and copied to the GPU
+    asynchronously (the copy overlaps the previous step).
+    """
 
     def __init__(self, adata: AnnData, spec: DataSpec, device: str | torch.device = "cpu"):
         check_compatible(spec, adata)
@@ -91,9 +121,12 @@ class CountData:
         return data
 
     def _init(self, csr: sp.csr_matrix, obs: dict[str, np.ndarray], index: np.ndarray, device) -> None:
-        self.device = torch.device(device)
+        self.device = torch.device(device)  # where minibatches go
         self.n_obs, self.n_vars = csr.shape
-        as_t = lambda a, dt: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=self.device)  # noqa: E731
+        nbytes = csr.nnz * 12 + (self.n_obs + 1) * 8
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        self.storage = csr_storage(self.device, nbytes, free)  # where the CSR lives
+        as_t = lambda a, dt: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=self.storage)  # noqa: E731
         self.indptr = as_t(csr.indptr, torch.int64)
         self.indices = as_t(csr.indices, torch.int64)
         self.values = as_t(csr.data, torch.float32)
@@ -109,24 +142,22 @@ class CountData:
 
     def row_sums(self) -> Tensor:
         """Total counts per cell, shape ``(n_obs,)``."""
-        rows = torch.repeat_interleave(torch.arange(self.n_obs, device=self.device), self.indptr.diff())
-        return torch.zeros(self.n_obs, device=self.device).index_add_(0, rows, self.values)
+        rows = torch.repeat_interleave(torch.arange(self.n_obs, device=self.storage), self.indptr.diff())
+        return torch.zeros(self.n_obs, device=self.storage).index_add_(0, rows, self.values)
 
     def gather(self, idx: Tensor) -> dict[str, Tensor]:
         """The minibatch of cells ``idx`` (int64 tensor on this device): dense counts + covariates."""
-        start = self.indptr[idx]
-        counts = self.indptr[idx + 1] - start
-        total = int(counts.sum())
-        rows = torch.repeat_interleave(torch.arange(idx.numel(), device=self.device), counts, output_size=total)
-        # position of each gathered non-zero in the CSR arrays: row start + rank within the row
-        first = torch.repeat_interleave(counts.cumsum(0) - counts, counts, output_size=total)
-        pos = start[rows] + torch.arange(total, device=self.device) - first
+        idx = idx.to(self.storage)
+        rows, pos = csr_positions(self.indptr, idx)
         cols, values = self.indices[pos], self.values[pos]
-        x = torch.zeros(idx.numel() * self.n_vars, device=self.device)
+        x = torch.zeros(idx.numel() * self.n_vars, device=self.storage)
         x.scatter_(0, rows * self.n_vars + cols, values)
         batch = {key: t[idx] for key, t in self.obs.items()}
         batch["x"] = x.view(idx.numel(), self.n_vars)
         batch["nonzeros"] = Nonzeros(rows, cols, values)  # lets likelihoods skip the zeros
+        if self.storage != self.device:  # host CSR, GPU model: pinned memory, asynchronous copy
+            move = lambda t: t.pin_memory().to(self.device, non_blocking=True)  # noqa: E731
+            batch = {k: Nonzeros(*map(move, v)) if isinstance(v, Nonzeros) else move(v) for k, v in batch.items()}
         return batch
 
     def batches(

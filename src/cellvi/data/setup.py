@@ -28,13 +28,16 @@ class DataSpec:
     layer: str | None = None  # counts from adata.layers[layer], or adata.X when None
     batch_key: str | None = None
     labels_key: str | None = None
+    sample_key: str | None = None  # the samples of a multi-sample cohort (MrVI's target covariate)
     size_factor_key: str | None = None
     categorical_covariate_keys: tuple[str, ...] = ()
     continuous_covariate_keys: tuple[str, ...] = ()
     batch_categories: tuple[str, ...] = ("0",)  # one implicit batch when batch_key is None
     label_categories: tuple[str, ...] = ("0",)
+    sample_categories: tuple[str, ...] = ("0",)  # one implicit sample when sample_key is None
     covariate_categories: tuple[tuple[str, ...], ...] = ()  # one tuple per categorical covariate
-    extra: dict = field(default_factory=dict)  # model-specific keys (e.g. sample_key for MrVI)
+    extra: dict = field(default_factory=dict)  # model-specific keys
+    model_class: str | None = None  # the model class whose setup_anndata wrote this (None: any model)
     # second modality: surface proteins (TotalVI); empty when the model reads counts only
     protein_expression_obsm_key: str | None = None  # proteins from adata.obsm[key] (cells x proteins)
     protein_names: tuple[str, ...] = ()  # in model order
@@ -59,6 +62,10 @@ class DataSpec:
         return len(self.label_categories)
 
     @property
+    def n_samples(self) -> int:
+        return len(self.sample_categories)
+
+    @property
     def n_cats_per_cov(self) -> list[int]:
         return [len(c) for c in self.covariate_categories]
 
@@ -77,8 +84,9 @@ class DataSpec:
         if unknown:
             raise ValueError(f"Unknown fields {sorted(unknown)} in a cellvi data set-up: was it written by a newer cellvi?")
         for key in ("var_names", "categorical_covariate_keys", "continuous_covariate_keys",
-                    "batch_categories", "label_categories", "protein_names", "panel_categories"):
-            if key in raw:
+                    "batch_categories", "label_categories", "sample_categories", "protein_names",
+                    "panel_categories"):
+            if key in raw:  # fields absent from set-ups written before they existed keep their defaults
                 raw[key] = tuple(raw[key])
         for key in ("covariate_categories", "protein_missing"):
             if key in raw:
@@ -277,15 +285,20 @@ def setup_anndata(
     layer: str | None = None,
     batch_key: str | None = None,
     labels_key: str | None = None,
+    sample_key: str | None = None,
     size_factor_key: str | None = None,
     categorical_covariate_keys: list[str] | None = None,
     continuous_covariate_keys: list[str] | None = None,
     extra: dict | None = None,
+    model_class: str | None = None,
     protein_expression_obsm_key: str | None = None,
     protein_names_uns_key: str | None = None,
     panel_key: str | None = None,
 ) -> DataSpec:
     """Validate ``adata`` and record what a model will read from it.
+
+    ``model_class`` (the name of the model whose ``setup_anndata`` is called) is recorded so that
+    another model refuses the set-up instead of silently ignoring keys it does not read.
 
     Returns
     -------
@@ -313,8 +326,11 @@ def setup_anndata(
         continuous_covariate_keys=cont_keys,
         batch_categories=("0",) if batch_key is None else _categories(_obs_column(adata, batch_key, "batch_key"), batch_key),
         label_categories=("0",) if labels_key is None else _categories(_obs_column(adata, labels_key, "labels_key"), labels_key),
+        sample_key=sample_key,
+        sample_categories=("0",) if sample_key is None else _categories(_obs_column(adata, sample_key, "sample_key"), sample_key),
         covariate_categories=tuple(_categories(_obs_column(adata, k, "Categorical covariate"), k) for k in cat_keys),
         extra=dict(extra or {}),
+        model_class=model_class,
     )
     if protein_expression_obsm_key is not None:
         spec = _with_proteins(adata, spec, protein_expression_obsm_key, protein_names_uns_key, panel_key)

@@ -22,7 +22,7 @@ from anndata import AnnData
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from cellvi import settings
+from cellvi import distributed, settings
 from cellvi.data import DataSpec, check_compatible, get_spec, setup_anndata
 from cellvi.data.backed import BackedCountData, is_on_disk
 from cellvi.data.loader import CountData, split_indices
@@ -54,7 +54,8 @@ def training_device(accelerator: str, devices) -> torch.device:
         return resolve_device(accelerator, int(devices[0]))
     if devices in ("auto", 1, -1, "1", "-1"):
         return resolve_device(accelerator, "auto")
-    raise ValueError(f"devices={devices!r}: training on several devices is not supported yet; use devices=1.")
+    raise ValueError(f"devices={devices!r}: several devices run as several processes (see cellvi.distributed); "
+                     "this process trains on one.")
 
 
 def max_epochs_heuristic(n_obs: int) -> int:
@@ -110,6 +111,16 @@ def average_over_batches(decode: Callable[[Tensor], Tensor], own_batch: Tensor, 
     return total / len(codes)
 
 
+def epoch_batches(data, rows: Tensor, batch_size: int, generator: torch.Generator, min_size: int):
+    """One training epoch of minibatches over ``rows``, shuffled; under ``torchrun`` only this rank's shard
+    of every global minibatch (see :func:`cellvi.distributed.shard_rows`)."""
+    rank, size = distributed.world()
+    if size == 1:
+        return data.batches(rows, batch_size, shuffle=True, generator=generator, min_size=min_size)
+    perm = rows[torch.randperm(rows.numel(), generator=generator).to(rows.device)]
+    return data.batches(distributed.shard_rows(perm, batch_size, rank, size, min_size), batch_size)
+
+
 def _last_batch_min_size(batch_size: int, datasplitter_kwargs: dict | None) -> int:
     """Smallest training minibatch kept: 3 (a batch of 1-2 cells breaks BatchNorm), or all with ``drop_last``."""
     kwargs = dict(datasplitter_kwargs or {})
@@ -128,12 +139,16 @@ class Model:
     def __init__(self, adata: AnnData, config):
         self.adata = adata
         self.spec: DataSpec = get_spec(adata)
+        if self.spec.model_class not in (None, type(self).__name__):
+            raise ValueError(f"adata was set up with {self.spec.model_class}.setup_anndata, not {type(self).__name__}'s; "
+                             f"call cellvi.{type(self).__name__}.setup_anndata(adata, ...) first.")
         check_compatible(self.spec, adata)
         self.config = config
         self.history_: dict[str, list[float]] = {}
         self.is_trained_ = False
         self.train_indices_ = self.validation_indices_ = None
         self._data_cache: tuple | None = None
+        self._sample_info: pd.DataFrame | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -171,7 +186,7 @@ class Model:
         """
         setup_anndata(adata, layer=layer, batch_key=batch_key, labels_key=labels_key,
                       size_factor_key=size_factor_key, categorical_covariate_keys=categorical_covariate_keys,
-                      continuous_covariate_keys=continuous_covariate_keys)
+                      continuous_covariate_keys=continuous_covariate_keys, model_class=cls.__name__)
 
     # ------------------------------------------------------------------ data
 
@@ -191,6 +206,23 @@ class Model:
         for key, values in self.history_.items():
             out[key] = pd.DataFrame({key: values}, index=pd.Index(np.arange(len(values)), name="epoch"))
         return out
+
+    @property
+    def sample_info(self) -> pd.DataFrame:
+        """One row per sample (in the set-up's sample order): the ``.obs`` columns constant within every sample.
+
+        Categorical dtypes are kept. Assign a DataFrame with the same rows to change it, e.g. after
+        reordering a covariate's categories to choose the reference level of a contrast.
+        """
+        if self._sample_info is None:
+            self._sample_info = sample_table(self.adata, self.spec)
+        return self._sample_info
+
+    @sample_info.setter
+    def sample_info(self, value: pd.DataFrame) -> None:
+        if not isinstance(value, pd.DataFrame) or len(value) != self.spec.n_samples:
+            raise ValueError(f"sample_info must be a DataFrame with one row per sample ({self.spec.n_samples}).")
+        self._sample_info = value
 
     def _data(self, adata: AnnData | None = None) -> CountData | BackedCountData:
         """The minibatch source of ``adata`` (default: the model's): in memory, or read in chunks when its
@@ -275,6 +307,7 @@ class Model:
 
     # ------------------------------------------------------------------ training
 
+    @distributed.spawns_processes
     def train(
         self,
         max_epochs: int | None = None,
@@ -305,8 +338,10 @@ class Model:
         max_epochs
             Passes over the training cells; default ``min(400, 400 * 20000 / n_cells)`` as in scvi-tools.
         accelerator, devices
-            ``"auto"`` uses a CUDA GPU when present, ``"cpu"`` forces the CPU; ``devices`` is a count
-            (1) or a one-element list naming the GPU.
+            ``"auto"`` uses a CUDA GPU when present, ``"cpu"`` forces the CPU. ``devices``: a count, -1
+            (every GPU) or a list of GPU indices, as in Lightning; more than one trains data-parallel in
+            that many processes on this machine (as ``torchrun --nproc_per_node N`` would; see
+            :mod:`cellvi.distributed`; ``batch_size`` is per process).
         train_size, validation_size
             Fractions of cells for training (default 0.9) and validation (default: the rest).
         shuffle_set_split
@@ -325,7 +360,10 @@ class Model:
             scvi-tools' training-plan options: ``lr`` (1e-3), ``weight_decay`` (1e-6), ``eps`` (0.01),
             ``optimizer`` ("Adam" or "AdamW"), ``n_epochs_kl_warmup`` (400), ``n_steps_kl_warmup``,
             ``max_kl_weight``, ``min_kl_weight``, ``reduce_lr_on_plateau``, ``lr_factor``, ``lr_patience``,
-            ``lr_threshold``, ``lr_scheduler_metric``, ``lr_min``. See :class:`cellvi.train.TrainConfig`.
+            ``lr_threshold``, ``lr_scheduler_metric``, ``lr_min``; cellvi's ``compile_kernels`` (fuse the
+            likelihood's elementwise passes with ``torch.compile``: ~10 s once, then faster steps; ``None``,
+            the default, turns it on for runs of at least 500,000 cell passes). See
+            :class:`cellvi.train.TrainConfig`.
         datamodule
             Not supported (cellvi reads the model's AnnData); must be ``None``.
         trainer_config, **trainer_kwargs
@@ -359,8 +397,8 @@ class Model:
         min_size = _last_batch_min_size(batch_size, datasplitter_kwargs)
         self._fit(
             config, generator,
-            lambda: data.batches(train_idx, batch_size, shuffle=True, generator=generator, min_size=min_size),
-            lambda: data.batches(val_idx, batch_size),
+            lambda: epoch_batches(data, train_idx, batch_size, generator, min_size),
+            lambda: data.batches(val_idx[distributed.world()[0] :: distributed.world()[1]], batch_size),
             n_obs_train=train_idx.numel(), n_obs_val=val_idx.numel(), checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every, resume_from=resume_from,
         )
@@ -405,7 +443,9 @@ class Model:
         seed = settings.seed if seed is None else seed
         torch.manual_seed(seed)  # dropout and reparameterised samples
         generator = torch.Generator().manual_seed(seed)  # split and shuffling
-        self.module.to(training_device(accelerator, devices))
+        device = distributed.local_device(training_device(accelerator, devices))
+        self.module.to(device)
+        distributed.init_from_env(device)  # under torchrun: join the process group
         return config, generator
 
     def _record(self, history: dict[str, list[float]]) -> None:
@@ -553,7 +593,7 @@ def _adopt_spec(adata: AnnData, spec: DataSpec) -> None:
     check_compatible(spec, adata)
     if UNS_KEY in adata.uns:
         theirs = get_spec(adata)
-        keys = ["layer", "batch_key", "labels_key", "size_factor_key", "categorical_covariate_keys",
+        keys = ["layer", "batch_key", "labels_key", "sample_key", "size_factor_key", "categorical_covariate_keys",
                 "continuous_covariate_keys", "protein_expression_obsm_key", "panel_key"]
         diff = [f"{k}: model {getattr(spec, k)!r} vs adata {getattr(theirs, k)!r}"
                 for k in keys if getattr(spec, k) != getattr(theirs, k)]
@@ -561,3 +601,24 @@ def _adopt_spec(adata: AnnData, spec: DataSpec) -> None:
             raise ValueError("adata was set up differently from the model: " + "; ".join(diff)
                              + ". Set it up with the model's keys (or not at all).")
     adata.uns[UNS_KEY] = spec.to_json()
+
+
+def sample_table(adata: AnnData, spec: DataSpec) -> pd.DataFrame:
+    """One row per sample of ``spec`` with the ``.obs`` columns of ``adata`` constant within each sample.
+
+    Rows follow ``spec.sample_categories``; a sample absent from ``adata`` gets missing values.
+    """
+    if spec.sample_key is None:
+        raise ValueError("No sample_key was set up; call setup_anndata(adata, sample_key=...) first.")
+    obs = adata.obs
+    key = obs[spec.sample_key].astype(str)
+    n_distinct = obs.groupby(key.to_numpy(), observed=True).nunique(dropna=False)  # (samples present, columns)
+    constant = [c for c in obs.columns if c == spec.sample_key or bool((n_distinct[c] <= 1).all())]
+    first = obs.loc[~key.duplicated().to_numpy(), constant]
+    first.index = key[~key.duplicated()].to_numpy()
+    table = first.reindex(list(spec.sample_categories))
+    for c in constant:  # reindex may turn a categorical column into object when a sample is missing: restore it
+        if isinstance(obs[c].dtype, pd.CategoricalDtype):
+            table[c] = pd.Categorical(table[c], categories=obs[c].cat.categories, ordered=obs[c].cat.ordered)
+    table.index = pd.RangeIndex(spec.n_samples, name="_sample_index")
+    return table

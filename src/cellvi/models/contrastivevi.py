@@ -28,16 +28,16 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from anndata import AnnData
 from torch import Tensor, nn
 from torch.distributions import kl_divergence
 
+from cellvi import distributed
 from cellvi import distributions as dist
 from cellvi.data.loader import CountData, split_indices
 from cellvi.models.base import Model, _last_batch_min_size, as_indices, average_over_batches, check_library_size, expression_from
 from cellvi.models.scvi import flatten_samples, repeat_samples
-from cellvi.nn import MLP, GaussianEncoder
+from cellvi.nn import MLP, GaussianEncoder, Linear
 
 REPRESENTATION_KINDS = ("salient", "background")
 
@@ -88,7 +88,7 @@ class ContrastiveVIModule(nn.Module):
         n_latent = cfg.n_background_latent + cfg.n_salient_latent
         self.decoder = MLP(n_latent + n_continuous_cov, cfg.n_hidden, n_cats=[n_batches, *n_cats_per_cov],
                            n_hidden=cfg.n_hidden, n_layers=cfg.n_layers, dropout_rate=0.0, inject_all=True)
-        self.heads = nn.Linear(cfg.n_hidden, 2 * n_genes)  # one matmul: [scale logits | zero-inflation logits]
+        self.heads = Linear(cfg.n_hidden, 2 * n_genes)  # one matmul: [scale logits | zero-inflation logits]
         self.log_theta = nn.Parameter(torch.randn(n_genes))  # ZINB inverse dispersion, one per gene
         self.register_buffer("library_log_means", library_log_means.float().reshape(-1))
         self.register_buffer("library_log_vars", library_log_vars.float().reshape(-1))
@@ -117,8 +117,8 @@ class ContrastiveVIModule(nn.Module):
         h = torch.cat([z, s, cont_covs], -1) if cont_covs.shape[-1] else torch.cat([z, s], -1)
         h = self.decoder(h, [batch, *cat_covs.unbind(-1)])  # (B, n_hidden)
         scale_logits, zi_logits = self.heads(h).chunk(2, -1)  # each (B, G)
-        scale = F.softmax(scale_logits, -1)  # rows sum to 1
-        px = dist.NegativeBinomial(torch.exp(library) * scale, torch.exp(self.log_theta), zi_logits, scale=scale)
+        # mu = exp(library) * softmax(scale_logits), computed when read (training fuses it into the likelihood)
+        px = dist.NegativeBinomial.from_logits(scale_logits, library, torch.exp(self.log_theta), zi_logits)
         pl = None
         if self.l_encoder is not None:
             pl = dist.normal(self.library_log_means[batch][:, None], self.library_log_vars[batch][:, None].sqrt())
@@ -255,6 +255,7 @@ class ContrastiveVI(Model):
 
     # ------------------------------------------------------------------ training
 
+    @distributed.spawns_processes
     def train(
         self,
         background_indices,
@@ -279,6 +280,10 @@ class ContrastiveVI(Model):
     ) -> None:
         """Train on background and target cells; every step sees one minibatch of each.
 
+        The other parameters are those of :meth:`cellvi.SCVI.train` (``plan_kwargs`` for Adam and the KL
+        warm-up of the z and s KL terms and the Wasserstein penalty; trainer options for gradient
+        clipping and early stopping; ``seed``, ``checkpoint_dir``, ``checkpoint_every``, ``resume_from``).
+
         Parameters
         ----------
         background_indices, target_indices
@@ -292,10 +297,6 @@ class ContrastiveVI(Model):
             Each set is split on its own into training and validation cells with these fractions.
         batch_size
             Cells per minibatch of each set (a step sees up to ``2 * batch_size`` cells).
-
-        The other parameters are those of :meth:`cellvi.SCVI.train` (``plan_kwargs`` for Adam and the KL
-        warm-up of the z and s KL terms and the Wasserstein penalty; trainer options for gradient
-        clipping and early stopping; ``seed``, ``checkpoint_dir``, ``checkpoint_every``, ``resume_from``).
 
         Returns
         -------
@@ -328,13 +329,17 @@ class ContrastiveVI(Model):
         bg_train, bg_val, tg_train, tg_val = on(bg_train), on(bg_val), on(tg_train), on(tg_val)
         has_val = bg_val.numel() > 0 and tg_val.numel() > 0  # validation needs cells of both sets
         min_size = _last_batch_min_size(batch_size, datasplitter_kwargs)
+        n_train, n_val = bg_train.numel() + tg_train.numel(), bg_val.numel() + tg_val.numel() if has_val else 0
+        rank, size = distributed.world()
+        if size > 1:  # under torchrun each rank trains on an equal share of each set (same number of steps)
+            bg_train, tg_train = (t[rank::size][: t.numel() // size] for t in (bg_train, tg_train))
+            bg_val, tg_val = (t[rank::size] for t in (bg_val, tg_val))
         self._fit(
             config, generator,
             lambda: paired_batches(data, bg_train, tg_train, batch_size, shuffle=True, generator=generator,
                                    min_size=min_size),
             (lambda: paired_batches(data, bg_val, tg_val, batch_size)) if has_val else None,
-            n_obs_train=bg_train.numel() + tg_train.numel(),
-            n_obs_val=bg_val.numel() + tg_val.numel() if has_val else 0,
+            n_obs_train=n_train, n_obs_val=n_val,
             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume_from=resume_from,
         )
 
@@ -496,8 +501,8 @@ class ContrastiveVI(Model):
         group2: str | None = None,
         idx1=None,
         idx2=None,
-        mode: str = "vanilla",
-        delta: float = 0.25,
+        mode: str = "change",
+        delta: float | None = 0.25,
         batch_size: int | None = None,
         all_stats: bool = True,
         batch_correction: bool = False,
@@ -506,10 +511,13 @@ class ContrastiveVI(Model):
         fdr_target: float = 0.05,
         silent: bool = False,
         target_idx=None,
-        n_samples: int = 5000,
+        n_samples: int = 1,
         **kwargs,
     ) -> pd.DataFrame:
         """Bayesian differential expression through :func:`cellvi.de.differential_expression`.
+
+        The other parameters are those of :meth:`cellvi.SCVI.differential_expression`, except ``mode``,
+        whose default is ``"change"`` as in scvi-tools' ContrastiveVI.
 
         Parameters
         ----------
@@ -519,12 +527,15 @@ class ContrastiveVI(Model):
             from both latents (salient expression); otherwise from the background latent alone (s = 0).
             ``None``: salient expression for all cells (cells trained as background still get s = 0).
         n_samples
-            Decoded draws per population (cells x posterior draws per cell).
+            Posterior draws decoded per chosen cell, as in scvi-tools (which passes it to the expression
+            function). The number of cells decoded per population is ``n_samples_overall // n_samples``
+            (``n_samples_overall``, default 5,000, is one of the ``**kwargs``).
         **kwargs
-            Other options of :func:`cellvi.de.differential_expression` (``pseudocounts``,
-            ``n_bootstrap``, ``filter_outlier_cells``, ``seed``).
-
-        The other parameters are those of :meth:`cellvi.SCVI.differential_expression`.
+            Keyword-only options of :func:`cellvi.de.differential_expression` (``pseudocounts``,
+            ``n_samples_overall``, ``n_bootstrap``, ``weights``, ``filter_outlier_cells``, ``seed``,
+            ``use_counts``, ...). With background expression (see ``target_idx``) ``use_counts`` defaults
+            to ``False``: the observed counts of target cells also carry the salient variation that
+            background expression leaves out.
 
         Returns
         -------
@@ -539,6 +550,8 @@ class ContrastiveVI(Model):
             pairs = de.comparisons(adata_, groupby, group1, group2, idx1, idx2)
             involved = np.unique(np.concatenate([np.concatenate([r1, r2]) for _, _, r1, r2 in pairs]))
             kind = "salient" if np.isin(involved, target).all() else "background"
+        if kind == "background":
+            kwargs.setdefault("use_counts", False)
         return de.differential_expression(
             self, adata=adata, groupby=groupby, group1=group1, group2=group2, idx1=idx1, idx2=idx2, mode=mode,
             delta=delta, batch_size=batch_size, all_stats=all_stats, batch_correction=batch_correction,

@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
 from cellvi import distributions as dist
+from cellvi import settings
 from cellvi.models.base import Model, as_indices, average_over_batches, check_library_size, expression_from
-from cellvi.nn import MLP, GaussianEncoder
+from cellvi.nn import MLP, GaussianEncoder, Linear
 
 CHOICES = {
     "dispersion": ("gene", "gene-batch", "gene-label", "gene-cell"),
@@ -104,7 +105,7 @@ class SCVIModule(nn.Module):
                            use_batch_norm=bn_dec, use_layer_norm=ln_dec, inject_all=cfg.deeply_inject_covariates)
         # one matmul for all per-gene outputs: [scale logits | zero-inflation logits | log theta (gene-cell)]
         self.n_heads = 3 if cfg.dispersion == "gene-cell" else 2
-        self.heads = nn.Linear(cfg.n_hidden, self.n_heads * n_genes)
+        self.heads = Linear(cfg.n_hidden, self.n_heads * n_genes)
         n_theta = {"gene": 1, "gene-batch": n_batches, "gene-label": n_labels, "gene-cell": 0}[cfg.dispersion]
         self.log_theta = nn.Parameter(torch.randn(n_theta, n_genes)) if n_theta else None
         self.register_buffer("library_log_means", library_log_means.float().reshape(-1))
@@ -139,8 +140,6 @@ class SCVIModule(nn.Module):
         h = torch.cat([z, cont_covs], -1) if cont_covs.shape[-1] else z
         h = self.decoder(h, [batch, *cat_covs.unbind(-1)])  # (B, n_hidden)
         heads = self.heads(h).chunk(self.n_heads, -1)  # each (B, G)
-        scale = F.softmax(heads[0], -1)  # (B, G), rows sum to 1
-        rate = torch.exp(library) * scale
         disp = self.config.dispersion
         if disp == "gene-cell":
             theta = torch.exp(heads[2])
@@ -150,9 +149,10 @@ class SCVIModule(nn.Module):
             theta = torch.exp(self.log_theta)[batch if disp == "gene-batch" else label]  # (B, G)
         lik = self.config.gene_likelihood
         if lik == "poisson":
-            px = dist.Poisson(rate, scale=scale)
-        else:
-            px = dist.NegativeBinomial(rate, theta, heads[1] if lik == "zinb" else None, scale=scale)
+            scale = F.softmax(heads[0], -1)  # (B, G), rows sum to 1
+            px = dist.Poisson(torch.exp(library) * scale, scale=scale)
+        else:  # rate exp(library) * softmax(heads[0]), computed when read (training fuses it into the likelihood)
+            px = dist.NegativeBinomial.from_logits(heads[0], library, theta, heads[1] if lik == "zinb" else None)
         pz = dist.normal(torch.zeros_like(z), torch.ones_like(z))
         pl = None
         if self.l_encoder is not None:
@@ -216,8 +216,6 @@ class SCVI(Model):
                             latent_distribution=latent_distribution, use_observed_lib_size=use_observed_lib_size,
                             **model_kwargs)
         super().__init__(adata, config)
-        from cellvi import settings
-
         spec = self.spec
         means, variances = self._data().library_log_stats(spec.n_batches)
         with torch.random.fork_rng(devices=[]):
@@ -412,15 +410,18 @@ class SCVI(Model):
                                 delta: float | None = 0.25, batch_size: int | None = None, all_stats: bool = True,
                                 batch_correction: bool = False, batchid1=None, batchid2=None,
                                 fdr_target: float = 0.05, silent: bool = False, weights: str = "uniform",
-                                filter_outlier_cells: bool = False, pseudocounts: float | None = 0.0,
-                                n_samples: int = 5000, **kwargs) -> pd.DataFrame:
+                                filter_outlier_cells: bool = False, **kwargs) -> pd.DataFrame:
         """Bayesian differential expression between two groups of cells; see :func:`cellvi.de.differential_expression`
         for every parameter and ``docs/de.md`` for a guide.
+
+        The named parameters are scvi-tools' (same names, defaults and meaning); ``**kwargs`` are the
+        engine's keyword-only options (``pseudocounts``, ``n_samples_overall``, ``n_samples``,
+        ``n_bootstrap``, ``seed``, ``use_counts``, ``center_lfc``, ``shrink_lfc``).
 
         Returns
         -------
         DataFrame indexed by gene with scvi-tools' columns (``proba_de``, ``bayes_factor``, ``lfc_mean``,
-        ``is_de_fdr_<fdr_target>``, ``comparison``, ...).
+        ``is_de_fdr_<fdr_target>`` in change mode, ``comparison``, ...), sorted as scvi-tools sorts.
         """
         from cellvi import de
 
@@ -428,7 +429,85 @@ class SCVI(Model):
             self, adata, groupby=groupby, group1=group1, group2=group2, idx1=idx1, idx2=idx2, mode=mode,
             delta=delta, batch_size=batch_size, all_stats=all_stats, batch_correction=batch_correction,
             batchid1=batchid1, batchid2=batchid2, fdr_target=fdr_target, silent=silent, weights=weights,
-            filter_outlier_cells=filter_outlier_cells, pseudocounts=pseudocounts, n_samples=n_samples, **kwargs)
+            filter_outlier_cells=filter_outlier_cells, **kwargs)
+
+    # ------------------------------------------------------------------ differential abundance
+
+    def get_aggregated_posterior(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None,
+                                 dof: float | None = 3.0) -> torch.distributions.Distribution:
+        """The aggregated posterior of cells ``indices``: the equal-weight mixture of their q(z | x).
+
+        Parameters
+        ----------
+        dof
+            Degrees of freedom of Student-t components; ``None``: Normal components.
+
+        Returns
+        -------
+        A ``torch.distributions.MixtureSameFamily`` over ``n_latent`` dimensions (``log_prob`` of
+        ``(n, n_latent)`` points gives ``(n,)``), as scvi-tools.
+        """
+        from torch import distributions as D
+
+        loc, var = self.get_latent_representation(adata, indices=indices, batch_size=batch_size, return_dist=True)
+        if loc.shape[0] == 0:
+            raise ValueError("No cells selected (`indices` is empty); the aggregated posterior needs at least one.")
+        loc, scale = torch.as_tensor(loc), torch.as_tensor(var).sqrt()
+        comp = D.Normal(loc, scale) if dof is None else D.StudentT(float(dof), loc, scale)
+        return D.MixtureSameFamily(D.Categorical(logits=torch.zeros(loc.shape[0])), D.Independent(comp, 1))
+
+    def differential_abundance(self, adata: AnnData | None = None, sample_key: str | None = None,
+                               batch_size: int = 128, num_cells_posterior: int | None = None,
+                               dof: float | None = None, *, omit_own_cell: bool = True) -> pd.DataFrame:
+        """Log density of each cell under each sample's aggregated posterior (cluster-free abundance).
+
+        A cell where one group of samples has higher density than another lies in a region those
+        samples are enriched in: compare columns (e.g. mean over stimulated minus control samples).
+
+        Parameters
+        ----------
+        sample_key
+            ``.obs`` column of samples (any column; it need not be set up).
+        batch_size
+            Query cells per chunk (memory is bounded by chunks, never cells x cells).
+        num_cells_posterior
+            At most this many cells (drawn at random) make up each sample's mixture.
+        dof
+            Student-t components with these degrees of freedom; ``None``: Normal.
+        omit_own_cell
+            cellvi only: leave each cell's own posterior out of its sample's mixture, so that a cell does
+            not vote for itself (``False`` reproduces scvi-tools' densities).
+
+        Returns
+        -------
+        DataFrame of cells x samples, also written to ``adata.obsm["da_log_probs"]`` (scvi-tools writes it
+        and returns None).
+        """
+        from cellvi.analysis.density import aggregated_log_density
+
+        adata_ = self.adata if adata is None else adata
+        if sample_key is None or sample_key not in adata_.obs.columns:
+            raise ValueError(f"sample_key={sample_key!r} must be a column of adata.obs "
+                             f"(columns: {list(adata_.obs.columns)}).")
+        codes, names = pd.factorize(adata_.obs[sample_key].astype(str))  # samples in order of appearance
+        loc, var = self.get_latent_representation(adata, return_dist=True, batch_size=batch_size)
+        members = np.arange(loc.shape[0])  # the cells whose posteriors make up the mixtures
+        if num_cells_posterior is not None:
+            rng = np.random.default_rng(settings.seed)
+            members = np.sort(np.concatenate([
+                rng.choice(m, min(m.size, num_cells_posterior), replace=False)
+                for m in (np.flatnonzero(codes == k) for k in range(len(names)))]))
+        as_t = lambda a: torch.as_tensor(a, device=self.device)  # noqa: E731
+        z, scale, ids = as_t(loc), as_t(np.sqrt(var)), torch.arange(loc.shape[0], device=self.device)
+        comp = as_t(members)
+        seg = as_t(codes[members])
+        log_probs = np.concatenate([aggregated_log_density(
+            z[i : i + batch_size], z[comp], scale[comp], seg, len(names), dof=dof,
+            query_ids=ids[i : i + batch_size] if omit_own_cell else None, component_ids=comp).cpu().numpy()
+            for i in range(0, loc.shape[0], batch_size)]) if loc.shape[0] else np.zeros((0, len(names)))
+        table = pd.DataFrame(log_probs.astype(np.float32), index=adata_.obs_names, columns=list(names))
+        adata_.obsm["da_log_probs"] = table
+        return table
 
     @torch.no_grad()
     def posterior_predictive_sample(self, adata: AnnData | None = None, indices=None, transform_batch=None,

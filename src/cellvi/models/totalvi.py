@@ -364,7 +364,7 @@ class TotalVI(Model):
                       categorical_covariate_keys=categorical_covariate_keys,
                       continuous_covariate_keys=continuous_covariate_keys,
                       protein_expression_obsm_key=protein_expression_obsm_key,
-                      protein_names_uns_key=protein_names_uns_key, panel_key=panel_key)
+                      protein_names_uns_key=protein_names_uns_key, panel_key=panel_key, model_class=cls.__name__)
 
     # ------------------------------------------------------------------ training
 

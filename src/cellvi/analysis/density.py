@@ -1,0 +1,110 @@
+"""Aggregated-posterior densities: differential abundance (SCVI, MrVI) and admissibility (MrVI).
+
+The aggregated posterior of a set of cells M is the mixture ``q_M(u) = (1/|M|) sum_m N(u; mu_m, sigma_m^2)``
+of their posteriors q(u | x_m) (Boyeau et al., 2025, Methods), with Normal or Student-t components. The
+density of a cell under each sample's mixture tells which samples are over-represented near it. A cell's
+own component can be left out of its own sample's mixture: it would otherwise dominate that density
+(a cell must not vote for itself).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def gaussian_log_density(u: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
+    """``log N(u_b; loc_m, diag(scale_m^2))`` for every pair, shape ``(B, M)``, as three matrix products.
+
+    Notes
+    -----
+    .. math::
+        \\log N(u; \\mu, \\sigma^2) = -\\tfrac12 \\sum_l \\frac{u_l^2}{\\sigma_l^2} + \\sum_l \\frac{u_l \\mu_l}{\\sigma_l^2}
+        - \\tfrac12 \\sum_l \\frac{\\mu_l^2}{\\sigma_l^2} - \\sum_l \\log \\sigma_l - \\tfrac{L}{2}\\log 2\\pi
+
+    so the ``(B, M, L)`` array of differences is never built. Computed in float64 to keep the
+    cancellation between the terms harmless.
+    """
+    u, loc, scale = u.double(), loc.double(), scale.double()
+    prec = scale.pow(-2)  # (M, L)
+    quad = -0.5 * (u.square() @ prec.T) + u @ (loc * prec).T  # (B, M)
+    const = -0.5 * (loc.square() * prec).sum(-1) - scale.log().sum(-1) - 0.5 * u.shape[-1] * math.log(2 * math.pi)
+    return quad + const
+
+
+def segment_logsumexp(log_p: Tensor, segments: Tensor, n_segments: int) -> Tensor:
+    """``logsumexp`` of the columns of ``log_p`` (``(B, M)``) within each segment, shape ``(B, n_segments)``.
+
+    ``segments`` (``(M,)`` int64) gives each column's segment; an empty segment gives ``-inf``.
+    """
+    B = log_p.shape[0]
+    index = segments.expand(B, -1)
+    peak = torch.full((B, n_segments), -torch.inf, dtype=log_p.dtype, device=log_p.device)
+    peak = peak.scatter_reduce(1, index, log_p, "amax", include_self=True)
+    safe = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    total = torch.zeros_like(peak).scatter_add_(1, index, (log_p - safe.gather(1, index)).exp())
+    return total.log() + safe
+
+
+def student_t_log_density(u: Tensor, loc: Tensor, scale: Tensor, dof: float) -> Tensor:
+    """``log t_dof(u_b; loc_m, scale_m)`` (independent dimensions) for every pair, shape ``(B, M)``."""
+    u, loc, scale = u.double(), loc.double(), scale.double()
+    z = (u[:, None, :] - loc[None]) / scale[None]  # (B, M, L)
+    const = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
+    return u.shape[-1] * const - (dof + 1) / 2 * torch.log1p(z * z / dof).sum(-1) - scale.log().sum(-1)[None]
+
+
+def aggregated_log_density(u: Tensor, loc: Tensor, scale: Tensor, segments: Tensor, n_segments: int, *,
+                           dof: float | None = None, query_ids: Tensor | None = None,
+                           component_ids: Tensor | None = None) -> Tensor:
+    """``log q_s(u_b)`` for each point ``u_b`` and each segment (sample) s: ``(B, n_segments)``.
+
+    ``q_s`` is the equal-weight mixture of the components ``(loc_m, scale_m)`` with ``segments[m] == s``:
+    Gaussian, or Student-t with ``dof`` degrees of freedom. Where ``query_ids[b] == component_ids[m]``
+    (the point is that component's own cell) the component is left out, and its segment's mixture is
+    over the others (``-inf`` when none is left).
+    """
+    log_p = gaussian_log_density(u, loc, scale) if dof is None else student_t_log_density(u, loc, scale, dof)
+    counts = torch.bincount(segments, minlength=n_segments).to(torch.float64).expand(u.shape[0], -1)
+    if query_ids is not None and component_ids is not None:
+        own = query_ids[:, None] == component_ids[None, :]  # (B, M)
+        log_p = log_p.masked_fill(own, -torch.inf)
+        counts = counts - torch.zeros_like(counts).scatter_add_(1, segments.expand(u.shape[0], -1), own.double())
+    out = segment_logsumexp(log_p, segments, n_segments) - counts.log()
+    return out.masked_fill(counts == 0, -torch.inf)
+
+
+def mixture_over_groups(log_probs: np.ndarray, columns: np.ndarray, own: np.ndarray | None = None) -> np.ndarray:
+    """``log((1/|A|) sum_{s in A} q_s(u))`` per cell for the samples ``columns`` of ``log_probs``.
+
+    Parameters
+    ----------
+    log_probs
+        ``(cells, samples)`` log densities ``log q_s(u_n)``.
+    columns
+        Indices of the samples in the group A.
+    own
+        Optional ``(cells,)`` sample index of each cell; a cell's own sample is left out of A for it
+        (the cell would otherwise inflate its own sample's density). A cell whose only group sample
+        is its own gets ``nan``.
+    """
+    from scipy.special import logsumexp
+
+    lp = log_probs[:, columns].astype(np.float64)
+    n = np.full(lp.shape[0], float(len(columns)))
+    if own is not None:
+        mine = own[:, None] == np.asarray(columns)[None, :]
+        lp = np.where(mine, -np.inf, lp)
+        n = n - mine.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = logsumexp(lp, axis=1) - np.log(n)
+    return np.where(n > 0, out, np.nan)
+
+
+def max_log_density_excluding_self(log_p: Tensor) -> Tensor:
+    """Row-wise max of a square ``(M, M)`` matrix of log densities, ignoring the diagonal (the cell itself)."""
+    eye = torch.eye(log_p.shape[0], dtype=torch.bool, device=log_p.device)
+    return log_p.masked_fill(eye, -torch.inf).amax(1)

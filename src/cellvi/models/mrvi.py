@@ -1,0 +1,850 @@
+"""MrVI: multi-resolution variational inference for multi-sample cohorts (Boyeau et al., 2025, Nat. Methods).
+
+Generative model, for a cell with counts x from sample s (target covariate) and batch b (nuisance):
+
+    u ~ sum_k pi_k N(m_k, diag(s_k^2))            sample-unaware state (n_latent_u); K components,
+                                                  or one per label with label-informed weights
+    z = u' + g(u, s),  g(u, s) ~ N(0, I)          sample-aware state (n_latent); u' = u or A_u u;
+                                                  g: attention of u on a learned sample embedding
+    h = softmax(A z + gamma + g_b(z, b))          normalized expression; g_b: attention on the batch
+    x_g ~ NB(l * h_g, theta_g)                    counts, observed library size l
+
+q(u | x, s) is an MLP Gaussian (its layers normalised per sample). Counterfactuals replace s by any
+other sample with u fixed: every analysis (sample distances, DE, DA) is built on them, in
+:mod:`cellvi.analysis`.
+
+The networks follow scvi-tools' torch MRVI: attention over ``outerprod_dim`` tokens made from the
+query and key vectors, a residual MLP on the attended tokens, LayerNorm throughout.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from anndata import AnnData
+from torch import Tensor, nn
+
+from cellvi import distributions as dist
+from cellvi.analysis import density, distances, regression
+from cellvi.models.base import Model, as_indices
+
+PX_DEFAULTS = dict(n_latent_sample=16, n_channels=4, n_heads=2, dropout_rate=0.03, stop_gradients=False,
+                   stop_gradients_mlp=True, n_hidden=32, n_layers=1, low_dim_batch=True)
+QZ_DEFAULTS = dict(n_latent_sample=16, n_channels=4, n_heads=2, dropout_rate=0.03, stop_gradients=False,
+                   stop_gradients_mlp=True, use_map=True, n_hidden=32, n_layers=1)
+QU_DEFAULTS: dict = {}
+ROWS_PER_CHUNK = 2**13  # cells x samples evaluated at once in counterfactual analyses (bounds memory)
+PAIRS_PER_CHUNK = 2**22  # cells x samples^2 distances held at once (16 MB of float32)
+LABEL_PRIOR_BOOST = 10.0  # logit added to a cell's own label component in the label-informed prior
+
+
+def _merged(name: str, defaults: dict, given: dict | None) -> dict:
+    unknown = sorted(set(given or {}) - set(defaults))
+    if unknown:
+        raise ValueError(f"{name} has unsupported keys {unknown}; supported: {sorted(defaults)}.")
+    return {**defaults, **(given or {})}
+
+
+@dataclass(frozen=True)
+class MrVIConfig:
+    n_latent: int = 30  # size of z (sample-aware)
+    n_latent_u: int = 10  # size of u (sample-unaware)
+    encoder_n_hidden: int = 128
+    encoder_n_layers: int = 2  # residual blocks in the head of q(u | x)
+    z_u_prior: bool = True  # penalise z - u' with N(0, exp(z_u_prior_scale)^2) (the L2 penalty)
+    z_u_prior_scale: float = 0.0  # log scale of that prior
+    u_prior_scale: float = 0.0  # log scale of each Gaussian of the prior on u
+    u_prior_mixture: bool = True  # mixture of Gaussians prior on u (else one Gaussian)
+    u_prior_mixture_k: int = 20  # its components (one per label instead when labels are set up)
+    learn_z_u_prior_scale: bool = False
+    scale_observations: bool = False  # divide each cell's loss by its sample's cell count
+    px_kwargs: dict | None = None  # decoder attention: keys of PX_DEFAULTS
+    qz_kwargs: dict | None = None  # u -> z attention: keys of QZ_DEFAULTS
+    qu_kwargs: dict | None = None  # q(u | x): no options yet
+
+    def __post_init__(self):
+        _merged("px_kwargs", PX_DEFAULTS, self.px_kwargs)
+        _merged("qz_kwargs", QZ_DEFAULTS, self.qz_kwargs)
+        _merged("qu_kwargs", QU_DEFAULTS, self.qu_kwargs)
+
+
+# --------------------------------------------------------------------------- network blocks
+
+
+class ResBlock(nn.Module):
+    """``act(LN(W2 (act(LN(W1 x)) + skip(x))))``: skip is x, or a linear map when widths differ."""
+
+    def __init__(self, n_in: int, n_out: int, n_hidden: int, act=F.relu):
+        super().__init__()
+        self.fc1, self.ln1 = nn.Linear(n_in, n_hidden), nn.LayerNorm(n_hidden)
+        self.skip = nn.Linear(n_in, n_hidden) if n_in != n_hidden else nn.Identity()
+        self.fc2, self.ln2 = nn.Linear(n_hidden, n_out), nn.LayerNorm(n_out)
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.ln1(self.fc1(x))) + self.skip(x)
+        return self.act(self.ln2(self.fc2(h)))
+
+
+class ResMLP(nn.Module):
+    """``n_layers`` :class:`ResBlock` then a linear output layer."""
+
+    def __init__(self, n_in: int, n_out: int, n_hidden: int, n_layers: int, act=F.gelu):
+        super().__init__()
+        self.blocks = nn.Sequential(*[ResBlock(n_in if i == 0 else n_hidden, n_hidden, n_hidden, act)
+                                      for i in range(n_layers)])
+        self.out = nn.Linear(n_hidden if n_layers else n_in, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.blocks(x))
+
+
+class TokenAttention(nn.Module):
+    """Cross-attention of a query vector on a key vector, each cut into ``n_tokens`` scalar tokens.
+
+    Token t of the query is ``q_t = (P_q query)_t``, embedded as ``q_t * a + c`` in ``E = n_channels *
+    n_heads`` dimensions (likewise keys and values from the key vector), then multi-head attention
+    and an output projection; the attended tokens are flattened, reduced by an MLP, concatenated to
+    the query and mapped to ``n_out`` by a second MLP.
+
+    Notes
+    -----
+    scvi-tools embeds a token with ``Linear(1, E)`` then applies the attention's in-projection
+    ``W``: ``W (q_t a) + c = q_t (W a) + c``, so one vector ``W a`` per projection is the same function;
+    it is initialised as that product of the usual initialisations.
+    """
+
+    def __init__(self, query_dim: int, kv_dim: int, n_out: int, *, n_tokens: int = 16, n_channels: int = 4,
+                 n_heads: int = 2, dropout_rate: float = 0.0, n_hidden: int = 32, n_layers: int = 1,
+                 stop_gradients_mlp: bool = False):
+        super().__init__()
+        E = n_channels * n_heads
+        self.n_heads, self.dropout_rate, self.stop_gradients_mlp = n_heads, dropout_rate, stop_gradients_mlp
+        self.query_proj = nn.Linear(query_dim, n_tokens, bias=False)
+        self.kv_proj = nn.Linear(kv_dim, n_tokens, bias=False)
+        embed = torch.empty(3, E).uniform_(-1.0, 1.0)  # Linear(1, E) weights, for q, k and v
+        w_in = torch.empty(3, E, E)
+        for i in range(3):
+            nn.init.xavier_uniform_(w_in[i])
+        self.token_weight = nn.Parameter(torch.einsum("ief,if->ie", w_in, embed))  # (3, E): q, k, v
+        self.token_bias = nn.Parameter(torch.zeros(3, E))
+        self.out_proj = nn.Linear(E, E)
+        nn.init.zeros_(self.out_proj.bias)
+        self.mlp_tokens = ResMLP(n_tokens * E, n_tokens, n_hidden, n_layers)
+        self.mlp_out = ResMLP(n_tokens + query_dim, n_out, n_hidden, n_layers)
+
+    def kv_tokens(self, kv: Tensor) -> Tensor:
+        """Key tokens ``(N, tokens)`` of key vectors ``(N, kv_dim)`` (scalars: see :meth:`forward`)."""
+        return self.kv_proj(kv)
+
+    def forward(self, query: Tensor, kv: Tensor | None = None, keys: Tensor | None = None) -> Tensor:
+        """``query`` ``(N, query_dim)``; either ``kv`` ``(N, kv_dim)`` or precomputed :meth:`kv_tokens`.
+
+        With scalar tokens, attention reduces to scalar arithmetic. Per head h, query token t is
+        ``q_t a + c``, key token t' is ``k_t' b + e`` and its value ``k_t' v + f``, so the score is
+        ``(q_t a + c).(k_t' b + e) / sqrt(d) = lam_t k_t' + (terms constant in t')`` with
+        ``lam_t = (q_t a.b + c.b) / sqrt(d)``; the constant terms cancel in the softmax over t'. With
+        weights ``w = softmax_t'(lam_t k_t')``, the attended value is ``v sum_t' w k_t' + f sum_t' w``.
+        Exactly multi-head attention on these tokens, with ``(N, heads, T, T)`` scalars instead of
+        ``(N, heads, T, d)`` matrix products.
+        """
+        k = self.kv_tokens(kv) if keys is None else keys  # (N, T)
+        q_in = query.detach() if self.stop_gradients_mlp else query
+        q = self.query_proj(q_in)  # (N, T)
+        H = self.n_heads
+        (a, b, v), (c, e, f) = (w.view(3, H, -1).unbind(0) for w in (self.token_weight, self.token_bias))
+        scale = a.shape[-1] ** -0.5
+        lam = (q[:, None, :] * (a * b).sum(-1)[None, :, None] + (c * b).sum(-1)[None, :, None]) * scale  # (N, H, T)
+        w = torch.softmax(lam[..., None] * k[:, None, None, :], -1)  # (N, H, T, T')
+        if self.training and self.dropout_rate > 0:
+            w = F.dropout(w, self.dropout_rate)
+        m, total = (w * k[:, None, None, :]).sum(-1), w.sum(-1)  # (N, H, T) each
+        att = m[..., None] * v[None, :, None, :] + total[..., None] * f[None, :, None, :]  # (N, H, T, d)
+        att = self.out_proj(att.transpose(1, 2).flatten(2))  # (N, T, E)
+        return self.mlp_out(torch.cat([query, self.mlp_tokens(att.flatten(1))], -1))
+
+
+class SampleNorm(nn.Module):
+    """LayerNorm without affine parameters, then a per-sample scale and shift (``gamma_s * h + beta_s``)."""
+
+    def __init__(self, n_features: int, n_samples: int):
+        super().__init__()
+        self.gamma = nn.Parameter(1.0 + 0.02 * torch.randn(n_samples, n_features))
+        self.beta = nn.Parameter(torch.zeros(n_samples, n_features))
+        self.n_features = n_features
+
+    def forward(self, h: Tensor, sample: Tensor) -> Tensor:
+        return self.gamma[sample] * F.layer_norm(h, (self.n_features,)) + self.beta[sample]
+
+
+# --------------------------------------------------------------------------- module
+
+
+class MrVIModule(nn.Module):
+    """q(u | x, s), z = u' + g(u, s), p(x | z, b) and the prior p(u)."""
+
+    def __init__(self, n_genes: int, n_samples: int, n_batches: int, n_labels: int, config: MrVIConfig,
+                 n_obs_per_sample: Tensor):
+        super().__init__()
+        self.config = cfg = config
+        self.n_samples, self.n_batches, self.n_labels = n_samples, n_batches, n_labels
+        px, qz = _merged("px_kwargs", PX_DEFAULTS, cfg.px_kwargs), _merged("qz_kwargs", QZ_DEFAULTS, cfg.qz_kwargs)
+        self.px_options, self.qz_options = px, qz
+        L, Lu, H = cfg.n_latent, cfg.n_latent_u, cfg.encoder_n_hidden
+        # q(u | x, s): two layers normalised per sample, a sample offset, a residual Gaussian head
+        self.qu_fc1, self.qu_norm1 = nn.Linear(n_genes, H), SampleNorm(H, n_samples)
+        self.qu_fc2, self.qu_norm2 = nn.Linear(H, H), SampleNorm(H, n_samples)
+        self.qu_sample = nn.Parameter(0.1 * torch.randn(n_samples, H))
+        self.qu_body = nn.Sequential(*[ResBlock(H, H, H) for _ in range(cfg.encoder_n_layers)])
+        self.qu_mean, self.qu_scale = nn.Linear(H, Lu), nn.Linear(H, Lu)
+        # z = u' + g(u, s)
+        self.qz_embed = nn.Parameter(0.1 * torch.randn(n_samples, qz["n_latent_sample"]))
+        self.qz_ln_u, self.qz_ln_embed = nn.LayerNorm(Lu), nn.LayerNorm(qz["n_latent_sample"])
+        self.qz_attention = TokenAttention(
+            Lu, qz["n_latent_sample"], L * (1 if qz["use_map"] else 2), n_tokens=qz["n_latent_sample"],
+            n_channels=qz["n_channels"], n_heads=qz["n_heads"], dropout_rate=qz["dropout_rate"],
+            n_hidden=qz["n_hidden"], n_layers=qz["n_layers"], stop_gradients_mlp=qz["stop_gradients_mlp"])
+        self.qz_base = nn.Linear(Lu, L) if Lu != L else None
+        # p(x | z, b): h = softmax(A (z + g(z, b)) + gamma)
+        self.px_embed = nn.Parameter(0.1 * torch.randn(n_batches, px["n_latent_sample"]))
+        self.px_ln_z, self.px_ln_embed = nn.LayerNorm(L), nn.LayerNorm(px["n_latent_sample"])
+        n_res = L if px["low_dim_batch"] else n_genes
+        self.px_attention = TokenAttention(
+            L, px["n_latent_sample"], n_res, n_tokens=px["n_latent_sample"], n_channels=px["n_channels"],
+            n_heads=px["n_heads"], dropout_rate=px["dropout_rate"], n_hidden=px["n_hidden"],
+            n_layers=px["n_layers"], stop_gradients_mlp=px["stop_gradients_mlp"]) if n_batches >= 2 else None
+        self.px_fc = nn.Linear(L, n_genes)
+        self.log_theta = nn.Parameter(torch.randn(n_genes))
+        # p(u)
+        self.n_components = n_labels if n_labels >= 2 else cfg.u_prior_mixture_k
+        if cfg.u_prior_mixture:
+            self.u_prior_logits = nn.Parameter(torch.zeros(self.n_components))
+            self.u_prior_means = nn.Parameter(torch.randn(self.n_components, Lu))
+            self.u_prior_log_scales = nn.Parameter(torch.zeros(self.n_components, Lu))
+        self.z_u_log_scale = nn.Parameter(torch.zeros(L) + cfg.z_u_prior_scale,
+                                          requires_grad=cfg.learn_z_u_prior_scale)
+        self.register_buffer("n_obs_per_sample", n_obs_per_sample.float())
+
+    # q(u | x, s)
+    def qu(self, x: Tensor, sample: Tensor, nz: dist.Nonzeros | None = None) -> torch.distributions.Normal:
+        h = torch.log1p(x) if nz is None else dist.log1p_dense(x, nz)
+        h = F.gelu(self.qu_norm1(self.qu_fc1(h), sample))
+        h = F.gelu(self.qu_norm2(self.qu_fc2(h), sample))
+        h = self.qu_body(h + self.qu_sample[sample])
+        return dist.normal(self.qu_mean(h), F.softplus(self.qu_scale(h)) + 1e-5)
+
+    def sample_keys(self, samples: Tensor) -> Tensor:
+        """Attention key tokens ``(S, T)`` of the embeddings of ``samples`` (computed once per sample)."""
+        return self.qz_attention.kv_tokens(self.qz_ln_embed(self.qz_embed[samples]))
+
+    # z = u' + g(u, s); u is (N, Lu), s is (N,)
+    def z_from_u(self, u: Tensor, sample: Tensor, use_mean: bool = True, keys: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor]:
+        """``(z, z_base)``: the sample-aware state and ``u'`` (so ``z - z_base`` is the sample effect)."""
+        u_in = u.detach() if self.qz_options["stop_gradients"] else u
+        g = self.qz_attention(self.qz_ln_u(u_in), keys=self.sample_keys(sample) if keys is None else keys)
+        if not self.qz_options["use_map"]:
+            loc, raw = g.chunk(2, -1)
+            q_eps = dist.normal(loc, F.softplus(raw) + 1e-3)
+            g = q_eps.mean if use_mean else q_eps.rsample()
+        z_base = u_in if self.qz_base is None else self.qz_base(u_in)
+        return z_base + g, z_base
+
+    # h = softmax(A z + gamma + g(z, b)); z is (N, L), b is (N,)
+    def decode(self, z: Tensor, batch: Tensor) -> Tensor:
+        """Normalized expression h, rows summing to 1."""
+        z_in = z.detach() if self.px_options["stop_gradients"] else z
+        if self.px_attention is None:
+            return F.softmax(self.px_fc(self.px_ln_z(z_in)), -1)
+        e = self.px_ln_embed(self.px_embed[batch])
+        g = self.px_attention(self.px_ln_z(z_in), e)
+        logits = self.px_fc(z + g) if self.px_options["low_dim_batch"] else self.px_fc(z) + g
+        return F.softmax(logits, -1)
+
+    def log_prior_u(self, u: Tensor, label: Tensor) -> Tensor:
+        """``log p(u)`` per cell (mixture, label-informed when labels are set up), shape ``u.shape[:-1]``."""
+        if not self.config.u_prior_mixture:
+            return dist.normal(torch.zeros_like(u), torch.full_like(u, math.exp(self.config.u_prior_scale))
+                               ).log_prob(u).sum(-1)
+        logits = self.u_prior_logits
+        if self.n_labels >= 2:
+            logits = logits + LABEL_PRIOR_BOOST * F.one_hot(label, self.n_labels).to(u.dtype)
+        log_w = torch.log_softmax(logits, -1)  # (K,) or (N, K)
+        comp = dist.normal(self.u_prior_means, self.u_prior_log_scales.exp()).log_prob(u.unsqueeze(-2)).sum(-1)
+        return torch.logsumexp(log_w + comp, -1)
+
+    def loss(self, batch: dict[str, Tensor], kl_weight: float = 1.0) -> dict[str, Tensor]:
+        x, s = batch["x"], batch["sample"]
+        qu = self.qu(x, s, batch.get("nonzeros"))
+        u = qu.rsample()
+        z, z_base = self.z_from_u(u, s, use_mean=False)
+        library = x.sum(-1, keepdim=True)
+        h = self.decode(z, batch["batch"])
+        px = dist.NegativeBinomial(library * h, self.log_theta.exp(), scale=h)
+        rec = -px.log_prob_sum(x, batch.get("nonzeros"))  # (B,)
+        kl_u = qu.log_prob(u).sum(-1) - self.log_prior_u(u, batch["label"])  # one-sample estimate
+        kl_z = torch.zeros_like(kl_u)
+        if self.config.z_u_prior:  # -log N(z - u'; 0, sigma^2): the L2 penalty on the sample effect
+            kl_z = -dist.normal(torch.zeros_like(z), self.z_u_log_scale.exp().expand_as(z)).log_prob(z - z_base).sum(-1)
+        per_cell = rec + kl_weight * (kl_u + kl_z)
+        if self.config.scale_observations:
+            per_cell = per_cell / self.n_obs_per_sample[s]
+        return {"loss": per_cell.mean(), "reconstruction_loss": rec, "kl_local": kl_u + kl_z}
+
+    def counterfactual_z(self, u: Tensor, samples: Tensor, use_mean: bool = True) -> Tensor:
+        """z of each cell had it come from each of ``samples``: ``u`` ``(..., N, Lu)`` -> ``(..., N, S, L)``."""
+        lead, S = u.shape[:-1], samples.numel()
+        keys = self.sample_keys(samples)  # (S, T)
+        n = int(np.prod(lead))
+        uu = u.reshape(n, 1, -1).expand(n, S, u.shape[-1]).reshape(n * S, -1)
+        z, _ = self.z_from_u(uu, samples.repeat(n), use_mean=use_mean, keys=keys.repeat(n, 1))
+        return z.reshape(*lead, S, -1)
+
+
+# --------------------------------------------------------------------------- user class
+
+
+class MrVI(Model):
+    """Multi-resolution Variational Inference (Boyeau et al., 2025).
+
+    ``MrVI.setup_anndata(adata, sample_key="donor", batch_key="site")``, then
+    ``model = MrVI(adata); model.train()``; then :meth:`get_local_sample_distances`,
+    :meth:`differential_expression`, :meth:`differential_abundance`.
+
+    Parameters
+    ----------
+    adata
+        AnnData set up with :meth:`setup_anndata`.
+    n_latent, n_latent_u
+        Sizes of z (sample-aware) and u (sample-unaware).
+    backend
+        Accepted for scvi-tools compatibility (``"torch"``) and ignored.
+    **model_kwargs
+        Other fields of :class:`MrVIConfig`: ``encoder_n_hidden``, ``encoder_n_layers``, ``z_u_prior``,
+        ``z_u_prior_scale``, ``u_prior_scale``, ``u_prior_mixture``, ``u_prior_mixture_k``,
+        ``learn_z_u_prior_scale``, ``scale_observations``, ``px_kwargs``, ``qz_kwargs``, ``qu_kwargs``.
+
+    Notes
+    -----
+    As scvi-tools' torch MRVI, with these differences: when ``n_latent == n_latent_u``, ``u' = u``
+    (the paper's ``z = u + g(u, s)``) rather than a learned linear map; token embeddings of the
+    attention are folded into one vector per projection (the same function, see
+    :class:`TokenAttention`).
+    """
+
+    config_class = MrVIConfig
+
+    def __init__(self, adata: AnnData, n_latent: int = 30, n_latent_u: int = 10, backend: str | None = None,
+                 **model_kwargs):
+        config = MrVIConfig(n_latent=n_latent, n_latent_u=n_latent_u, **model_kwargs)
+        super().__init__(adata, config)
+        if self.spec.sample_key is None:
+            raise ValueError("MrVI needs samples: call cellvi.MrVI.setup_anndata(adata, sample_key=...) first.")
+        if n_latent < n_latent_u:
+            warnings.warn(f"n_latent ({n_latent}) < n_latent_u ({n_latent_u}): z is smaller than u.", UserWarning,
+                          stacklevel=2)
+        from cellvi import settings
+
+        spec = self.spec
+        counts = torch.bincount(self._data().obs["sample"].cpu(), minlength=spec.n_samples)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
+            self.module = MrVIModule(spec.n_genes, spec.n_samples, spec.n_batches, spec.n_labels, config, counts)
+        self.module.eval()
+
+    @classmethod
+    def setup_anndata(cls, adata: AnnData, layer: str | None = None, sample_key: str | None = None,
+                      batch_key: str | None = None, labels_key: str | None = None, backend: str | None = "torch",
+                      **kwargs) -> None:
+        """Validate ``adata`` and record its counts, samples, batches and labels.
+
+        Parameters
+        ----------
+        adata
+            Raw counts in ``X`` or ``layers[layer]``.
+        layer
+            Layer with the raw counts; ``None`` reads ``adata.X``.
+        sample_key
+            ``.obs`` column of samples (donors, perturbations, ...): the target covariate; at least two.
+        batch_key
+            ``.obs`` column of the nuisance covariate (e.g. site, plate), corrected for in the decoder.
+        labels_key
+            ``.obs`` column of cell labels: the prior on u then has one component per label.
+        backend
+            Accepted for scvi-tools compatibility and ignored (cellvi is PyTorch).
+        """
+        from cellvi.data import setup_anndata
+
+        if kwargs:
+            raise ValueError(f"Unsupported setup_anndata arguments {sorted(kwargs)}; MrVI reads layer, sample_key, "
+                             "batch_key and labels_key.")
+        if sample_key is None:
+            raise ValueError("MrVI needs sample_key: the .obs column naming each cell's sample (e.g. donor).")
+        spec = setup_anndata(adata, layer=layer, sample_key=sample_key, batch_key=batch_key, labels_key=labels_key,
+                             model_class=cls.__name__)
+        if spec.n_samples < 2:
+            raise ValueError(f"adata.obs[{sample_key!r}] has a single sample ({spec.sample_categories[0]!r}); MrVI "
+                             "compares samples and needs at least two.")
+
+    # ------------------------------------------------------------------ samples
+
+    @property
+    def sample_key(self) -> str:
+        return self.spec.sample_key
+
+    @property
+    def sample_order(self) -> np.ndarray:
+        """Sample names in model order (the order of every ``sample`` axis)."""
+        return np.asarray(self.spec.sample_categories, dtype=object)
+
+    @property
+    def n_obs_per_sample(self) -> np.ndarray:
+        return self.module.n_obs_per_sample.cpu().numpy()
+
+    def update_sample_info(self, adata: AnnData | None = None) -> None:
+        """Recompute :attr:`sample_info` from ``adata.obs`` (e.g. after adding a sample-level column)."""
+        from cellvi.models.base import sample_table
+
+        self.sample_info = sample_table(self.adata if adata is None else adata, self.spec)
+
+    # ------------------------------------------------------------------ training
+
+    # a bare call of scvi-tools' torch MRVI.train: Adam with these settings, KL warm-up over 20 epochs,
+    # gradient norm clipped at 40, validation every epoch (early stopping off; patience 15 when on)
+    train_defaults = {"lr": 2e-3, "weight_decay": 1e-8, "eps": 1e-8, "optimizer": "Adam", "n_epochs_kl_warmup": 20,
+                      "gradient_clip_val": 40.0, "check_val_every_n_epoch": 1, "early_stopping_patience": 15}
+
+    def train(self, max_epochs: int | None = None, accelerator: str = "auto", devices: int | str = "auto",
+              train_size: float | None = None, validation_size: float | None = None, batch_size: int = 128,
+              early_stopping: bool = False, plan_kwargs: dict | None = None, **trainer_kwargs) -> None:
+        """Train as a bare call of scvi-tools' torch MRVI does (its argument order).
+
+        Defaults: epochs ``min(400, 400 * 20000 / n_cells)``, 90 % of cells for training, batch 128, Adam
+        (lr 2e-3, eps 1e-8, weight decay 1e-8), KL warm-up over 20 epochs, gradient norm clipped at 40,
+        validation every epoch (``elbo_validation``), no early stopping (patience 15 when on).
+
+        Parameters
+        ----------
+        plan_kwargs
+            ``lr``, ``weight_decay``, ``eps``, ``optimizer`` (``"Adam"`` or ``"AdamW"``), ``n_epochs_kl_warmup``,
+            ... (see :meth:`cellvi.SCVI.train`).
+        **trainer_kwargs
+            Trainer options and cellvi's own (``shuffle_set_split``, ``seed``, ``checkpoint_dir``,
+            ``resume_from``, ...), as in :meth:`cellvi.SCVI.train`.
+        """
+        super().train(max_epochs=max_epochs, accelerator=accelerator, devices=devices, train_size=train_size,
+                      validation_size=validation_size, batch_size=batch_size, early_stopping=early_stopping,
+                      plan_kwargs=plan_kwargs, **trainer_kwargs)
+
+    # ------------------------------------------------------------------ latent spaces
+
+    @torch.no_grad()
+    def get_latent_representation(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None,
+                                  use_mean: bool = True, give_z: bool = False) -> np.ndarray:
+        """u (``give_z=False``, ``(cells, n_latent_u)``) or z in the cell's own sample (``(cells, n_latent)``).
+
+        ``use_mean`` uses the posterior mean of u (else one draw).
+        """
+        self.module.eval()
+        out = []
+        for batch in self._minibatches(adata, indices, batch_size):
+            qu = self.module.qu(batch["x"], batch["sample"], batch.get("nonzeros"))
+            u = qu.mean if use_mean else qu.sample()
+            out.append((self.module.z_from_u(u, batch["sample"], use_mean)[0] if give_z else u).cpu())
+        return torch.cat(out).numpy()
+
+    def _cell_chunks(self, adata: AnnData | None, indices, batch_size: int | None, n_samples: int):
+        """Minibatches small enough that cells x samples stays under ``ROWS_PER_CHUNK``."""
+        size = max(1, min(batch_size or 256, ROWS_PER_CHUNK // max(n_samples, 1)))
+        return self._minibatches(adata, indices, size)
+
+    @torch.no_grad()
+    def get_local_sample_representation(self, adata: AnnData | None = None, indices=None, batch_size: int = 256,
+                                        use_mean: bool = True, use_vmap="auto"):
+        """Counterfactual z of every cell under every sample, an xarray ``(cell_name, sample, latent_dim)``."""
+        import xarray as xr
+
+        adata_ = self.adata if adata is None else adata
+        idx = as_indices(indices, adata_.n_obs)
+        self.module.eval()
+        samples = torch.arange(self.spec.n_samples, device=self.device)
+        out = []
+        for batch in self._cell_chunks(adata, idx, batch_size, self.spec.n_samples):
+            qu = self.module.qu(batch["x"], batch["sample"], batch.get("nonzeros"))
+            u = qu.mean if use_mean else qu.sample()
+            out.append(self.module.counterfactual_z(u, samples, use_mean).cpu())
+        return xr.DataArray(torch.cat(out).numpy(), dims=["cell_name", "sample", "latent_dim"],
+                            coords={"cell_name": np.asarray(adata_.obs_names[idx]), "sample": self.sample_order},
+                            name="sample_representations")
+
+    # ------------------------------------------------------------------ sample distances
+
+    @torch.no_grad()
+    def get_local_sample_distances(self, adata: AnnData | None = None, batch_size: int = 256, use_mean: bool = True,
+                                   normalize_distances: bool = False, use_vmap="auto", groupby=None,
+                                   keep_cell: bool = True, norm: str = "l2", mc_samples: int = 10):
+        """Per-cell sample-by-sample distances between counterfactual states, and their group averages.
+
+        Parameters
+        ----------
+        adata
+            Cells to analyse (default: the model's).
+        batch_size
+            Cells per step (reduced so that cells x samples stays bounded).
+        use_mean
+            Counterfactuals from the posterior mean of u; else average over ``mc_samples`` draws.
+        normalize_distances
+            Divide by the spread of distances between two draws of the cell's own state (uses draws).
+        use_vmap
+            Accepted for compatibility; ignored (cellvi batches over samples directly).
+        groupby
+            ``.obs`` column(s) of cell groups: adds one variable per key, averaged over each group's cells.
+        keep_cell
+            Keep every cell's matrix (variable ``cell``); ``False`` holds only the group sums in memory.
+        norm
+            ``"l2"``, ``"l1"`` or ``"linf"``.
+
+        Returns
+        -------
+        xarray.Dataset: ``cell`` with dims ``(cell_name, sample_x, sample_y)``; for each key ``k`` of
+        ``groupby``, ``k`` with dims ``(k_name, sample_x, sample_y)``. Exactly symmetric, zero diagonal.
+        """
+        import xarray as xr
+
+        groupby = [groupby] if isinstance(groupby, str) else list(groupby or [])
+        if not keep_cell and not groupby:
+            raise ValueError("keep_cell=False without groupby leaves nothing to return; pass groupby=... .")
+        if normalize_distances:
+            if norm != "l2":
+                raise ValueError(f"normalize_distances needs norm='l2', got {norm!r}.")
+            if use_mean:
+                warnings.warn("normalize_distances uses sampled representations; use_mean is ignored.", UserWarning,
+                              stacklevel=2)
+            use_mean = False
+        adata_ = self.adata if adata is None else adata
+        S, n = self.spec.n_samples, adata_.n_obs
+        groups = {}
+        for key in groupby:
+            if key not in adata_.obs.columns:
+                raise ValueError(f"groupby {key!r} is not a column of adata.obs.")
+            cat = pd.Categorical(adata_.obs[key])
+            groups[key] = (cat, torch.zeros(len(cat.categories), S, S, dtype=torch.float64, device=self.device),
+                           torch.as_tensor(cat.codes.astype(np.int64), device=self.device))
+        cells = np.empty((n, S, S), dtype=np.float32) if keep_cell else None
+        for batch, d in self._distance_chunks(adata, batch_size, use_mean, normalize_distances, norm, mc_samples):
+            rows = batch["index"]
+            if keep_cell:
+                cells[rows.cpu().numpy()] = d.cpu().numpy()
+            for _, sums, codes in groups.values():
+                sums.index_add_(0, codes[rows], d.double())
+        names = self.sample_order
+        data_vars = {}
+        if keep_cell:
+            data_vars["cell"] = xr.DataArray(cells, dims=["cell_name", "sample_x", "sample_y"],
+                                             coords={"cell_name": np.asarray(adata_.obs_names)})
+        for key, (cat, sums, codes) in groups.items():
+            counts = torch.bincount(codes, minlength=len(cat.categories)).double()
+            present = (counts > 0).cpu().numpy()
+            mean = (sums / counts.clamp_min(1)[:, None, None]).cpu().numpy()[present]
+            data_vars[key] = xr.DataArray(mean, dims=[f"{key}_name", "sample_x", "sample_y"],
+                                          coords={f"{key}_name": np.asarray(cat.categories)[present]})
+        return xr.Dataset(data_vars, coords={"sample_x": names, "sample_y": names})
+
+    def _distance_chunks(self, adata, batch_size, use_mean, normalized, norm, mc_samples):
+        """Yield (minibatch, its ``(cells, S, S)`` distances) over all cells, a chunk at a time."""
+        m = self.module
+        m.eval()
+        samples = torch.arange(self.spec.n_samples, device=self.device)
+        S = self.spec.n_samples
+        size = max(1, min(batch_size, PAIRS_PER_CHUNK // (S * S * (1 if use_mean else mc_samples))))
+        for batch in self._cell_chunks(adata, None, size, S * (1 if use_mean else mc_samples)):
+            qu = m.qu(batch["x"], batch["sample"], batch.get("nonzeros"))
+            if use_mean:
+                d = distances.sample_distances(m.counterfactual_z(qu.mean, samples), norm)
+            else:
+                z = m.counterfactual_z(qu.sample((mc_samples,)), samples, use_mean=False)  # (mc, B, S, L)
+                d_all = distances.sample_distances(z, norm)  # (mc, B, S, S)
+                if normalized:
+                    own = m.z_from_u(qu.sample((2 * mc_samples,)).flatten(0, 1),
+                                     batch["sample"].repeat(2 * mc_samples), use_mean=False)[0]
+                    mean, var = distances.baseline_distances(own.view(2 * mc_samples, -1, own.shape[-1]))
+                    d = distances.normalize_by_baseline(d_all, mean, var)
+                else:
+                    d = d_all.mean(0)
+            yield batch, d
+
+    # ------------------------------------------------------------------ differential abundance
+
+    @torch.no_grad()
+    def _qu_params(self, adata: AnnData | None, batch_size: int | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Posterior mean and sd of u, and the sample code, for every cell of ``adata``."""
+        self.module.eval()
+        locs, scales, codes = [], [], []
+        for batch in self._minibatches(adata, None, batch_size):
+            qu = self.module.qu(batch["x"], batch["sample"], batch.get("nonzeros"))
+            locs.append(qu.loc)
+            scales.append(qu.scale)
+            codes.append(batch["sample"])
+        return torch.cat(locs), torch.cat(scales), torch.cat(codes)
+
+    @torch.no_grad()
+    def get_aggregated_posterior(self, adata: AnnData | None = None, sample=None, indices=None,
+                                 batch_size: int = 256) -> torch.distributions.MixtureSameFamily:
+        """The equal-weight mixture of q(u | x) over the cells (of ``sample`` when given), as a torch distribution."""
+        adata_ = self.adata if adata is None else adata
+        idx = as_indices(indices, adata_.n_obs)
+        if sample is not None:
+            idx = np.intersect1d(idx, np.flatnonzero(adata_.obs[self.sample_key].astype(str).to_numpy() == str(sample)))
+        loc, scale, _ = self._qu_params(adata, batch_size)
+        loc, scale = loc[torch.as_tensor(idx, device=loc.device)], scale[torch.as_tensor(idx, device=loc.device)]
+        D = torch.distributions
+        return D.MixtureSameFamily(D.Categorical(logits=torch.zeros(len(idx), device=loc.device)),
+                                   D.Independent(D.Normal(loc, scale), 1))
+
+    @torch.no_grad()
+    def _sample_log_densities(self, adata, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """``log q_s(u_n)`` for every cell n and sample s (``(cells, S)``), and each cell's sample code."""
+        loc, scale, codes = self._qu_params(adata, batch_size)
+        S = self.spec.n_samples
+        step = max(1, min(batch_size, 2**24 // max(loc.shape[0], 1)))  # bound the (step, cells) block
+        out = [density.aggregated_log_density(loc[i : i + step], loc, scale, codes, S).cpu()
+               for i in range(0, loc.shape[0], step)]
+        return torch.cat(out).numpy(), codes.cpu().numpy()
+
+    def differential_abundance(self, adata: AnnData | None = None, sample_cov_keys: list[str] | None = None,
+                               sample_subset: list[str] | None = None, compute_log_enrichment: bool = False,
+                               omit_original_sample: bool = True, batch_size: int = 128):
+        """Density of each sample's (and covariate level's) cells at each cell's state u.
+
+        Returns
+        -------
+        xarray.Dataset with ``log_probs`` ``(cell_name, sample)``: ``log q_s(u_n)``, the log density of
+        the aggregated posterior of sample s at cell n's posterior mean; and, for each key of
+        ``sample_cov_keys``, ``<key>_log_probs`` ``(cell_name, <key>)``: the log density of the samples
+        with each level (each cell's own sample left out with ``omit_original_sample``); with
+        ``compute_log_enrichment``, ``<key>_log_enrichs``: level versus all other samples. A log ratio
+        of two levels' densities is MrVI's DA score.
+        """
+        import xarray as xr
+
+        adata_ = self.adata if adata is None else adata
+        log_probs, own = self._sample_log_densities(adata, batch_size)
+        present = np.isin(np.arange(self.spec.n_samples), own)  # samples with cells in adata
+        names = self.sample_order
+        coords = {"cell_name": np.asarray(adata_.obs_names), "sample": names[present]}
+        data_vars = {"log_probs": (["cell_name", "sample"], log_probs[:, present])}
+        info = self.sample_info
+        allowed = present if sample_subset is None else present & np.isin(names, list(map(str, sample_subset)))
+        for key in sample_cov_keys or []:
+            if key not in info.columns:
+                raise ValueError(f"sample covariate {key!r} is not a column of model.sample_info; it must be an .obs "
+                                 "column constant within each sample.")
+            values = info[key]
+            levels = [v for v in pd.unique(values) if (values == v).to_numpy()[allowed].any()]
+            per_level, enrich = [], []
+            for v in levels:
+                cols = np.flatnonzero((values == v).to_numpy() & allowed)
+                per_level.append(density.mixture_over_groups(log_probs, cols, own if omit_original_sample else None))
+                if compute_log_enrichment:
+                    rest = np.flatnonzero(~(values == v).to_numpy() & present)
+                    if rest.size == 0:
+                        warnings.warn(f"All samples have {key}={v}; no log enrichment for it.", UserWarning, stacklevel=2)
+                        enrich.append(np.full(len(own), np.nan))
+                        continue
+                    enrich.append(per_level[-1] - density.mixture_over_groups(
+                        log_probs, rest, own if omit_original_sample else None))
+            coords[key] = np.asarray(levels)
+            data_vars[f"{key}_log_probs"] = (["cell_name", key], np.stack(per_level, 1))
+            if compute_log_enrichment:
+                data_vars[f"{key}_log_enrichs"] = (["cell_name", key], np.stack(enrich, 1))
+        return xr.Dataset(data_vars, coords=coords)
+
+    @torch.no_grad()
+    def get_outlier_cell_sample_pairs(self, adata: AnnData | None = None, subsample_size: int = 5_000,
+                                      quantile_threshold: float = 0.05, admissibility_threshold: float = 0.0,
+                                      batch_size: int = 256):
+        """Admissibility of each (cell, sample) pair: is the cell's state u covered by the sample's cells?
+
+        The score of cell n for sample s is ``max_m log N(u_n; mu_m, sigma_m)`` over (up to
+        ``subsample_size``) cells m of s; the threshold is the ``quantile_threshold`` quantile of the
+        same score of every cell for its own sample (itself excluded), pooled over samples.
+
+        Returns
+        -------
+        xarray.Dataset with ``log_probs``, ``log_ratios`` (score minus threshold) and ``is_admissible``
+        (``log_ratios > admissibility_threshold``), each ``(cell_name, sample)``.
+        """
+        import xarray as xr
+
+        adata_ = self.adata if adata is None else adata
+        loc, scale, codes = self._qu_params(adata, batch_size)
+        rng = np.random.default_rng(0)
+        codes_np = codes.cpu().numpy()
+        scores, within = [], []
+        present = [s for s in range(self.spec.n_samples) if (codes_np == s).any()]
+        for s in present:
+            members = np.flatnonzero(codes_np == s)
+            if subsample_size is not None and members.size > subsample_size:
+                members = np.sort(rng.choice(members, subsample_size, replace=False))
+            m = torch.as_tensor(members, device=loc.device)
+            within.append(density.max_log_density_excluding_self(
+                density.gaussian_log_density(loc[m], loc[m], scale[m])).cpu())
+            col = [density.gaussian_log_density(loc[i : i + batch_size], loc[m], scale[m]).amax(1).cpu()
+                   for i in range(0, loc.shape[0], batch_size)]
+            scores.append(torch.cat(col))
+        log_probs = torch.stack(scores, 1).numpy()
+        thresh = np.quantile(torch.cat(within).numpy(), quantile_threshold)
+        log_ratios = log_probs - thresh
+        coords = {"cell_name": np.asarray(adata_.obs_names), "sample": self.sample_order[present]}
+        return xr.Dataset({"log_probs": (["cell_name", "sample"], log_probs),
+                           "log_ratios": (["cell_name", "sample"], log_ratios),
+                           "is_admissible": (["cell_name", "sample"], log_ratios > admissibility_threshold)},
+                          coords=coords)
+
+    # ------------------------------------------------------------------ differential expression
+
+    @torch.no_grad()
+    def differential_expression(self, adata: AnnData | None = None, sample_cov_keys: list[str] | None = None,
+                                sample_subset: list[str] | None = None, batch_size: int = 128, use_vmap="auto",
+                                normalize_design_matrix: bool = True, add_batch_specific_offsets: bool = False,
+                                mc_samples: int = 50, store_lfc: bool = False,
+                                store_lfc_metadata_subset: list[str] | None = None, store_baseline: bool = False,
+                                eps_lfc: float = 1e-4, filter_inadmissible_samples: bool = False, lambd: float = 0.0,
+                                delta: float | None = 0.3, **filter_samples_kwargs):
+        """Cell-specific multivariate DE: regress each cell's counterfactual states on sample covariates.
+
+        For cell n, ``z_n(s)`` (u drawn ``mc_samples`` times, standardized over samples) is regressed on
+        the design matrix of the samples (:func:`cellvi.analysis.regression.design_matrix`). The
+        chi-squared statistic of ``R beta`` (``R`` the root of the Gram matrix) tests each covariate.
+        With ``store_lfc``, the log2 fold change of each gene for a covariate is
+        ``log2(h(z_ref + beta) + eps) - log2(h(z_ref) + eps)``, with z_ref the cell's average counterfactual
+        state, averaged over draws and (equally weighted) batches.
+
+        Returns
+        -------
+        xarray.Dataset: ``beta`` ``(cell_name, covariate, latent_dim)``, ``effect_size``, ``pvalue``,
+        ``padj`` (Benjamini-Hochberg over all cells and covariates) ``(cell_name, covariate)``; with
+        ``store_lfc``, ``lfc`` (and ``lfc_std``, ``pde`` = ``P(|lfc| >= delta)`` when ``delta`` is set)
+        ``(cell_name, covariate, gene)``; with ``store_baseline``, ``baseline_expression``
+        ``(covariate, cell_name, gene)``; with ``filter_inadmissible_samples``, ``n_samples`` per cell.
+        """
+        import xarray as xr
+        from scipy.stats import false_discovery_control
+
+        if sample_cov_keys is None:
+            raise ValueError("differential_expression needs sample_cov_keys: sample-level .obs columns to test.")
+        if add_batch_specific_offsets:
+            raise ValueError("add_batch_specific_offsets=True is not supported yet; use batch_key in setup_anndata.")
+        adata_ = self.adata if adata is None else adata
+        names = self.sample_order
+        keep = np.ones(len(names), bool) if sample_subset is None else np.isin(names, list(map(str, sample_subset)))
+        if keep.sum() < 2:
+            raise ValueError(f"sample_subset keeps {int(keep.sum())} known sample(s); at least two are needed.")
+        X, cov_names, owners = regression.design_matrix(self.sample_info.iloc[np.flatnonzero(keep)],
+                                                        list(sample_cov_keys), normalize_design_matrix)
+        lfc_keys = list(store_lfc_metadata_subset or sample_cov_keys)
+        lfc_cols = np.flatnonzero(np.isin(owners, lfc_keys)) if store_lfc else np.array([], int)
+        if filter_inadmissible_samples:
+            adm = self.get_outlier_cell_sample_pairs(adata, **filter_samples_kwargs)["is_admissible"]
+            adm = adm.reindex(sample=names[keep], fill_value=False).values
+        else:
+            adm = np.ones((adata_.n_obs, int(keep.sum())), bool)
+        m = self.module
+        m.eval()
+        dev = self.device
+        Xt = torch.as_tensor(X, dtype=torch.float64, device=dev)
+        samples = torch.as_tensor(np.flatnonzero(keep), device=dev)
+        out = {k: [] for k in ("beta", "effect_size", "pvalue", "lfc", "lfc_std", "pde", "baseline")}
+        for batch in self._cell_chunks(adata, None, batch_size, int(keep.sum()) * mc_samples):
+            rows = batch["index"].cpu().numpy()
+            W = torch.as_tensor(adm[rows], dtype=torch.float64, device=dev)
+            A, root = regression.regression_operators(Xt, W, lambd)
+            qu = m.qu(batch["x"], batch["sample"], batch.get("nonzeros"))
+            z = m.counterfactual_z(qu.sample((mc_samples,)), samples, use_mean=False).double()  # (mc, B, S, L)
+            zs, z_mean, z_sd = regression.standardize_over_samples(z)
+            beta_std = torch.einsum("nks,mnsl->mnkl", A, zs)  # (mc, B, K, L)
+            stat = torch.einsum("nkj,mnjl->mnkl", root, beta_std).square().mean(0).sum(-1)  # (B, K)
+            beta = beta_std * z_sd  # back to z units: (mc, B, K, L)
+            out["beta"].append(beta.mean(0).float().cpu())
+            out["effect_size"].append(stat.float().cpu())
+            out["pvalue"].append(regression.chi2_sf(stat.cpu().numpy(), W.sum(1).clamp_min(1).cpu().numpy()[:, None]))
+            if store_lfc:
+                self._lfc_chunk(batch, beta[:, :, lfc_cols].float(), z_mean.squeeze(-2).float(), eps_lfc, delta,
+                                store_baseline, out)
+        pvalue = np.concatenate(out["pvalue"])
+        padj = false_discovery_control(pvalue.ravel(), method="bh").reshape(pvalue.shape)
+        coords = {"cell_name": np.asarray(adata_.obs_names), "covariate": np.asarray(cov_names),
+                  "latent_dim": np.arange(self.config.n_latent), "gene": np.asarray(self.spec.var_names)}
+        data_vars = {"beta": (["cell_name", "covariate", "latent_dim"], torch.cat(out["beta"]).numpy()),
+                     "effect_size": (["cell_name", "covariate"], torch.cat(out["effect_size"]).numpy()),
+                     "pvalue": (["cell_name", "covariate"], pvalue),
+                     "padj": (["cell_name", "covariate"], padj)}
+        if filter_inadmissible_samples:
+            data_vars["n_samples"] = (["cell_name"], adm.sum(1))
+        if store_lfc:
+            lfc_dim = "covariate"
+            if len(lfc_cols) != len(cov_names):
+                lfc_dim = "covariate_sub"
+                coords["covariate_sub"] = np.asarray(cov_names)[lfc_cols]
+            data_vars["lfc"] = (["cell_name", lfc_dim, "gene"], torch.cat(out["lfc"]).numpy())
+            if delta is not None:
+                data_vars["lfc_std"] = (["cell_name", lfc_dim, "gene"], torch.cat(out["lfc_std"]).numpy())
+                data_vars["pde"] = (["cell_name", lfc_dim, "gene"], torch.cat(out["pde"]).numpy())
+            if store_baseline:
+                data_vars["baseline_expression"] = ([lfc_dim, "cell_name", "gene"], torch.cat(out["baseline"], 1).numpy())
+        return xr.Dataset(data_vars, coords=coords)
+
+    def _lfc_chunk(self, batch: dict, beta: Tensor, z_ref: Tensor, eps_lfc: float, delta: float | None,
+                   store_baseline: bool, out: dict) -> None:
+        """Per-gene LFCs of ``beta`` ``(mc, B, K, L)`` at ``z_ref`` ``(mc, B, L)``, equally weighted over batches."""
+        mc, B, K, L = beta.shape
+        lfcs, base = 0.0, 0.0
+        draws = []
+        for b in range(self.spec.n_batches):
+            codes = torch.full((mc * B,), b, device=beta.device, dtype=torch.int64)
+            h0 = self.module.decode(z_ref.reshape(mc * B, L), codes).view(mc, B, 1, -1)
+            h1 = self.module.decode((z_ref[:, :, None] + beta).reshape(mc * B * K, L),
+                                    codes.repeat_interleave(K)).view(mc, B, K, -1)
+            draws.append(torch.log2(h1 + eps_lfc) - torch.log2(h0 + eps_lfc))  # (mc, B, K, G)
+            base = base + h1.mean(0)
+        lfc_draws = torch.stack(draws)  # (n_batches, mc, B, K, G)
+        lfcs = lfc_draws.mean(1).mean(0)
+        out["lfc"].append(lfcs.cpu())
+        if delta is not None:
+            out["lfc_std"].append(lfc_draws.var(1).mean(0).sqrt().cpu())
+            out["pde"].append((lfc_draws.abs() >= delta).float().mean(1).mean(0).cpu())
+        if store_baseline:
+            out["baseline"].append((base / self.spec.n_batches).permute(1, 0, 2).cpu())
+
+    # ------------------------------------------------------------------ expression
+
+    @torch.no_grad()
+    def get_normalized_expression(self, adata: AnnData | None = None, indices=None, transform_batch=None,
+                                  gene_list=None, library_size: float | str = 1, n_samples: int = 1,
+                                  batch_size: int | None = None, return_mean: bool = True,
+                                  return_numpy: bool | None = None):
+        """Expected expression h (times ``library_size``; ``"latent"``: the observed library) in each cell's own sample."""
+        self.module.eval()
+        adata_, idx = self._expression_rows(adata, indices, None)
+        codes = self._batch_codes(transform_batch)
+        genes = self._gene_mask(gene_list)
+        chunks = []
+        for batch in self._minibatches(adata_, idx, batch_size):
+            qu = self.module.qu(batch["x"], batch["sample"], batch.get("nonzeros"))
+            u = qu.sample((n_samples,)).flatten(0, 1)
+            z = self.module.z_from_u(u, batch["sample"].repeat(n_samples))[0]
+            h = sum(self.module.decode(z, batch["batch"].repeat(n_samples) if c is None else torch.full_like(
+                batch["batch"].repeat(n_samples), c)) for c in codes) / len(codes)
+            h = h.view(n_samples, -1, h.shape[-1])
+            h = h * (batch["x"].sum(-1, keepdim=True) if library_size == "latent" else float(library_size))
+            chunks.append((h if genes is None else h[..., torch.as_tensor(genes, device=h.device)]).cpu())
+        return self._expression_output(torch.cat(chunks, 1).numpy(), adata_, idx, gene_list, return_mean, return_numpy)
+
+
+MRVI = MrVI  # scvi-tools' name
