@@ -14,7 +14,8 @@ warm-up over 0.75 * n_cells steps, train_size=0.9, no early stopping, no adversa
 own subprocess, one after the other, alternating for ``--rounds`` rounds; the fastest round is reported.
 
 Reported per library: seconds per epoch (cellvi: the mean of the epochs after the first, which carries
-the one-off compilation of the likelihood kernels; ``s_total_per_epoch`` includes it); recovery of the known markers: DE of proteins, each cell
+the one-off compilation of the likelihood kernels; ``s_total_per_epoch`` includes it); recovery of the
+known markers: DE of proteins, each cell
 type vs the rest (AUPRC of ``proba_de * sign(lfc_mean)`` against the type's markers, mean over types),
 the foreground probability (per marker protein, AUROC of its type's cells vs the others, median), and
 the cell-type silhouette of the latent space.
