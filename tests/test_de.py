@@ -178,6 +178,109 @@ def test_outlier_cells_flags_far_cells_only():
     assert flagged[-3:].all() and flagged[:-3].sum() <= 1  # 0.999 quantile: ~0.3 of 297 by chance
 
 
+# --------------------------------------------------------------------------- donor-level statistics
+
+
+def test_bh_adjust_matches_scipy_and_skips_nan():
+    from scipy.stats import false_discovery_control
+
+    p = np.random.default_rng(10).uniform(0, 1, 200) ** 3
+    np.testing.assert_allclose(de.bh_adjust(p), false_discovery_control(p), rtol=1e-12)
+    by_hand = de.bh_adjust(np.array([0.01, np.nan, 0.04, 0.03]))  # m = 3: 0.03, 0.04, 0.04
+    np.testing.assert_allclose(by_hand, [0.03, np.nan, 0.04, 0.04])
+
+
+def test_treat_pvalue_by_hand():
+    from scipy.stats import t
+
+    # delta = 0: the two-sided t-test
+    np.testing.assert_allclose(de.treat_pvalue(np.array([-2.0]), np.array([1.0]), 5.0), 2 * t(5).sf(2.0))
+    # |b| = 1.5, se = 0.5, delta = 1: sf((1.5 - 1) / 0.5) + sf((1.5 + 1) / 0.5)
+    np.testing.assert_allclose(de.treat_pvalue(np.array([1.5]), np.array([0.5]), 7.0, 1.0),
+                               t(7).sf(1.0) + t(7).sf(5.0))
+    assert de.treat_pvalue(np.array([0.0]), np.array([1e-6]), 3.0, 0.5)[0] == pytest.approx(1.0)
+
+
+def test_trigamma_inverse_inverts_trigamma():
+    from scipy.special import polygamma
+
+    y = np.array([0.05, 0.7, 3.0, 40.0, 900.0])
+    np.testing.assert_allclose(de.trigamma_inverse(polygamma(1, y)), y, rtol=1e-6)
+
+
+@pytest.mark.parametrize("d0, s02, df", [(4.0, 0.2, 3.0), (20.0, 1.5, 6.0)])
+def test_variance_prior_recovers_the_simulated_prior(d0, s02, df):
+    rng = np.random.default_rng(int(d0))
+    sigma2 = s02 * d0 / rng.chisquare(d0, 20000)  # scaled inverse chi-square
+    s2 = sigma2 * rng.chisquare(df, 20000) / df
+    d0_hat, s02_hat = de.fit_variance_prior(s2, df)
+    assert d0_hat == pytest.approx(d0, rel=0.2) and s02_hat == pytest.approx(s02, rel=0.1)
+    # no spread beyond sampling: d0 = inf, every feature gets s0^2
+    d0_inf, s02_inf = de.fit_variance_prior(0.5 * rng.chisquare(df, 20000) / df, df)
+    assert d0_inf > 200 and s02_inf == pytest.approx(0.5, rel=0.05)
+    post, df_post = de.moderated_variance(np.array([1.0]), 3.0, 5.0, 0.2)
+    assert post[0] == pytest.approx((5 * 0.2 + 3 * 1.0) / 8) and df_post == 8.0
+
+
+def test_sample_level_test_is_the_textbook_t_test_without_moderation():
+    from scipy.stats import ttest_ind, ttest_rel
+
+    rng = np.random.default_rng(11)
+    y1, y2 = rng.normal(0, 1, (5, 40)), rng.normal(0.5, 1, (5, 40))
+    zero = np.zeros_like(y1)
+    paired = de.sample_level_test(y1, zero, y2, zero, paired=True, moderate=False)
+    np.testing.assert_allclose(paired["pvalue"], ttest_rel(y1, y2).pvalue, rtol=1e-10)
+    unpaired = de.sample_level_test(y1, zero, y2[:4], zero[:4], paired=False, moderate=False)
+    np.testing.assert_allclose(unpaired["pvalue"], ttest_ind(y1, y2[:4]).pvalue, rtol=1e-10)
+    np.testing.assert_allclose(unpaired["effect"], y1.mean(0) - y2[:4].mean(0))
+    # the within-sample uncertainty is a floor on the spread: samples that agree by chance are not certain
+    agree = np.tile(np.array([[1.0], [1.01], [0.99]]), (1, 3))
+    floored = de.sample_level_test(agree, np.full((3, 3), 0.5), np.zeros((3, 3)), np.zeros((3, 3)), paired=True,
+                                   moderate=False)
+    np.testing.assert_allclose(floored["se"], np.sqrt(0.5 / 3))
+
+
+def test_center_samples_removes_each_samples_shift():
+    y = np.array([[1.0, 2.0, 3.0, 9.0], [2.0, 3.0, 4.0, 0.0]])  # sample 2 = sample 1 + 1 on the reference features
+    out = de.center_samples(y, np.array([True, True, True, False]))
+    np.testing.assert_allclose(out[1, :3] - out[0, :3], 0.0, atol=1e-12)  # shift -0.5 / +0.5 removed
+
+
+def test_jaccard_by_hand():
+    a, b, c = np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 0], bool), np.array([1, 1, 0, 0], bool)
+    assert de.jaccard([a, b]) == pytest.approx(1 / 3)
+    assert de.jaccard([a, c]) == 1.0 and de.jaccard([np.zeros(3, bool)] * 2) == 1.0
+    assert de.jaccard([a, b, c]) == pytest.approx((1 / 3 + 1 / 3 + 1) / 3)
+
+
+def test_count_sums_agree_with_the_per_group_statistics():
+    rng = np.random.default_rng(12)
+    X = sp.csr_matrix(rng.poisson(1.0, (50, 7)).astype(np.float32))
+    library = np.asarray(X.sum(1), dtype=np.float64).ravel()
+    labels = rng.integers(-1, 3, 50)  # three groups and cells of none
+    sums = de.count_sums(X, labels, 3, library)
+    for k in range(3):
+        C, L, S2 = de.group_count_stats(X, np.flatnonzero(labels == k), library)
+        C_, L_, S2_, n = de.stats_of(sums, [k])
+        np.testing.assert_allclose(C_, C), np.testing.assert_allclose(S2_, S2, atol=1e-9)
+        assert L_ == pytest.approx(L) and n == (labels == k).sum()
+    union = de.stats_of(sums, [0, 2])
+    np.testing.assert_allclose(union[2], de.group_count_stats(X, np.flatnonzero(np.isin(labels, [0, 2])), library)[2],
+                               atol=1e-9)
+    raw = de._raw_stats_of(sums, np.array([0]), np.array([1, 2]))
+    ref = de.raw_stats(X, np.flatnonzero(labels == 0), np.flatnonzero(np.isin(labels, [1, 2])))
+    for key in ref:
+        np.testing.assert_allclose(raw[key], ref[key], rtol=1e-9)
+
+
+def test_block_bootstrap_keeps_the_standard_error_of_a_large_population():
+    rng = np.random.default_rng(13)
+    cells = rng.gamma(2.0, 1.0, (5000, 3)).astype(np.float32)  # more cells than bootstrap blocks
+    h = de.population_draws(cells[None], 4000, rng)
+    np.testing.assert_allclose(h.mean(0), cells.mean(0), rtol=0.01)
+    np.testing.assert_allclose(h.std(0), cells.std(0) / np.sqrt(5000), rtol=0.12)
+
+
 # --------------------------------------------------------------------------- choosing cells
 
 

@@ -604,7 +604,7 @@ def center_samples(y: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 
 def sample_level_test(y1: np.ndarray, v1: np.ndarray, y2: np.ndarray, v2: np.ndarray, *, paired: bool,
-                      delta: float = 0.0) -> dict[str, np.ndarray]:
+                      delta: float = 0.0, moderate: bool = True) -> dict[str, np.ndarray]:
     """Test the difference in log2 expression between two groups of samples, with the samples as replicates.
 
     Parameters
@@ -620,6 +620,8 @@ def sample_level_test(y1: np.ndarray, v1: np.ndarray, y2: np.ndarray, v2: np.nda
         pooled variance.
     delta
         Smallest |log2 fold change| of interest (:func:`treat_pvalue`).
+    moderate
+        Moderate the variances across features (below); ``False`` with ``v = 0`` gives the textbook t-tests.
 
     Returns
     -------
@@ -641,7 +643,7 @@ def sample_level_test(y1: np.ndarray, v1: np.ndarray, y2: np.ndarray, v2: np.nda
         df = n1 + n2 - 2.0
         s2 = (((y1 - y1.mean(0)) ** 2).sum(0) + ((y2 - y2.mean(0)) ** 2).sum(0)) / df
         floor, scale = np.concatenate([v1, v2]).mean(0), 1.0 / n1 + 1.0 / n2
-    d0, s02 = fit_variance_prior(s2, df)
+    d0, s02 = fit_variance_prior(s2, df) if moderate else (0.0, 0.0)
     s2_post, df_post = moderated_variance(s2, df, d0, s02) if d0 > 0 else (s2, df)
     se = np.sqrt(np.maximum(s2_post, floor) * scale)
     return {"effect": effect, "se": se, "df": df_post, "pvalue": treat_pvalue(effect, se, df_post, delta)}
