@@ -603,6 +603,22 @@ def center_samples(y: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return y - shift[:, None]
 
 
+def sample_spread(y1: np.ndarray, y2: np.ndarray, *, paired: bool) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """``(effect, s2, df, scale)`` of a paired or two-sample comparison of per-sample values ``(n_samples, n_features)``.
+
+    Paired: ``effect = mean(y1 - y2)``, ``s2`` the sample variance of the differences, ``df = n - 1``,
+    ``scale = 1 / n``. Unpaired: the difference of the group means, the pooled variance, ``n1 + n2 - 2`` and
+    ``1 / n1 + 1 / n2``. The standard error of the effect is ``sqrt(s2 * scale)``.
+    """
+    if paired:
+        d = y1 - y2
+        return d.mean(0), d.var(0, ddof=1), d.shape[0] - 1.0, 1.0 / d.shape[0]
+    n1, n2 = y1.shape[0], y2.shape[0]
+    df = n1 + n2 - 2.0
+    s2 = (((y1 - y1.mean(0)) ** 2).sum(0) + ((y2 - y2.mean(0)) ** 2).sum(0)) / df
+    return y1.mean(0) - y2.mean(0), s2, df, 1.0 / n1 + 1.0 / n2
+
+
 def sample_level_test(y1: np.ndarray, v1: np.ndarray, y2: np.ndarray, v2: np.ndarray, *, paired: bool,
                       delta: float = 0.0, moderate: bool = True) -> dict[str, np.ndarray]:
     """Test the difference in log2 expression between two groups of samples, with the samples as replicates.
@@ -617,7 +633,7 @@ def sample_level_test(y1: np.ndarray, v1: np.ndarray, y2: np.ndarray, v2: np.nda
         never below the counts' Poisson precision).
     paired
         Paired t-test on the per-sample differences ``y1 - y2``; otherwise a two-sample t-test with a
-        pooled variance.
+        pooled variance (:func:`sample_spread`).
     delta
         Smallest |log2 fold change| of interest (:func:`treat_pvalue`).
     moderate
@@ -633,20 +649,36 @@ def sample_level_test(y1: np.ndarray, v1: np.ndarray, y2: np.ndarray, v2: np.nda
     :func:`moderated_variance`) and never taken below the mean within-sample variance ``mean(v)``: the
     spread of donors is not known better than each donor's own value (posterior uncertainty propagated).
     """
-    if paired:
-        d, n = y1 - y2, y1.shape[0]
-        effect, s2, df = d.mean(0), d.var(0, ddof=1), n - 1.0
-        floor, scale = (v1 + v2).mean(0), 1.0 / n
-    else:
-        n1, n2 = y1.shape[0], y2.shape[0]
-        effect = y1.mean(0) - y2.mean(0)
-        df = n1 + n2 - 2.0
-        s2 = (((y1 - y1.mean(0)) ** 2).sum(0) + ((y2 - y2.mean(0)) ** 2).sum(0)) / df
-        floor, scale = np.concatenate([v1, v2]).mean(0), 1.0 / n1 + 1.0 / n2
+    effect, s2, df, scale = sample_spread(y1, y2, paired=paired)
+    floor = (v1 + v2).mean(0) if paired else np.concatenate([v1, v2]).mean(0)
     d0, s02 = fit_variance_prior(s2, df) if moderate else (0.0, 0.0)
     s2_post, df_post = moderated_variance(s2, df, d0, s02) if d0 > 0 else (s2, df)
     se = np.sqrt(np.maximum(s2_post, floor) * scale)
     return {"effect": effect, "se": se, "df": df_post, "pvalue": treat_pvalue(effect, se, df_post, delta)}
+
+
+def combine_sample_values(y: np.ndarray, v: np.ndarray, o: np.ndarray, u: np.ndarray, reference: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's log2 expression from the model (``y``, variance ``v``) and from its counts (``o``, ``u``).
+
+    All arrays are ``(n_samples, n_features)``. The model's own error ``tau^2`` is the mean square of
+    ``y - o`` (around its median) beyond the counts' noise on the ``reference`` (well-observed) features;
+    the two sources are then weighed by precision, ``1 / (v + tau^2)`` against ``1 / u``, and the result
+    keeps the variance of the better source, ``min(v + tau^2, u)`` (both come from the same counts, as in
+    :func:`combine_with_counts`). Where counts are plentiful they decide (a generative model smooths the
+    differences between samples and shrinks effects, which made a test of its values alone lose power
+    and, without a floor, call null features); where they are scarce, the model's denoised value does.
+
+    Returns
+    -------
+    ``(values, variances)``, ``(n_samples, n_features)`` each.
+    """
+    ref = reference if reference.sum() >= MIN_REFERENCE_FEATURES else np.ones_like(reference)
+    d = (y - o)[:, ref]
+    tau2 = max(float(np.mean((d - np.median(d)) ** 2) - np.median(u[:, ref])), 0.0)
+    vm = v + tau2
+    share = (1.0 / vm) / (1.0 / vm + 1.0 / u)
+    return share * y + (1.0 - share) * o, np.minimum(vm, u)
 
 
 def jaccard(calls: list[np.ndarray]) -> float:
@@ -1012,13 +1044,15 @@ class _Decoded:
         return out
 
 
-def _sample_table(side1: dict, side2: dict, counts1: np.ndarray, counts2: np.ndarray, names: list[str],
-                  pc: float, reference: np.ndarray, delta: float) -> pd.DataFrame:
+def _sample_table(side1: dict, side2: dict, stats1: list[tuple], stats2: list[tuple], names: list[str], pc: float,
+                  reference: np.ndarray, delta: float) -> pd.DataFrame:
     """The sample-level test of one comparison (:func:`sample_level_test`) from the decoded per-sample sums.
 
-    ``counts1``/``counts2``: ``(n_samples, n_features)`` observed counts of each group's cells per sample.
-    Paired on the samples with cells in both groups when there are at least 2 of them; otherwise unpaired.
+    ``stats1``/``stats2``: per sample, the ``(C, L, S2, n_cells)`` of each group's observed counts there
+    (:func:`stats_of`). Paired on the samples with cells in both groups when there are at least 2 of them; otherwise unpaired.
     """
+    counts1, counts2 = np.stack([st[0] for st in stats1]), np.stack([st[0] for st in stats2])
+
     def per_sample(side, counts, keep):
         mean = side["sx"][keep] / side["sw"][keep, None]
         var_cell = np.maximum(side["sx2"][keep] / side["sw"][keep, None] - mean**2, 0.0)
@@ -1037,7 +1071,15 @@ def _sample_table(side1: dict, side2: dict, counts1: np.ndarray, counts2: np.nda
     (y1, v1), (y2, v2) = per_sample(side1, counts1, keep1), per_sample(side2, counts2, keep2)
     y = center_samples(np.vstack([y1, y2]), reference)  # compositional shift of every sample
     y1, y2 = y[: y1.shape[0]], y[y1.shape[0]:]
-    test = sample_level_test(y1, v1, y2, v2, paired=bool(paired), delta=delta)
+    # each sample's observed pseudobulk value, and the model's and the counts' combined by precision
+    obs = [[(st[0] + 0.5) / max(st[1], 1e-12) for st, k in zip(stats, keep) if k] for stats, keep in
+           ((stats1, keep1), (stats2, keep2))]
+    u = np.vstack([[log_ratio_var(st[0], st[2], st[3]) / np.log(2) ** 2 for st, k in zip(stats, keep) if k]
+                   for stats, keep in ((stats1, keep1), (stats2, keep2))])
+    o = center_samples(np.log2(np.vstack(obs[0] + obs[1])), reference)
+    z, w = combine_sample_values(np.vstack([y1, y2]), np.vstack([v1, v2]), o, u, reference)
+    n1 = y1.shape[0]
+    test = sample_level_test(z[:n1], w[:n1], z[n1:], w[n1:], paired=bool(paired), delta=delta)
     return pd.DataFrame({"lfc_samples": test["effect"], "lfc_samples_se": test["se"], "pvalue": test["pvalue"],
                          "n_samples1": int(keep1.sum()), "n_samples2": int(keep2.sum()), "paired": bool(paired)})
 
@@ -1241,8 +1283,8 @@ def differential_expression(
             callable_ = np.maximum(counts["counts1"], counts["counts2"]) >= MIN_CALL_COUNTS
             # 7. the sample-level test: per-sample expression of each group, tested across samples
             if sample_key is not None:
-                per_sample = [sums["x"][label_grid[c[k]].reshape(-1, n_samp).T.ravel()]
-                              .reshape(n_samp, -1, X.shape[1]).sum(1) for k in ("units1", "units2")]
+                by_sample = [label_grid[c[k]].reshape(-1, n_samp).T for k in ("units1", "units2")]  # (samples, m)
+                per_sample = [[stats_of(sums, lab) for lab in labs] for labs in by_sample]
                 test_delta = 0.0 if mode == "vanilla" else float(table["delta"].iloc[0])
                 st = _sample_table(side1, side2, *per_sample, sample_names, pc, well_observed, test_delta)
                 st["padj"] = bh_adjust(np.where(callable_, st["pvalue"], np.nan))
