@@ -628,6 +628,17 @@ def test_within_cluster_and_sample_errors(de_model):
     assert not unpaired["paired"].any() and (unpaired["n_samples1"] == 2).all()
 
 
+def test_within_cluster_block_is_the_pairwise_comparison(de_model):
+    """The type_0 block of a within-cluster call answers what the pairwise call answers (batch-corrected, donors)."""
+    a = de_model.adata
+    kw = dict(mode="change", sample_key="donor", batch_correction=True, all_stats=False)
+    pair = de_model.differential_expression(idx1=STIM0, idx2=CTRL0, **kw).loc[a.var_names]
+    within = de_model.differential_expression(**{**WITHIN, **kw})
+    block = within[within["cell_type"] == "type_0"].loc[a.var_names]
+    assert np.corrcoef(np.log(pair["pvalue"]), np.log(block["pvalue"]))[0, 1] > 0.99
+    assert de._strata(de_model, a, True).dtype == np.int64  # pandas' int8 codes overflowed the unit labels
+
+
 def test_each_cell_is_decoded_once_per_call(de_model):
     """One-vs-rest and within-cluster comparisons decode every chosen cell once, not once per comparison."""
     decoded = []

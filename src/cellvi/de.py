@@ -880,7 +880,8 @@ def _strata(model, adata, batch_correction: bool) -> np.ndarray:
     key = model.spec.batch_key
     if not batch_correction or key is None:
         return np.zeros(adata.n_obs, dtype=np.int64)
-    return np.asarray(pd.Categorical(adata.obs[key].astype(str), categories=list(model.spec.batch_categories)).codes)
+    codes = pd.Categorical(adata.obs[key].astype(str), categories=list(model.spec.batch_categories)).codes
+    return np.asarray(codes, dtype=np.int64)  # pandas' codes are int8: label arithmetic would overflow
 
 
 def _sample_codes(adata, sample_key: str | None) -> tuple[np.ndarray, list[str]]:
