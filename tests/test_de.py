@@ -559,8 +559,9 @@ WITHIN = dict(groupby="cell_type", condition_key="condition", condition1="stim",
 
 @pytest.mark.parametrize("seed", [0, 3])
 def test_donor_aware_calls_keep_the_fdr_where_cell_level_calls_do_not(seed):
-    """Measured (seeds 0 / 3): cell-level FDP 0.16 / 0.28, donor-level 0.00 / 0.00 at power 0.2-0.3 (change,
-    TREAT against delta = 0.25) and, in vanilla mode at padj < 0.1, 0.03 / 0.0 at power 0.8."""
+    """Measured (seeds 0 / 3): cell-level FDP 0.16 / 0.28; donor-level FDP 0.00 / 0.00 at power 0.80 / 0.65
+    (change mode, TREAT against delta = 0.25) and, in vanilla mode at padj < 0.1, 0.10 / 0.11 at power 0.88 / 0.82;
+    null genes with p < 0.05: 0.044 / 0.042."""
     a = _donor_data(seed)
     model = _train(a, seed)
     truth = a.var["de_type_0"].to_numpy()
@@ -576,7 +577,7 @@ def test_donor_aware_calls_keep_the_fdr_where_cell_level_calls_do_not(seed):
     d0 = donor[donor["cell_type"] == "type_0"].loc[a.var_names]
     assert fdp_power(c0)[0] > 0.1  # cells as replicates: false calls from the donors' own responses
     fdp, power = fdp_power(d0["is_de_fdr_0.05"].to_numpy())
-    assert fdp <= 0.1 and power > 0.1, (fdp, power)
+    assert fdp <= 0.1 and power > 0.5, (fdp, power)
     np.testing.assert_array_equal(d0["is_de_fdr_0.05"], d0["padj"].fillna(1.0) < 0.05)
     # the null types: nothing called at the donor level
     assert not donor.loc[donor["cell_type"] != "type_0", "is_de_fdr_0.05"].any()

@@ -222,7 +222,8 @@ def add_count_noise(h: np.ndarray, counts: np.ndarray, rng: np.random.Generator)
     such floor, which made low-count features look certain; each draw is multiplied by ``exp(eps)``,
     ``eps ~ N(0, 1 / (C_g + 0.5))``.
     """
-    return h * np.exp(rng.standard_normal(h.shape) / np.sqrt(counts + 0.5))
+    eps = rng.standard_normal(h.shape, dtype=np.float32) / np.sqrt(counts + 0.5).astype(np.float32)
+    return h * np.exp(eps)
 
 
 def group_count_stats(X, rows: np.ndarray, library: np.ndarray, squares=None) -> tuple[np.ndarray, float, np.ndarray]:
@@ -722,14 +723,14 @@ def count_sums(X, labels: np.ndarray, n_labels: int, library: np.ndarray) -> dic
     cols = np.concatenate([lab, lab + K, lab + 2 * K])
     vals = np.concatenate([np.ones(rows.size), lib, 1.0 / np.maximum(lib, 1e-12)])
     W = sp.csr_matrix((vals, (np.tile(rows, 3), cols)), shape=(X.shape[0], 3 * K))
-    XT = X.T.tocsr()
-    first = np.asarray((XT @ W).todense(), dtype=np.float64).T  # (3K, features)
-    ind = W[:, :K]
+    WT = W.T.tocsr()
+    first = np.asarray((WT @ X).todense(), dtype=np.float64)  # (3K, features); X is never transposed
+    ind = WT[:K]
     sq = X.copy()
     sq.data = sq.data.astype(np.float64) ** 2
-    x2 = np.asarray((sq.T @ ind).todense(), dtype=np.float64).T
+    x2 = np.asarray((ind @ sq).todense(), dtype=np.float64)
     sq.data[:] = 1.0
-    nz = np.asarray((sq.T @ ind).todense(), dtype=np.float64).T
+    nz = np.asarray((ind @ sq).todense(), dtype=np.float64)
     return {"x": first[:K], "xl": first[K:2 * K], "xn": first[2 * K:], "x2": x2, "nz": nz,
             "n": np.bincount(lab, minlength=K).astype(np.float64),
             "l": np.bincount(lab, lib, minlength=K), "l2": np.bincount(lab, lib**2, minlength=K)}
