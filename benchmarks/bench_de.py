@@ -33,6 +33,13 @@ Parts:
     stim vs ctrl. Reported: mean rank and top-50 count of 11 interferon-stimulated genes (all strongly
     up in stim), whether the negative controls CD3E / MS4A1 / ACTB are called, calls, seconds.
 
+``calibration`` (cellvi only) six simulations unlike those the engine was tuned on; calls at targets 0.01-0.2:
+    observed FDP and power of cell-level, donor-level (``sample_key="donor"``, change and point null) calls and of
+    a Wilcoxon rank-sum test + BH on the same cells; figure ``docs/figures/de_calibration.png``.
+``donors`` Kang CD14+ monocytes: cellvi donor-aware and cell-level DE for 3 training seeds (Jaccard of the calls)
+    against a pydeseq2 pseudobulk reference (padj < 0.01, |LFC| > 1), beside Wilcoxon + BH.
+``scaling`` (cellvi only) wall time of a pairwise and a one-vs-rest call as cells and groups grow.
+
 Calls of scvi-tools in vanilla mode: it returns ``proba_m1``/``proba_m2`` but no ``proba_de`` and no
 FDR column; the benchmark uses ``max(proba_m1, proba_m2)`` (what cellvi's vanilla ``proba_de`` is)
 with the same expected-FDR rule, and marks those rows ``derived``.
