@@ -678,3 +678,15 @@ def test_features_without_counts_are_never_called(de_model):
         assert res["lfc_mean"].iloc[:5].abs().min() > 1.0  # the invented effect is there...
         assert not res["is_de_fdr_0.05"].iloc[:5].any()  # ...and not called
         assert res["is_de_fdr_0.05"].sum() >= 10
+
+
+def test_contrastivevi_passes_donor_aware_options_to_the_engine():
+    a = cellvi.datasets.simulate(1200, 150, n_cell_types=3, seed=1)
+    cellvi.ContrastiveVI.setup_anndata(a, batch_key="batch")
+    model = cellvi.ContrastiveVI(a)
+    cond = a.obs["condition"].to_numpy()
+    model.train(np.flatnonzero(cond == "ctrl"), np.flatnonzero(cond == "stim"), max_epochs=3)
+    res = model.differential_expression(groupby="cell_type", condition_key="condition", condition1="stim",
+                                        condition2="ctrl", sample_key="donor")
+    assert set(res["cell_type"]) == {"type_0", "type_1", "type_2"} and {"pvalue", "padj"} <= set(res.columns)
+    assert res.loc[res["cell_type"] == "type_0", "padj"].min() < 0.05  # type_0 responds to stim
