@@ -31,6 +31,17 @@ answers it in five steps (:func:`differential_expression`):
 5. **Calls** (:func:`expected_fdr_calls`): the largest top-ranked set whose posterior expected
    false discovery proportion is at most ``fdr_target``.
 
+With ``sample_key`` (donor-aware DE, ``docs/de_donors.md``) a sixth step tests the effect across samples:
+each group's decoded expression is averaged per sample, combined with the sample's pseudobulk counts
+(:func:`combine_sample_values`), centred per sample (:func:`center_samples`) and compared with a
+moderated paired or two-sample t-test (:func:`sample_level_test`, TREAT against ``delta`` in change
+mode); ``padj`` (:func:`bh_adjust`) gives calls whose FDR holds with the samples as replicates.
+Features with fewer than ``MIN_CALL_COUNTS`` counts in both groups are never called.
+
+Each call decodes every population ("unit" of cells) once (:func:`plan`): one-vs-rest and
+within-cluster comparisons reuse the units' draws, and the count statistics of all units come from
+one pass over the CSR (:func:`count_sums`).
+
 Why this calls more true effects than scvi-tools at the same FDR: scvi-tools compares *random
 pairs of single cells*, so ``P(|lfc| > delta)`` measures how often two individual cells differ,
 which stays well below 1 even for a clear population-level effect when cells are noisy; its
