@@ -41,6 +41,7 @@ def simulate(
     mean_library_size: float = 1500.0,
     theta: float = 5.0,
     seed: int = 0,
+    donor_response_sd: float = 0.0,
 ) -> AnnData:
     """Simulate multi-batch, multi-donor, two-condition counts with known truth.
 
@@ -64,6 +65,12 @@ def simulate(
         Mean total counts per cell and NB inverse dispersion (gene-wise, around ``theta``).
     seed
         Random seed; the same seed gives the same data.
+    donor_response_sd
+        Donor-level noise of the response to stimulation: each donor's stimulated cells get, on every
+        gene, an extra log2 effect ``N(0, donor_response_sd^2)`` of their own (the same in every cell
+        type), so that donors, not cells, are the replicates of a stim-vs-ctrl effect. Its mean over
+        infinitely many donors is 0: the truth in ``var`` is unchanged. 0 (default) adds nothing and
+        draws nothing (the same seed gives the same data as without the option).
 
     Returns
     -------
@@ -111,6 +118,9 @@ def simulate(
         lfc[k, g] = de_lfc * rng.choice([-1, 1], g.size)
     log_mu = (base + type_eff[ct] + position @ programs + batch_eff[batch] + donor_eff[donor_idx]
               + stim[:, None] * lfc[ct] * ln2)
+    if donor_response_sd > 0:  # its own generator, so the default draws stay exactly as they were
+        response = np.random.default_rng([seed, 1]).normal(0.0, donor_response_sd * ln2, (len(donors), n_genes))
+        log_mu = log_mu + stim[:, None] * response[donor_idx]
     rho = np.exp(log_mu - log_mu.max(1, keepdims=True))
     rho /= rho.sum(1, keepdims=True)
     library = rng.lognormal(np.log(mean_library_size) + rng.normal(0, 0.2, n_batches)[batch], 0.4)

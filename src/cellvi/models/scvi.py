@@ -410,12 +410,17 @@ class SCVI(Model):
                                 delta: float | None = 0.25, batch_size: int | None = None, all_stats: bool = True,
                                 batch_correction: bool = False, batchid1=None, batchid2=None,
                                 fdr_target: float = 0.05, silent: bool = False, weights: str = "uniform",
-                                filter_outlier_cells: bool = False, **kwargs) -> pd.DataFrame:
+                                filter_outlier_cells: bool = False, *, sample_key: str | None = None,
+                                condition_key: str | None = None, condition1=None, condition2=None,
+                                **kwargs) -> pd.DataFrame:
         """Bayesian differential expression between two groups of cells; see :func:`cellvi.de.differential_expression`
         for every parameter and ``docs/de.md`` for a guide.
 
-        The named parameters are scvi-tools' (same names, defaults and meaning); ``**kwargs`` are the
-        engine's keyword-only options (``pseudocounts``, ``n_samples_overall``, ``n_samples``,
+        The named parameters up to ``filter_outlier_cells`` are scvi-tools' (same names, defaults and
+        meaning). The keyword-only ones are cellvi's: ``sample_key`` tests the effect across samples (donors)
+        with ``pvalue``/``padj`` and donor-level calls; ``condition_key``/``condition1``/``condition2`` compare
+        two conditions within each group of ``groupby`` in one call (``docs/de_donors.md``). ``**kwargs`` are
+        the engine's other keyword-only options (``pseudocounts``, ``n_samples_overall``, ``n_samples``,
         ``n_bootstrap``, ``seed``, ``use_counts``, ``center_lfc``, ``shrink_lfc``).
 
         Returns
@@ -429,7 +434,8 @@ class SCVI(Model):
             self, adata, groupby=groupby, group1=group1, group2=group2, idx1=idx1, idx2=idx2, mode=mode,
             delta=delta, batch_size=batch_size, all_stats=all_stats, batch_correction=batch_correction,
             batchid1=batchid1, batchid2=batchid2, fdr_target=fdr_target, silent=silent, weights=weights,
-            filter_outlier_cells=filter_outlier_cells, **kwargs)
+            filter_outlier_cells=filter_outlier_cells, sample_key=sample_key, condition_key=condition_key,
+            condition1=condition1, condition2=condition2, **kwargs)
 
     # ------------------------------------------------------------------ differential abundance
 
