@@ -295,6 +295,30 @@ class Model:
             return {kind: np.zeros((n_samples, 0, n_genes), np.float32) for kind in kinds}
         return {kind: torch.cat(v, 1).numpy() for kind, v in chunks.items()}
 
+    @torch.no_grad()
+    def _latent(self, adata: AnnData | None, indices, batch_size: int | None, infer: Callable[[dict], dict], *,
+                n_latent: int, give_mean: bool = True, mc_samples: int = 5000, return_dist: bool = False,
+                logistic_normal: bool = False):
+        """The latent of each cell from ``infer(minibatch) -> {"qz": Normal, "z": sample}``: the posterior mean
+        (``give_mean``; for a logistic-normal latent the mean of ``mc_samples`` softmaxed draws) or the sample,
+        or with ``return_dist`` the tuple ``(means, variances)``; ``(0, n_latent)`` arrays for no cells."""
+        self.module.eval()
+        out, variances = [], []
+        for batch in self._minibatches(adata, indices, batch_size):
+            inf = infer(batch)
+            qz = inf["qz"]
+            if return_dist:
+                out.append(qz.loc.cpu())
+                variances.append(qz.variance.cpu())
+            elif logistic_normal:
+                out.append((torch.softmax(qz.sample((mc_samples,)), -1).mean(0) if give_mean else inf["z"]).cpu())
+            else:
+                out.append((qz.loc if give_mean else inf["z"]).cpu())
+        empty = torch.zeros(0, n_latent)
+        if return_dist:
+            return torch.cat([empty, *out]).numpy(), torch.cat([empty, *variances]).numpy()
+        return torch.cat([empty, *out]).numpy()
+
     def _expression_output(self, expr: np.ndarray, adata: AnnData, idx: np.ndarray, genes: np.ndarray | None,
                            return_mean: bool, return_numpy: bool | None):
         """``(n_samples, cells, genes)`` draws -> scvi-tools' output: averaged over samples when ``return_mean``

@@ -220,22 +220,9 @@ class PeakVI(Model):
                                   mc_samples: int = 5000, batch_size: int | None = None, return_dist: bool = False):
         """Latent z of each cell: ``(cells, n_latent)`` posterior means (``give_mean``) or samples; with
         ``return_dist`` a tuple ``(means, variances)``."""
-        self.module.eval()
-        out, variances = [], []
-        for batch in self._minibatches(adata, indices, batch_size):
-            inf = self.module.inference(batch)
-            qz = inf["qz"]
-            if return_dist:
-                out.append(qz.loc.cpu())
-                variances.append(qz.variance.cpu())
-            elif self.config.latent_distribution == "ln":
-                out.append((F.softmax(qz.sample((mc_samples,)), -1).mean(0) if give_mean else inf["z"]).cpu())
-            else:
-                out.append((qz.loc if give_mean else inf["z"]).cpu())
-        empty = torch.zeros(0, self.module.n_latent)
-        if return_dist:
-            return torch.cat([empty, *out]).numpy(), torch.cat([empty, *variances]).numpy()
-        return torch.cat([empty, *out]).numpy()
+        return self._latent(adata, indices, batch_size, self.module.inference, n_latent=self.module.n_latent, give_mean=give_mean,
+                            mc_samples=mc_samples, return_dist=return_dist,
+                            logistic_normal=self.config.latent_distribution == "ln")
 
     @torch.no_grad()
     def get_library_size_factors(self, adata: AnnData | None = None, indices=None, batch_size: int = 128) -> np.ndarray:

@@ -237,25 +237,11 @@ class SCVI(Model):
         ``(n_cells, n_latent)`` array: the posterior mean (``give_mean``) or one sample; with
         ``return_dist=True`` a tuple ``(means, variances)`` of q(z | x).
         """
-        self.module.eval()
-        means, variances, out = [], [], []
-        for batch in self._minibatches(adata, indices, batch_size):
-            inf = self.module.inference(batch["x"], batch["batch"], batch["cat_covs"], batch["cont_covs"],
-                                        batch.get("size_factor"))
-            qz = inf["qz"]
-            if return_dist:
-                means.append(qz.loc.cpu())
-                variances.append(qz.variance.cpu())
-                continue
-            if self.config.latent_distribution == "ln":
-                z = F.softmax(qz.sample((mc_samples,)), -1).mean(0) if give_mean else inf["z"]
-            else:
-                z = qz.loc if give_mean else inf["z"]
-            out.append(z.cpu())
-        empty = torch.zeros(0, self.config.n_latent)
-        if return_dist:
-            return torch.cat([empty, *means]).numpy(), torch.cat([empty, *variances]).numpy()
-        return torch.cat([empty, *out]).numpy()
+        infer = lambda b: self.module.inference(b["x"], b["batch"], b["cat_covs"], b["cont_covs"],  # noqa: E731
+                                                b.get("size_factor"))
+        return self._latent(adata, indices, batch_size, infer, n_latent=self.config.n_latent, give_mean=give_mean,
+                            mc_samples=mc_samples, return_dist=return_dist,
+                            logistic_normal=self.config.latent_distribution == "ln")
 
     # ------------------------------------------------------------------ expression
 

@@ -430,22 +430,9 @@ class TotalVI(Model):
         ``(n_cells, n_latent)`` array: the posterior mean (``give_mean``) or one sample; with
         ``return_dist=True`` a tuple ``(means, variances)`` of q(z | x, y).
         """
-        self.module.eval()
-        out, variances = [], []
-        for batch in self._minibatches(adata, indices, batch_size):
-            inf = self.module.inference(batch)
-            qz = inf["qz"]
-            if return_dist:
-                out.append(qz.loc.cpu())
-                variances.append(qz.variance.cpu())
-            elif self.config.latent_distribution == "ln":
-                out.append((F.softmax(qz.sample((mc_samples,)), -1).mean(0) if give_mean else inf["z"]).cpu())
-            else:
-                out.append((qz.loc if give_mean else inf["z"]).cpu())
-        empty = torch.zeros(0, self.config.n_latent)
-        if return_dist:
-            return torch.cat([empty, *out]).numpy(), torch.cat([empty, *variances]).numpy()
-        return torch.cat([empty, *out]).numpy()
+        return self._latent(adata, indices, batch_size, self.module.inference, n_latent=self.config.n_latent, give_mean=give_mean,
+                            mc_samples=mc_samples, return_dist=return_dist,
+                            logistic_normal=self.config.latent_distribution == "ln")
 
     # ------------------------------------------------------------------ decoding
 
