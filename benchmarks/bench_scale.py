@@ -57,6 +57,18 @@ def make_h5ad(path: Path, n_cells: int, n_genes: int, library: float) -> float:
     return time.perf_counter() - t0
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. ``VmHWM`` (Linux), not ``ru_maxrss``: the latter keeps the parent's
+    peak across fork + exec, so every worker would report at least the data generator's memory."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_one(args) -> dict:
     """One measurement in this process: ``args.which`` in {cellvi, cellvi-backed, scvi} on ``args.file``."""
     import anndata as ad
@@ -88,7 +100,7 @@ def run_one(args) -> dict:
     if args.latent:
         model.get_latent_representation()
     out.update(n_obs=adata.n_obs, epochs=args.epochs if args.epochs else None, setup_s=t1 - t0, train_s=t2 - t1,
-               total_s=time.perf_counter() - t0, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               total_s=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb(),
                elbo_train_last=float(model.history["elbo_train"].iloc[-1, 0]),
                n_epochs_run=len(model.history["elbo_train"]))
     out["s_per_epoch"] = out["train_s"] / out["n_epochs_run"]
