@@ -127,8 +127,9 @@ class CountData:
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         self.storage = csr_storage(self.device, nbytes, free)  # where the CSR lives
         as_t = lambda a, dt: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=self.storage)  # noqa: E731
-        self.indptr = as_t(csr.indptr, torch.int64)
-        self.indices = as_t(csr.indices, torch.int64)
+        self.indptr = as_t(csr.indptr, torch.int64)  # 64-bit: row pointers pass 2^31 in atlases
+        # column numbers fit 32 bits; with the values they share the AnnData's arrays on the CPU (no copy)
+        self.indices = as_t(csr.indices, torch.int32)
         self.values = as_t(csr.data, torch.float32)
         self.obs: dict[str, Tensor] = {key: as_t(v, torch.float32 if v.dtype.kind == "f" else torch.int64)
                                        for key, v in obs.items()}
