@@ -142,15 +142,14 @@ class CountData:
         return library_log_stats(self.row_sums(), self.obs["batch"], n_batches)
 
     def row_sums(self) -> Tensor:
-        """Total counts per cell, shape ``(n_obs,)``."""
-        rows = torch.repeat_interleave(torch.arange(self.n_obs, device=self.storage), self.indptr.diff())
-        return torch.zeros(self.n_obs, device=self.storage).index_add_(0, rows, self.values)
+        """Total counts per cell, shape ``(n_obs,)``: one segment sum per row, no array the size of the non-zeros."""
+        return torch.segment_reduce(self.values, "sum", offsets=self.indptr)
 
     def gather(self, idx: Tensor) -> dict[str, Tensor]:
         """The minibatch of cells ``idx`` (int64 tensor on this device): dense counts + covariates."""
         idx = idx.to(self.storage)
         rows, pos = csr_positions(self.indptr, idx)
-        cols, values = self.indices[pos], self.values[pos]
+        cols, values = self.indices[pos].long(), self.values[pos]  # 64-bit per minibatch: the fast index paths
         x = torch.zeros(idx.numel() * self.n_vars, device=self.storage)
         x.scatter_(0, rows * self.n_vars + cols, values)
         batch = {key: t[idx] for key, t in self.obs.items()}
