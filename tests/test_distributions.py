@@ -135,7 +135,8 @@ def test_softmax_fused_likelihood_equals_the_dense_formula(zi, gene_theta):
                     torch.autograd.grad((dense * weights).sum(), params)):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
     d = NegativeBinomial.from_logits(h, lib, theta, logits)  # read lazily: the same mu and scale
-    torch.testing.assert_close(d.mu, mu) and torch.testing.assert_close(d.scale, torch.softmax(h, -1))
+    torch.testing.assert_close(d.mu, mu)
+    torch.testing.assert_close(d.scale, torch.softmax(h, -1))
 
 
 def test_compiled_kernels_equal_eager_ones():
