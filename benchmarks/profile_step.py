@@ -18,7 +18,7 @@ import time
 import torch
 
 
-def cellvi_step(adata, n_steps: int):
+def cellvi_step(adata, n_steps: int, compiled: bool = True):
     import cellvi
     from cellvi.data.loader import CountData
     from cellvi.train import TrainConfig, keep_freed_memory, make_optimizer
@@ -33,11 +33,12 @@ def cellvi_step(adata, n_steps: int):
     perm = torch.randperm(len(data), generator=g)
 
     def step(i):
-        batch = data.gather(perm[(i * 128) % (len(data) - 128):][:128])
-        out = module.loss(batch, kl_weight=0.5)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
+        with cellvi.distributions.compiled_kernels(compiled):
+            batch = data.gather(perm[(i * 128) % (len(data) - 128):][:128])
+            out = module.loss(batch, kl_weight=0.5)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
     return step
 
 
@@ -93,13 +94,14 @@ def main() -> None:
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--which", default="both", choices=["both", "cellvi", "floor"])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eager", action="store_true", help="cellvi without its compiled likelihood kernels")
     args = p.parse_args()
     import cellvi
 
     torch.set_num_threads(args.threads)
     adata = cellvi.datasets.simulate(4000, 2000, n_batches=2, mean_library_size=500, seed=7)
     if args.which in ("both", "cellvi"):
-        profile("cellvi", cellvi_step(adata.copy(), args.steps), args.steps, args.top)
+        profile("cellvi", cellvi_step(adata.copy(), args.steps, not args.eager), args.steps, args.top)
     if args.which in ("both", "floor"):
         profile("floor", floor_step(args.floor, adata, args.steps), args.steps, args.top)
 

@@ -127,14 +127,15 @@ def test_softmax_fused_likelihood_equals_the_dense_formula(zi, gene_theta):
     logits = torch.randn(7, 11, generator=g, dtype=torch.float64).requires_grad_() if zi else None
     params = [h, lib, theta] + ([logits] if zi else [])
     weights = torch.rand(7, generator=g, dtype=torch.float64)
-    fused = NegativeBinomial.from_logits(h, lib, theta, logits).log_prob_sum(x)
+    packed = torch.cat([h, logits], -1) if zi else h
+    fused = NegativeBinomial.from_logits(packed, lib, theta, zi).log_prob_sum(x)
     mu = torch.exp(lib) * torch.softmax(h, -1)
     dense = (zinb_log_prob(x, mu, theta, logits) if zi else dist.nb_log_prob(x, mu, theta)).sum(-1)
     torch.testing.assert_close(fused, dense, rtol=1e-9, atol=1e-9)
     for a, b in zip(torch.autograd.grad((fused * weights).sum(), params),
                     torch.autograd.grad((dense * weights).sum(), params)):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
-    d = NegativeBinomial.from_logits(h, lib, theta, logits)  # read lazily: the same mu and scale
+    d = NegativeBinomial.from_logits(packed, lib, theta, zi)  # read lazily: the same mu and scale
     torch.testing.assert_close(d.mu, mu)
     torch.testing.assert_close(d.scale, torch.softmax(h, -1))
 
@@ -148,7 +149,50 @@ def test_compiled_kernels_equal_eager_ones():
     results = []
     for on in (False, True):
         with dist.compiled_kernels(on):
-            out = NegativeBinomial.from_logits(h, lib, theta, logits).log_prob_sum(x)
+            out = NegativeBinomial.from_logits(torch.cat([h, logits], -1), lib, theta, True).log_prob_sum(x)
             results.append((out, *torch.autograd.grad(out.sum(), [h, lib, theta, logits])))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_lgamma_series_matches_scipy():
+    y = np.concatenate([np.geomspace(1e-4, 1e6, 500), np.arange(1, 60) + 0.25, np.arange(1, 60, dtype=float)])
+    np.testing.assert_allclose(dist.lgamma_series(f64(y)).numpy(), scipy.special.gammaln(y), rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("zi", [False, True])
+@pytest.mark.parametrize("gene_theta", [False, True])
+def test_compiled_kernels_equal_eager_ones_for_every_likelihood_setting(zi, gene_theta):
+    """NB and ZINB, theta per gene or per cell: the compiled kernels (series lgamma) give the eager values."""
+    pytest.importorskip("torch._dynamo")
+    g = torch.Generator().manual_seed(6)
+    x = torch.poisson(torch.rand(16, 30, generator=g) * 3)
+    h, lib = torch.randn(16, 60 if zi else 30, generator=g).requires_grad_(), torch.full((16, 1), 4.0)
+    theta = (torch.rand(30 if gene_theta else (16, 30), generator=g) + 0.2).requires_grad_()
+    results = []
+    for on in (False, True):
+        with dist.compiled_kernels(on):
+            out = NegativeBinomial.from_logits(h, lib, theta, zi).log_prob_sum(x)
+            results.append((out, *torch.autograd.grad(out.sum(), [h, theta])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_zinb_falls_back_to_softplus_when_its_sum_underflows():
+    x = torch.tensor([[0.0, 3.0, 0.0]])
+    h = torch.tensor([[9.0, 0.0, -1.0, -120.0, 0.3, -1.0]], requires_grad=True)  # [scale logits | zi logits]
+    lib = torch.tensor([[np.log(5e4)]])
+    theta = torch.tensor([40.0, 1.5, 0.7], requires_grad=True)
+    out = NegativeBinomial.from_logits(h, lib, theta, True).log_prob_sum(x)
+    grads = torch.autograd.grad(out.sum(), [h, theta])
+    hd, thd = h.detach().double().requires_grad_(), theta.detach().double().requires_grad_()
+    ref = zinb_log_prob(x.double(), torch.exp(lib.double()) * torch.softmax(hd[:, :3], -1), thd, hd[:, 3:]).sum(-1)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-6, atol=1e-3)
+    for a, b in zip(grads, torch.autograd.grad(ref.sum(), [hd, thd])):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_from_logits_refuses_a_block_of_the_wrong_width():
+    with pytest.raises(ValueError, match="5 columns; expected 8 for 4 genes"):
+        NegativeBinomial.from_logits(torch.zeros(2, 5), torch.zeros(2, 1), torch.ones(4), zero_inflated=True)

@@ -116,9 +116,9 @@ class ContrastiveVIModule(nn.Module):
                    cont_covs: Tensor) -> dict:
         h = torch.cat([z, s, cont_covs], -1) if cont_covs.shape[-1] else torch.cat([z, s], -1)
         h = self.decoder(h, [batch, *cat_covs.unbind(-1)])  # (B, n_hidden)
-        scale_logits, zi_logits = self.heads(h).chunk(2, -1)  # each (B, G)
-        # mu = exp(library) * softmax(scale_logits), computed when read (training fuses it into the likelihood)
-        px = dist.NegativeBinomial.from_logits(scale_logits, library, torch.exp(self.log_theta), zi_logits)
+        # [scale logits | zero-inflation logits] (B, 2G); mu = exp(library) * softmax(scale logits), computed
+        # when read (training fuses it into the likelihood)
+        px = dist.NegativeBinomial.from_logits(self.heads(h), library, torch.exp(self.log_theta), zero_inflated=True)
         pl = None
         if self.l_encoder is not None:
             pl = dist.normal(self.library_log_means[batch][:, None], self.library_log_vars[batch][:, None].sqrt())

@@ -139,20 +139,22 @@ class SCVIModule(nn.Module):
                    label: Tensor) -> dict:
         h = torch.cat([z, cont_covs], -1) if cont_covs.shape[-1] else z
         h = self.decoder(h, [batch, *cat_covs.unbind(-1)])  # (B, n_hidden)
-        heads = self.heads(h).chunk(self.n_heads, -1)  # each (B, G)
+        out = self.heads(h)  # (B, n_heads * G): [scale logits | zero-inflation logits | log theta (gene-cell)]
+        G = out.shape[-1] // self.n_heads
         disp = self.config.dispersion
         if disp == "gene-cell":
-            theta = torch.exp(heads[2])
+            theta = torch.exp(out[:, 2 * G :])
         elif disp == "gene":
             theta = torch.exp(self.log_theta[0])  # (G,)
         else:
             theta = torch.exp(self.log_theta)[batch if disp == "gene-batch" else label]  # (B, G)
         lik = self.config.gene_likelihood
         if lik == "poisson":
-            scale = F.softmax(heads[0], -1)  # (B, G), rows sum to 1
+            scale = F.softmax(out[:, :G], -1)  # (B, G), rows sum to 1
             px = dist.Poisson(torch.exp(library) * scale, scale=scale)
-        else:  # rate exp(library) * softmax(heads[0]), computed when read (training fuses it into the likelihood)
-            px = dist.NegativeBinomial.from_logits(heads[0], library, theta, heads[1] if lik == "zinb" else None)
+        else:  # rate exp(library) * softmax(scale logits), computed when read (training fuses it into the likelihood)
+            zi = lik == "zinb"
+            px = dist.NegativeBinomial.from_logits(out[:, : 2 * G] if zi else out[:, :G], library, theta, zi)
         pz = dist.normal(torch.zeros_like(z), torch.ones_like(z))
         pl = None
         if self.l_encoder is not None:
