@@ -27,6 +27,17 @@ def test_bad_counts_are_rejected_with_a_clear_error(value, message, fmt):
         cellvi.SCVI.setup_anndata(_adata(fmt(X)))
 
 
+def test_count_checks_run_in_blocks_and_count_every_bad_entry(monkeypatch):
+    """The in-memory checks go over the values in blocks (no data-sized temporaries) and still count them all."""
+    from cellvi.data import setup
+
+    monkeypatch.setattr(setup, "VALUES_CHUNK", 7)
+    X = np.ones((10, 6), dtype=np.float32)
+    X[[0, 4, 9], [1, 2, 5]] = 0.5  # in three different blocks of 7 entries
+    with pytest.raises(ValueError, match=r"contains 3 non-integer values \(e.g. 0.5\)"):
+        cellvi.SCVI.setup_anndata(_adata(sp.csr_matrix(X)))
+
+
 def test_empty_cells_are_counted_and_named():
     X = np.ones((6, 3), dtype=np.float32)
     X[[1, 4]] = 0

@@ -112,6 +112,35 @@ def get_counts(adata: AnnData, layer: str | None):
 
 
 VALIDATION_CHUNK = 8192  # rows read at a time when the counts stay on disk
+VALUES_CHUNK = 1 << 24  # entries checked at a time in memory (~100 MB of temporaries at most)
+
+
+# what raw counts must not contain: (test, what it is, how to fix it); checked in this order
+_COUNT_CHECKS = (
+    (lambda v: ~np.isfinite(v), "NaN or infinite values",
+     "counts must be finite. Fill or remove them (e.g. adata = adata[np.isfinite(...)])."),
+    (lambda v: v < 0, "negative values",
+     "cellvi models need raw counts, not log-transformed or scaled data. Pass `layer=` with raw counts."),
+    (lambda v: v != np.round(v), "non-integer values",
+     "cellvi models need raw integer counts, not normalized data. Pass `layer=` with raw counts "
+     "(e.g. adata.layers['counts'] = adata.raw.X before normalizing)."),
+)
+
+
+def _check_count_values(values: np.ndarray, where: str) -> None:
+    """Raise a ``ValueError`` if any of ``values`` (1-D) is not finite, negative or not an integer. Each check
+    runs ``VALUES_CHUNK`` entries at a time, so no temporary is the size of the data."""
+    for bad, what, fix in _COUNT_CHECKS:
+        n_bad, example = 0, None
+        for start in range(0, values.size, VALUES_CHUNK):
+            chunk = values[start : start + VALUES_CHUNK]
+            mask = bad(chunk)
+            k = int(np.count_nonzero(mask))
+            if k and example is None:
+                example = chunk[mask][0]
+            n_bad += k
+        if n_bad:
+            raise ValueError(f"{where} contains {n_bad} {what} (e.g. {example:g}); {fix}")
 
 
 def validate_counts(X, where: str, obs_names: pd.Index) -> None:
@@ -128,24 +157,10 @@ def validate_counts(X, where: str, obs_names: pd.Index) -> None:
                 validate_counts(X[start : start + VALIDATION_CHUNK], where, obs_names[start : start + VALIDATION_CHUNK])
             return
         X = np.asarray(X)
-    values = X.data if sp.issparse(X) else np.asarray(X)
+    values = (X.data if sp.issparse(X) else np.asarray(X)).reshape(-1)
     if not np.issubdtype(values.dtype, np.number):
         raise ValueError(f"{where} has dtype {values.dtype}; counts must be numeric.")
-    if values.size:
-        if not np.isfinite(values).all():
-            n_bad = int((~np.isfinite(values)).sum())
-            raise ValueError(f"{where} contains {n_bad} NaN or infinite values; counts must be finite. "
-                             "Fill or remove them (e.g. adata = adata[np.isfinite(...)]).")
-        if values.min() < 0:
-            raise ValueError(f"{where} contains negative values (min {values.min():g}); cellvi models need "
-                             "raw counts, not log-transformed or scaled data. Pass `layer=` with raw counts.")
-        frac = values != np.round(values)
-        if frac.any():
-            raise ValueError(
-                f"{where} contains {int(frac.sum())} non-integer values (e.g. {values[frac][0]:g}); cellvi models "
-                "need raw integer counts, not normalized data. Pass `layer=` with raw counts "
-                "(e.g. adata.layers['counts'] = adata.raw.X before normalizing)."
-            )
+    _check_count_values(values, where)
     totals = np.asarray(X.sum(axis=1)).ravel()
     empty = np.flatnonzero(totals == 0)
     if empty.size:
