@@ -392,7 +392,8 @@ class _NBFromLogits(torch.autograd.Function):
             value, grad_mu, grad_theta, grad_zi = _zero_count_terms_softplus(mu, theta, log_theta, logits[:, G:])
             out = value.sum(-1)
         gene_theta = theta.dim() == 1
-        lg_th, dg_th = (torch.lgamma(theta), digamma(theta)) if gene_theta else (None, None)
+        # per-gene theta: its lgamma/digamma once per step over the genes (one op each: no series for a vector this short)
+        lg_th, dg_th = (torch.lgamma(theta), torch.digamma(theta)) if gene_theta else (None, None)
         flat, value, g_mu, g_th, g_zi = kernel(_nonzero_terms_from_logits, dynamic=True)(
             mu, logits, rows, cols, xv, theta, log_theta, lg_th, dg_th, zero_inflated, _USE_COMPILED[0])
         out = out.index_add_(0, rows, value)

@@ -48,7 +48,9 @@ class InjectedLinear(nn.Module):
     def forward(self, h: Tensor, cats: list[Tensor]) -> Tensor:
         out = self.linear(h)
         for j, off in zip(self.keep, self.offsets):
-            out = out + self.cat_weight[cats[j] + off]
+            rows = cats[j] + off if off else cats[j]
+            rows_weight = self.cat_weight.index_select(0, rows) if rows.dim() == 1 else self.cat_weight[rows]
+            out = out.add_(rows_weight)  # in place: the linear map's output is not saved for its backward
         return out
 
 

@@ -296,10 +296,12 @@ class Plateau:
 
 
 class _Totals:
-    """Per-epoch sums of the logged metrics, kept on the device until read."""
+    """Per-epoch sums of the logged metrics. Each step only keeps its (detached) values; they are summed
+    once, when read (no reduction ops, and no device sync, inside the training loop)."""
 
     def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
+        self.parts: dict[str, list[torch.Tensor]] = {}
+        self.sizes: list[int] = []
         self.n_cells = 0
         self.n_steps = 0
 
@@ -307,20 +309,30 @@ class _Totals:
         n = out["reconstruction_loss"].numel()
         self.n_cells += n
         self.n_steps += 1
+        self.sizes.append(n)
         for key, value in out.items():
-            v = value.detach()
-            v = v.sum() if v.dim() else v * (n if key == "loss" else 1)  # loss is a per-cell mean
-            self.sums[key] = self.sums[key] + v if key in self.sums else v
+            self.parts.setdefault(key, []).append(value.detach())
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        """Per-cell values summed over cells; scalars summed over steps (``loss``, a per-cell mean, times its cells)."""
+        out = {}
+        for key, parts in self.parts.items():
+            if parts[0].dim():
+                out[key] = torch.cat(parts).sum()
+            else:
+                steps = torch.stack(parts)
+                out[key] = (steps * steps.new_tensor(self.sizes)).sum() if key == "loss" else steps.sum()
+        return out
 
     def read(self, split: str, n_obs: int) -> dict[str, float]:
         """scvi-tools' history keys: ``elbo_<split>``, ``reconstruction_loss_<split>``, ... (summed over
         the processes of a data-parallel run first, so every rank reads the same values)."""
+        sums = self.sums()
         if distributed.world()[1] > 1:
-            sums = distributed.all_sum({**self.sums, "_cells": torch.tensor(float(self.n_cells)),
+            sums = distributed.all_sum({**sums, "_cells": torch.tensor(float(self.n_cells)),
                                         "_steps": torch.tensor(float(self.n_steps))})
             self.n_cells, self.n_steps = int(sums.pop("_cells")), int(sums.pop("_steps"))
-            self.sums = sums
-        vals = {k: float(v) for k, v in self.sums.items()}
+        vals = {k: float(v) for k, v in sums.items()}
         rec = vals["reconstruction_loss"] / self.n_cells
         kl_local = vals.get("kl_local", 0.0) / self.n_cells
         kl_global = vals.get("kl_global", 0.0) / max(self.n_steps, 1)

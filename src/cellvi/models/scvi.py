@@ -155,11 +155,10 @@ class SCVIModule(nn.Module):
         else:  # rate exp(library) * softmax(scale logits), computed when read (training fuses it into the likelihood)
             zi = lik == "zinb"
             px = dist.NegativeBinomial.from_logits(out[:, : 2 * G] if zi else out[:, :G], library, theta, zi)
-        pz = dist.normal(torch.zeros_like(z), torch.ones_like(z))
         pl = None
         if self.l_encoder is not None:
             pl = dist.normal(self.library_log_means[batch][:, None], self.library_log_vars[batch][:, None].sqrt())
-        return {"px": px, "pz": pz, "pl": pl}
+        return {"px": px, "pl": pl}
 
     def forward_batch(self, batch: dict[str, Tensor], n_samples: int = 1) -> tuple[dict, dict]:
         """Inference then generative on a minibatch; with ``n_samples > 1`` samples are flattened
