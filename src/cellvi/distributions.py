@@ -133,7 +133,7 @@ def nonzeros(x: Tensor) -> Nonzeros:
 def log1p_dense(x: Tensor, nz: Nonzeros) -> Tensor:
     """``log1p(x)`` computed on the non-zeros only (``x`` is ``(cells, genes)``, ``nz`` its non-zeros)."""
     out = torch.zeros_like(x)
-    out.view(-1).index_put_((nz.rows * x.shape[1] + nz.cols,), torch.log1p(nz.values))
+    out.view(-1).index_copy_(0, nz.rows * x.shape[1] + nz.cols, torch.log1p(nz.values))
     return out
 
 
