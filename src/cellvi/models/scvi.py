@@ -177,7 +177,9 @@ class SCVIModule(nn.Module):
         inf, gen = self.forward_batch(batch)
         rec = -gen["px"].log_prob_sum(batch["x"], batch.get("nonzeros"))  # (B,)
         kl_z = dist.kl_standard_normal(inf["qz"]).sum(-1)  # (B,)
-        kl_l = kl_divergence(inf["ql"], gen["pl"]).sum(-1) if inf["ql"] is not None else torch.zeros_like(kl_z)
+        if inf["ql"] is None:  # observed library size: no KL term for it
+            return {"loss": torch.mean(rec + kl_weight * kl_z), "reconstruction_loss": rec, "kl_local": kl_z}
+        kl_l = kl_divergence(inf["ql"], gen["pl"]).sum(-1)
         loss = torch.mean(rec + kl_weight * kl_z + kl_l)
         return {"loss": loss, "reconstruction_loss": rec, "kl_local": kl_z + kl_l}
 
