@@ -198,4 +198,4 @@ def test_elbo_and_reconstruction_error_match_the_loss(trained):
     with pytest.raises(NotImplementedError, match="get_elbo"):
         trained.get_marginal_ll()
     with pytest.raises(ValueError, match="No cells"):
-        trained.get_elbo(indices=[])
+        trained.get_elbo(indices=np.array([], dtype=int))

@@ -472,7 +472,7 @@ def test_adversarial_classifier_mixes_batches():
     acc, types = {}, {}
     for adversarial in (False, True):
         model = cellvi.TotalVI(a, n_latent=8)
-        model.train(max_epochs=40, early_stopping=False, adversarial_classifier=adversarial, seed=0)
+        model.train(max_epochs=100, early_stopping=False, adversarial_classifier=adversarial, seed=0)
         z = model.get_latent_representation()
         acc[adversarial] = batch_accuracy(z, b1)
         types[adversarial] = batch_accuracy(z, a.obs["cell_type"].cat.codes.to_numpy())
@@ -560,7 +560,12 @@ def test_elbo_reconstruction_error_and_marginal_ll_match_the_loss(trained):
     assert all(isinstance(v, float) for v in trained.get_reconstruction_error(indices=idx).values())
     ll = trained.get_marginal_ll(indices=idx, n_mc_samples=150, return_mean=False)
     assert ll.shape == (40,) and np.isfinite(ll).all()
-    assert ll.mean() > trained.get_elbo(indices=idx)  # the importance-sampled bound is tighter than the ELBO
     assert isinstance(trained.get_marginal_ll(indices=idx, n_mc_samples=5), float)
+    # one importance sample: E[log w] is the ELBO (same terms, KLs sampled instead of closed form); many: tighter
+    torch.manual_seed(0)
+    elbo_all = np.mean([trained.get_elbo() for _ in range(3)])
+    ll_one = np.mean([trained.get_marginal_ll(n_mc_samples=1) for _ in range(3)])
+    assert abs(ll_one - elbo_all) < 1.5, (ll_one, elbo_all)  # run-to-run sd ~0.5 nats
+    assert trained.get_marginal_ll(n_mc_samples=100) > elbo_all + 3.0
     with pytest.raises(ValueError, match="No cells"):
-        trained.get_elbo(indices=[])
+        trained.get_elbo(indices=np.array([], dtype=int))

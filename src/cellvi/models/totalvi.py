@@ -592,8 +592,12 @@ class TotalVI(Model):
         cells) or, with ``return_mean=False``, ``(cells,)`` arrays.
         """
         keys = ("reconst_loss_gene", "reconst_loss_protein")
-        per_cell = self._per_cell_values(self._anndata(adata), indices, batch_size, lambda b: torch.stack(
-            [self.module.terms(b)[k] for k in keys], -1)).reshape(-1, len(keys))
+
+        def reconstruction(batch: dict) -> Tensor:
+            terms = self.module.terms(batch)  # one posterior draw for both modalities
+            return torch.stack([terms[k] for k in keys], -1)
+
+        per_cell = self._per_cell_values(self._anndata(adata), indices, batch_size, reconstruction).reshape(-1, 2)
         return {k: cell_mean(per_cell[:, i]) if return_mean else per_cell[:, i] for i, k in enumerate(keys)}
 
     @torch.no_grad()
