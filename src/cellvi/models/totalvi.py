@@ -561,8 +561,9 @@ class TotalVI(Model):
         ``(n_cells, n_latent)`` array: the posterior mean (``give_mean``) or one sample; with
         ``return_dist=True`` a tuple ``(means, variances)`` of q(z | x, y).
         """
-        return self._latent(self._anndata(adata), indices, batch_size, self.module.inference, n_latent=self.config.n_latent, give_mean=give_mean,
-                            mc_samples=mc_samples, return_dist=return_dist,
+        return self._latent(self._anndata(adata), indices, batch_size, self.module.inference,
+                            n_latent=self.config.n_latent, give_mean=give_mean, mc_samples=mc_samples,
+                            return_dist=return_dist,
                             logistic_normal=self.config.latent_distribution == "ln")
 
     # ------------------------------------------------------------------ evaluation
