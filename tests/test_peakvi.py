@@ -199,3 +199,11 @@ def test_elbo_and_reconstruction_error_match_the_loss(trained):
         trained.get_marginal_ll()
     with pytest.raises(ValueError, match="No cells"):
         trained.get_elbo(indices=np.array([], dtype=int))
+
+
+def test_adversarial_classifier_is_refused_without_a_latent_in_the_loss():
+    a = cellvi.datasets.simulate_atac(60, 50, seed=1)
+    cellvi.PeakVI.setup_anndata(a, batch_key="batch")
+    model = cellvi.PeakVI(a)
+    with pytest.raises(ValueError, match="latent sample 'z'"):  # scvi-tools' PEAKVI has no adversary either
+        model.train(max_epochs=1, plan_kwargs={"adversarial_classifier": True})

@@ -403,7 +403,9 @@ class Model:
             scvi-tools' training-plan options: ``lr`` (1e-3), ``weight_decay`` (1e-6), ``eps`` (0.01),
             ``optimizer`` ("Adam" or "AdamW"), ``n_epochs_kl_warmup`` (400), ``n_steps_kl_warmup``,
             ``max_kl_weight``, ``min_kl_weight``, ``reduce_lr_on_plateau``, ``lr_factor``, ``lr_patience``,
-            ``lr_threshold``, ``lr_scheduler_metric``, ``lr_min``; cellvi's ``compile_kernels`` (fuse the
+            ``lr_threshold``, ``lr_scheduler_metric``, ``lr_min``, ``adversarial_classifier`` and
+            ``scale_adversarial_loss`` (models whose loss returns its latent ``"z"``, e.g. TotalVI; see
+            :class:`cellvi.train.Adversary`); cellvi's ``compile_kernels`` (fuse the
             likelihood's elementwise passes with ``torch.compile``: ~10 s once, then faster steps; ``None``,
             the default, turns it on for runs of at least 500,000 cell passes). See
             :class:`cellvi.train.TrainConfig`.
