@@ -395,11 +395,18 @@ def test_mudata_reads_obs_where_modalities_say():
     md = as_mudata(a)
     md.obs["lane"] = np.where(np.arange(150) < 75, "L1", "L2")  # a top-level column
     md["rna"].obs["depth"] = np.log(np.asarray(a.X.sum(1)).ravel())
-    cellvi.TotalVI.setup_mudata(md, batch_key="lane", continuous_covariate_keys=["depth"],
+    md["rna"].layers["counts"], md["protein"].layers["counts"] = md["rna"].X.copy(), md["protein"].X.copy()
+    md["rna"].X = md["rna"].X * 0.5  # not counts: only the layers may be read
+    md["protein"].X = md["protein"].X * 0.5
+    cellvi.TotalVI.setup_mudata(md, rna_layer="counts", protein_layer="counts", batch_key="lane",
+                                continuous_covariate_keys=["depth"],
                                 modalities={"rna_layer": "rna", "protein_layer": "protein",
                                             "continuous_covariate_keys": "rna"})
     model = cellvi.TotalVI(md, n_latent=4)
-    assert model.spec.batch_categories == ("L1", "L2")
+    assert model.spec.batch_categories == ("L1", "L2") and model.spec.layer == "counts"
+    model.train(max_epochs=1, early_stopping=False)
+    np.testing.assert_array_equal(model._data().gather(torch.arange(150))["proteins"].numpy(),
+                                  a.obsm[KEY].to_numpy())
     b = model._data().gather(torch.arange(150))
     np.testing.assert_array_equal(b["batch"].numpy(), (np.arange(150) >= 75).astype(int))
     np.testing.assert_allclose(b["cont_covs"][:, 0].numpy(), md["rna"].obs["depth"].to_numpy(), rtol=1e-6)
