@@ -169,3 +169,41 @@ def test_batch_corrected_da(trained):
     assert average_precision_score(truth, res["prob_da"]) > 0.85
     with pytest.raises(ValueError, match="batch_correction"):
         trained.differential_accessibility(groupby="cell_type", group1="type_2", batchid1=["batch_0"])
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def test_elbo_and_reconstruction_error_match_the_loss(trained):
+    idx = np.arange(30)
+    torch.manual_seed(2)
+    elbo = trained.get_elbo(indices=idx, batch_size=30, return_mean=False)
+    torch.manual_seed(2)
+    rec = trained.get_reconstruction_error(indices=idx, batch_size=30, return_mean=False)
+    trained.module.eval()
+    b = trained._data().gather(torch.as_tensor(idx))
+    with torch.no_grad():
+        torch.manual_seed(2)
+        out = trained.module.loss(b, kl_weight=1.0)
+    assert isinstance(elbo, np.ndarray) and elbo.shape == (30,)
+    np.testing.assert_allclose(elbo, -(out["reconstruction_loss"] + out["kl_local"]).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(-elbo.mean(), float(out["loss"]), rtol=1e-5)  # the loss at kl_weight 1
+    assert set(rec) == {"reconstruction_loss"}  # scvi-tools' key
+    np.testing.assert_allclose(rec["reconstruction_loss"], out["reconstruction_loss"].numpy(), rtol=1e-6)
+    mean_elbo = trained.get_elbo()
+    assert isinstance(mean_elbo, float) and mean_elbo < 0
+    assert isinstance(trained.get_reconstruction_error(indices=idx)["reconstruction_loss"], float)
+    fresh = cellvi.PeakVI(trained.adata, n_hidden=128, n_latent=10)
+    assert mean_elbo > fresh.get_elbo()  # training raised the bound
+    with pytest.raises(NotImplementedError, match="get_elbo"):
+        trained.get_marginal_ll()
+    with pytest.raises(ValueError, match="No cells"):
+        trained.get_elbo(indices=np.array([], dtype=int))
+
+
+def test_adversarial_classifier_is_refused_without_a_latent_in_the_loss():
+    a = cellvi.datasets.simulate_atac(60, 50, seed=1)
+    cellvi.PeakVI.setup_anndata(a, batch_key="batch")
+    model = cellvi.PeakVI(a)
+    with pytest.raises(ValueError, match="latent sample 'z'"):  # scvi-tools' PEAKVI has no adversary either
+        model.train(max_epochs=1, plan_kwargs={"adversarial_classifier": True})

@@ -308,8 +308,8 @@ def test_save_load_round_trip_is_exact(trained, tmp_path):
 def test_train_signature_follows_scvi_tools(trained):
     a = setup(cellvi.datasets.simulate_citeseq(200, 40, 12, seed=0))
     model = cellvi.TotalVI(a, n_latent=5)
-    with pytest.raises(ValueError, match="adversarial_classifier"):
-        model.train(max_epochs=1, adversarial_classifier=True)
+    with pytest.raises(ValueError, match="scale_adversarial_loss"):
+        model.train(max_epochs=1, adversarial_classifier=True, plan_kwargs={"scale_adversarial_loss": -1})
     model.train(2, 1e-3, early_stopping=False)
     assert model.history_["lr"][0] == pytest.approx(1e-3)
 
@@ -338,3 +338,241 @@ def test_batch_corrected_de_and_scvi_tools_arguments(trained):
         trained.differential_expression(groupby="cell_type", weights="importance")
     rna, pro = trained.get_normalized_expression(indices=[0], silent=True)
     assert rna.shape == (1, 150) and pro.shape == (1, 20)
+
+
+# --------------------------------------------------------------------------- MuData
+
+
+def as_mudata(a):
+    """The CITE-seq AnnData of the simulator as a MuData: modalities "rna" (with obs) and "protein"."""
+    import anndata
+
+    mudata = pytest.importorskip("mudata")
+    rna = anndata.AnnData(a.X.copy(), obs=a.obs[["batch", "cell_type"]].copy(), var=pd.DataFrame(index=a.var_names))
+    pro = anndata.AnnData(a.obsm[KEY].to_numpy(), obs=pd.DataFrame(index=a.obs_names),
+                          var=pd.DataFrame(index=a.obsm[KEY].columns))
+    with mudata.set_options(pull_on_update=False):
+        return mudata.MuData({"rna": rna, "protein": pro})
+
+
+MODS = {"rna_layer": "rna", "protein_layer": "protein", "batch_key": "rna"}
+
+
+def test_mudata_trains_and_gives_what_anndata_gives(tmp_path):
+    a = cellvi.datasets.simulate_citeseq(200, 40, 12, missing_proteins={"batch_1": [2]}, seed=5)
+    md = as_mudata(a)
+    setup(a)
+    obsm_before = set(md.obsm)
+    cellvi.TotalVI.setup_mudata(md, batch_key="batch", modalities=MODS)
+    assert set(md.uns) == {"_cellvi_setup"} and set(md.obsm) == obsm_before  # nothing else written into it
+    assert not md["rna"].uns and not md["protein"].uns
+    from_ad, from_md = cellvi.TotalVI(a, n_latent=5), cellvi.TotalVI(md, n_latent=5)
+    assert from_md.mdata is md and from_md.spec.protein_missing == from_ad.spec.protein_missing == ((), (2,))
+    for m in (from_ad, from_md):
+        m.train(max_epochs=3, early_stopping=False, seed=0)
+    z = from_md.get_latent_representation()
+    assert z.shape == (200, 5) and z.dtype == np.float32
+    np.testing.assert_array_equal(z, from_ad.get_latent_representation())  # same seed, same values
+    np.testing.assert_array_equal(from_md.get_latent_representation(md), z)
+    other = as_mudata(a)  # another MuData with the same modalities, never set up
+    np.testing.assert_allclose(from_md.get_latent_representation(other, indices=[3, 1]), z[[3, 1]], atol=1e-5)
+    rna, pro = from_md.get_normalized_expression(md, indices=[0, 1])
+    assert list(pro.columns) == list(md["protein"].var_names) and list(rna.index) == list(md.obs_names[:2])
+    torch.manual_seed(0)
+    e_md = from_md.get_elbo(md)
+    torch.manual_seed(0)
+    assert e_md == from_ad.get_elbo()
+    res = from_md.differential_expression(md, groupby="batch", use_field=["protein"])
+    assert set(res.index) == {f"{p}_protein" for p in md["protein"].var_names}
+    from_md.save(tmp_path / "m")
+    loaded = cellvi.TotalVI.load(tmp_path / "m", adata=md)
+    assert loaded.mdata is md
+    np.testing.assert_array_equal(loaded.get_latent_representation(), z)
+
+
+def test_mudata_reads_obs_where_modalities_say():
+    a = cellvi.datasets.simulate_citeseq(150, 30, 12, seed=6)
+    md = as_mudata(a)
+    md.obs["lane"] = np.where(np.arange(150) < 75, "L1", "L2")  # a top-level column
+    md["rna"].obs["depth"] = np.log(np.asarray(a.X.sum(1)).ravel())
+    md["rna"].layers["counts"], md["protein"].layers["counts"] = md["rna"].X.copy(), md["protein"].X.copy()
+    md["rna"].X = md["rna"].X * 0.5  # not counts: only the layers may be read
+    md["protein"].X = md["protein"].X * 0.5
+    cellvi.TotalVI.setup_mudata(md, rna_layer="counts", protein_layer="counts", batch_key="lane",
+                                continuous_covariate_keys=["depth"],
+                                modalities={"rna_layer": "rna", "protein_layer": "protein",
+                                            "continuous_covariate_keys": "rna"})
+    model = cellvi.TotalVI(md, n_latent=4)
+    assert model.spec.batch_categories == ("L1", "L2") and model.spec.layer == "counts"
+    model.train(max_epochs=1, early_stopping=False)
+    np.testing.assert_array_equal(model._data().gather(torch.arange(150))["proteins"].numpy(),
+                                  a.obsm[KEY].to_numpy())
+    b = model._data().gather(torch.arange(150))
+    np.testing.assert_array_equal(b["batch"].numpy(), (np.arange(150) >= 75).astype(int))
+    np.testing.assert_allclose(b["cont_covs"][:, 0].numpy(), md["rna"].obs["depth"].to_numpy(), rtol=1e-6)
+
+
+def test_bad_mudata_and_modalities_get_clear_errors():
+    a = cellvi.datasets.simulate_citeseq(100, 30, 12, seed=7)
+    md = as_mudata(a)
+    bad = {
+        "modalities": dict(modalities=None),
+        "protein_layer": dict(modalities={"rna_layer": "rna"}),
+        "lacks": dict(modalities={"rna_layer": "rna", "protein_layer": "prot"}),
+        "not arguments of setup_mudata": dict(modalities={**MODS, "labels_key": "rna"}),
+        r"'batch' is not a column of mdata\.obs": dict(batch_key="batch", modalities={"rna_layer": "rna",
+                                                                                       "protein_layer": "protein"}),
+        r"'donor' is not a column of mdata\['rna'\]\.obs": dict(batch_key="donor", modalities=MODS),
+        r"not found in mdata\['protein'\]\.layers": dict(protein_layer="counts", modalities=MODS),
+    }
+    for message, kwargs in bad.items():
+        with pytest.raises(ValueError, match=message):
+            cellvi.TotalVI.setup_mudata(md, **kwargs)
+    with pytest.raises(ValueError, match="setup_mudata"):
+        cellvi.TotalVI(md)  # never set up
+    with pytest.raises(ValueError, match="takes a MuData"):
+        cellvi.TotalVI.setup_mudata(a, modalities=MODS)
+    mudata = pytest.importorskip("mudata")
+    with mudata.set_options(pull_on_update=False):
+        ragged = mudata.MuData({"rna": md["rna"].copy(), "protein": md["protein"][:80].copy()})
+    with pytest.raises(ValueError, match="does not hold every cell"):
+        cellvi.TotalVI.setup_mudata(ragged, modalities=MODS)
+
+
+def test_mudata_needs_mudata_installed(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_mudata(name, *args, **kwargs):
+        if name == "mudata":
+            raise ImportError("No module named 'mudata'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mudata)
+    with pytest.raises(ImportError, match="pip install mudata"):
+        cellvi.TotalVI.setup_mudata(object(), modalities=MODS)
+
+
+# --------------------------------------------------------------------------- adversarial classifier
+
+
+def batch_accuracy(z: np.ndarray, batch: np.ndarray) -> float:
+    """Cross-validated accuracy of a logistic regression predicting the batch from the latent."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    return float(cross_val_score(LogisticRegression(max_iter=2000), z, batch, cv=3).mean())
+
+
+def test_adversarial_classifier_mixes_batches():
+    """Strong batch effects on RNA and half the panel missing in one batch: the adversary's latent hides
+    the batch better (a classifier trained afterwards does worse), and the cell types stay apart."""
+    import scipy.sparse as sp
+
+    a = cellvi.datasets.simulate_citeseq(600, 100, 20, missing_proteins={"batch_1": list(range(10))}, seed=8)
+    b1 = (a.obs["batch"] == "batch_1").to_numpy()
+    X = a.X.toarray()
+    X[np.ix_(b1, np.arange(0, 100, 3))] *= 4  # a third of the genes 4-fold up in batch_1
+    a.X = sp.csr_matrix(X)
+    setup(a)
+    acc, types = {}, {}
+    for adversarial in (False, True):
+        model = cellvi.TotalVI(a, n_latent=8)
+        model.train(max_epochs=100, early_stopping=False, adversarial_classifier=adversarial, seed=0)
+        z = model.get_latent_representation()
+        acc[adversarial] = batch_accuracy(z, b1)
+        types[adversarial] = batch_accuracy(z, a.obs["cell_type"].cat.codes.to_numpy())
+    assert acc[True] < acc[False] - 0.05, acc
+    assert types[True] > 0.9, types
+
+
+def test_adversarial_default_rule_and_history():
+    missing = setup(cellvi.datasets.simulate_citeseq(150, 30, 12, missing_proteins={"batch_1": [2]}, seed=4))
+    complete = setup(cellvi.datasets.simulate_citeseq(150, 30, 12, seed=4))
+    key = "adversarial_classifier_loss_train"
+
+    def trained_with(a, override_missing_proteins=False, **kwargs):
+        model = cellvi.TotalVI(a, n_latent=4, override_missing_proteins=override_missing_proteins)
+        model.train(max_epochs=2, early_stopping=False, **kwargs)
+        return key in model.history_, model
+
+    on, model = trained_with(missing)  # default None: on, as a protein is missing from batch_1's panel
+    assert on and len(model.history_[key]) == 2 and all(0 < v < 5 for v in model.history_[key])
+    assert model.history_["train_loss"][0] > 0 and not any(k.startswith("z_") for k in model.history_)
+    assert not trained_with(complete)[0]  # every protein measured everywhere: off
+    assert not trained_with(missing, override_missing_proteins=True)[0]  # panels overridden: off
+    assert not trained_with(missing, adversarial_classifier=False)[0]
+    assert trained_with(complete, adversarial_classifier=True)[0]
+    single = setup(cellvi.datasets.simulate_citeseq(150, 30, 12, n_batches=1, seed=4))
+    with pytest.warns(UserWarning, match="single batch"):
+        assert not trained_with(single, adversarial_classifier=True)[0]
+
+
+def test_adversary_weight_and_fool_loss_by_hand():
+    from cellvi.train import Adversary, fool_cross_entropy
+
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.6, 0.3]]))
+    labels = torch.tensor([0, 2])
+    expected = [-(np.log(0.25) + np.log(0.25)) / 2, -(np.log(0.1) + np.log(0.6)) / 2]
+    torch.testing.assert_close(fool_cross_entropy(logits, labels), torch.tensor(expected, dtype=torch.float32))
+    adv = Adversary(torch.nn.Identity(), None, "auto")
+    assert adv.weight(0.25) == 0.75 and Adversary(torch.nn.Identity(), None, 0.3).weight(0.25) == 0.3
+
+
+def test_adversary_state_is_checkpointed_and_resumes_exactly(tmp_path):
+    a = setup(cellvi.datasets.simulate_citeseq(150, 30, 12, missing_proteins={"batch_1": [2]}, seed=4))
+    full = cellvi.TotalVI(a, n_latent=4)
+    full.train(max_epochs=4, early_stopping=False, seed=0)
+    part = cellvi.TotalVI(a, n_latent=4)
+    part.train(max_epochs=2, early_stopping=False, seed=0, checkpoint_dir=tmp_path / "ck")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "ck" / "train_state.safetensors"))
+    assert any(k.startswith("adversary.") for k in saved) and any(k.startswith("adversary_optimizer.") for k in saved)
+    resumed = cellvi.TotalVI(a, n_latent=4)
+    resumed.train(max_epochs=4, early_stopping=False, seed=0, resume_from=tmp_path / "ck")
+    np.testing.assert_array_equal(resumed.get_latent_representation(), full.get_latent_representation())
+    with pytest.raises(ValueError, match="with an adversarial classifier"):
+        cellvi.TotalVI(a, n_latent=4).train(max_epochs=4, early_stopping=False, seed=0, resume_from=tmp_path / "ck",
+                                             adversarial_classifier=False)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def test_elbo_reconstruction_error_and_marginal_ll_match_the_loss(trained):
+    idx = np.arange(40)
+    model = trained.module
+    torch.manual_seed(3)
+    elbo = trained.get_elbo(indices=idx, batch_size=40, return_mean=False)
+    torch.manual_seed(3)
+    rec = trained.get_reconstruction_error(indices=idx, batch_size=40, return_mean=False)
+    model.eval()
+    b = trained._data().gather(torch.as_tensor(idx))
+    with torch.no_grad():
+        torch.manual_seed(3)
+        out = model.loss(b, kl_weight=1.0)
+        torch.manual_seed(3)
+        terms = model.terms(b)
+    assert elbo.shape == (40,) and isinstance(elbo, np.ndarray)
+    np.testing.assert_allclose(elbo, -(out["reconstruction_loss"] + out["kl_local"]).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(-elbo.mean(), float(out["loss"]), rtol=1e-5)  # the loss at kl_weight 1
+    assert set(rec) == {"reconst_loss_gene", "reconst_loss_protein"}  # scvi-tools' keys
+    for k in rec:
+        np.testing.assert_allclose(rec[k], terms[k].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(rec["reconst_loss_gene"] + rec["reconst_loss_protein"],
+                               out["reconstruction_loss"].numpy(), rtol=1e-5)
+    assert isinstance(trained.get_elbo(indices=idx), float)
+    assert all(isinstance(v, float) for v in trained.get_reconstruction_error(indices=idx).values())
+    ll = trained.get_marginal_ll(indices=idx, n_mc_samples=150, return_mean=False)
+    assert ll.shape == (40,) and np.isfinite(ll).all()
+    assert isinstance(trained.get_marginal_ll(indices=idx, n_mc_samples=5), float)
+    # one importance sample: E[log w] is the ELBO (same terms, KLs sampled instead of closed form); many: tighter
+    torch.manual_seed(0)
+    elbo_all = np.mean([trained.get_elbo() for _ in range(3)])
+    ll_one = np.mean([trained.get_marginal_ll(n_mc_samples=1) for _ in range(3)])
+    assert abs(ll_one - elbo_all) < 1.5, (ll_one, elbo_all)  # run-to-run sd ~0.5 nats
+    assert trained.get_marginal_ll(n_mc_samples=100) > elbo_all + 3.0
+    with pytest.raises(ValueError, match="No cells"):
+        trained.get_elbo(indices=np.array([], dtype=int))

@@ -2,8 +2,10 @@
 
 A module is anything with ``loss(batch, kl_weight=...) -> dict`` whose ``"loss"`` entry is the scalar
 to minimise and whose ``"reconstruction_loss"`` / ``"kl_local"`` entries are per-cell tensors
-(``"kl_global"``, when present, a scalar). Minibatches come from two callables that return fresh
-iterables each epoch, so the loop knows nothing of AnnData or of how batches are built.
+(``"kl_global"``, when present, a scalar). A ``"z"`` entry, when present, is the latent sample
+``(cells, n_latent)``: it is not logged, and an :class:`Adversary` reads it. Minibatches come from two
+callables that return fresh iterables each epoch, so the loop knows nothing of AnnData or of how
+batches are built.
 Metrics are summed on the device and read once per epoch: no per-step synchronisation.
 """
 
@@ -21,11 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cellvi import distributed, distributions
+from cellvi.nn import MLP
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ class TrainConfig:
     lr_scheduler_metric: str = "elbo_validation"
     lr_min: float = 0.0
     compile_kernels: bool | None = None  # cellvi: torch.compile the likelihood kernels (None: for long runs)
+    adversarial_classifier: bool = False  # a batch classifier on z that the model learns to fool (Adversary)
+    scale_adversarial_loss: float | str = "auto"  # weight of the adversarial terms; "auto": 1 - kl_weight
     # --- trainer kwargs
     early_stopping: bool = False
     early_stopping_monitor: str = "elbo_validation"
@@ -70,6 +76,9 @@ class TrainConfig:
             raise ValueError(f"min_kl_weight={self.min_kl_weight} is larger than max_kl_weight={self.max_kl_weight}.")
         if self.early_stopping_mode not in ("min", "max"):
             raise ValueError(f"early_stopping_mode must be 'min' or 'max', got {self.early_stopping_mode!r}.")
+        scale = self.scale_adversarial_loss
+        if not (scale == "auto" or (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale >= 0)):
+            raise ValueError(f"scale_adversarial_loss={scale!r}: use 'auto' (1 - kl_weight) or a number >= 0.")
         for name in ("early_stopping_monitor", "lr_scheduler_metric"):
             if getattr(self, name) not in MONITORS:
                 raise ValueError(f"{name}={getattr(self, name)!r} is never logged; use one of {sorted(MONITORS)}.")
@@ -85,7 +94,7 @@ MONITORS = frozenset({f"{m}_{split}" for m in ("elbo", "reconstruction_loss", "k
                       for split in ("train", "validation")} | {"train_loss", "validation_loss"})
 PLAN_KEYS = ("lr", "weight_decay", "eps", "optimizer", "n_epochs_kl_warmup", "n_steps_kl_warmup", "max_kl_weight",
              "min_kl_weight", "reduce_lr_on_plateau", "lr_factor", "lr_patience", "lr_threshold",
-             "lr_scheduler_metric", "lr_min", "compile_kernels")
+             "lr_scheduler_metric", "lr_min", "compile_kernels", "adversarial_classifier", "scale_adversarial_loss")
 TRAINER_KEYS = ("early_stopping_monitor", "early_stopping_patience", "early_stopping_min_delta",
                 "early_stopping_warmup_epochs", "early_stopping_mode", "gradient_clip_val", "check_val_every_n_epoch",
                 "enable_progress_bar")
@@ -295,6 +304,75 @@ class Plateau:
         return False
 
 
+def fool_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-cell cross-entropy of a classifier against the uniform distribution on the *other* classes,
+    ``-1/(K-1) sum_{k != y} log softmax(logits)_k``: what the model minimises to fool the classifier.
+
+    Parameters
+    ----------
+    logits
+        ``(cells, K)`` classifier outputs, ``K >= 2``.
+    labels
+        ``(cells,)`` true class of each cell.
+    """
+    n_classes = logits.shape[-1]
+    others = 1.0 - F.one_hot(labels, n_classes).to(logits.dtype)
+    return -(logits.log_softmax(-1) * others).sum(-1) / (n_classes - 1)
+
+
+class Adversary:
+    """A classifier of each cell's batch from its latent z, trained against the model (scvi-tools'
+    ``adversarial_classifier``, Gayoso et al. 2021).
+
+    At every step the model's loss gets ``kappa * mean(fool_cross_entropy)`` (the model learns a z from
+    which the batch cannot be told), then the classifier takes one step of its own optimizer on
+    ``kappa * mean(cross_entropy(true batch))`` of the *detached* z. ``kappa`` is
+    ``scale_adversarial_loss``, or ``1 - kl_weight`` for ``"auto"`` (the adversary fades out as the
+    KL warm-up ends). The module's ``loss`` must return its latent sample as ``"z"``.
+    """
+
+    def __init__(self, classifier: nn.Module, optimizer, scale: float | str = "auto", target: str = "batch"):
+        self.classifier, self.optimizer, self.scale, self.target = classifier, optimizer, scale, target
+
+    @classmethod
+    def for_batches(cls, n_latent: int, n_batches: int, config: TrainConfig, device: torch.device) -> Adversary:
+        """scvi-tools' classifier (two hidden layers of 32 with BatchNorm, ReLU, dropout 0.1; logits) and
+        optimizer (Adam, lr 1e-3, eps 0.01, the run's weight decay)."""
+        classifier = nn.Sequential(MLP(n_latent, 32, n_hidden=32, n_layers=2, dropout_rate=0.1),
+                                   nn.Linear(32, n_batches)).to(device)
+        opt_config = TrainConfig(max_epochs=1, lr=1e-3, eps=0.01, weight_decay=config.weight_decay)
+        return cls(classifier, make_optimizer(classifier.parameters(), opt_config), config.scale_adversarial_loss,
+                   "batch")
+
+    def weight(self, kl_weight: float) -> float:
+        """``kappa``: the weight of both adversarial terms at this step."""
+        return 1.0 - kl_weight if self.scale == "auto" else float(self.scale)
+
+    @staticmethod
+    def latent(out: dict[str, Tensor]) -> Tensor:
+        """The latent sample ``"z"`` of a module's loss output."""
+        if "z" not in out:
+            raise ValueError("adversarial_classifier=True needs a model whose loss returns its latent sample 'z'; "
+                             "this model's does not. Train with adversarial_classifier=False.")
+        return out["z"]
+
+    def fool_loss(self, z: Tensor, labels: Tensor) -> Tensor:
+        """The term added to the model's loss (before ``kappa``): a scalar."""
+        self.classifier.train()
+        return fool_cross_entropy(self.classifier(z), labels).mean()
+
+    def step(self, z: Tensor, labels: Tensor, kappa: float, n_ranks: int = 1) -> Tensor:
+        """One optimizer step of the classifier on detached ``z``; returns its per-cell cross-entropy."""
+        self.classifier.train()
+        ce = F.cross_entropy(self.classifier(z.detach()), labels, reduction="none")
+        self.optimizer.zero_grad(set_to_none=True)
+        (kappa * ce.mean()).backward()
+        if n_ranks > 1:
+            distributed.average_gradients([p for p in self.classifier.parameters() if p.requires_grad], n_ranks)
+        self.optimizer.step()
+        return ce.detach()
+
+
 class _Totals:
     """Per-epoch sums of the logged metrics. Each step only keeps its (detached) values; they are summed
     once, when read (no reduction ops, and no device sync, inside the training loop)."""
@@ -311,7 +389,8 @@ class _Totals:
         self.n_steps += 1
         self.sizes.append(n)
         for key, value in out.items():
-            self.parts.setdefault(key, []).append(value.detach())
+            if key != "z":  # the latent sample, for an adversary: not a metric
+                self.parts.setdefault(key, []).append(value.detach())
 
     def sums(self) -> dict[str, torch.Tensor]:
         """Per-cell values summed over cells; scalars summed over steps (``loss``, a per-cell mean, times its cells)."""
@@ -366,7 +445,8 @@ class TrainState:
 
     The module's weights, the optimizer's moments, the epoch and step counters (the KL warm-up
     position follows from them), the early-stopping and lr-plateau counters, the learning rate, the
-    random generators (global torch RNG and the shuffling generator) and the history so far.
+    random generators (global torch RNG and the shuffling generator), the history so far, and the
+    adversary's classifier and optimizer when there is one.
     """
 
     module: nn.Module
@@ -380,13 +460,15 @@ class TrainState:
     scheduler: Plateau | None = None
     stopped: bool = False  # early stopping fired
     history: dict[str, list[float]] = field(default_factory=dict)
+    adversary: Adversary | None = None
 
     @classmethod
-    def start(cls, module: nn.Module, config: TrainConfig, generator: torch.Generator | None = None) -> TrainState:
+    def start(cls, module: nn.Module, config: TrainConfig, generator: torch.Generator | None = None,
+              adversary: Adversary | None = None) -> TrainState:
         return cls(module, make_optimizer(module.parameters(), config), generator, config, lr=config.lr,
                    stopper=Plateau(config.early_stopping_patience, mode=config.early_stopping_mode,
                                    min_delta=config.early_stopping_min_delta),
-                   scheduler=Plateau(config.lr_patience, threshold=config.lr_threshold))
+                   scheduler=Plateau(config.lr_patience, threshold=config.lr_threshold), adversary=adversary)
 
 
 STATE_TENSORS, STATE_JSON = "train_state.safetensors", "train_state.json"
@@ -402,6 +484,11 @@ def save_state(state: TrainState, directory: str | os.PathLike, extra: dict | No
     path.mkdir(parents=True, exist_ok=True)
     tensors = {f"module.{k}": v.detach().cpu().contiguous() for k, v in state.module.state_dict().items()}
     tensors |= {f"optimizer.{k}": v.detach().cpu().contiguous() for k, v in optimizer_state(state.optimizer).items()}
+    if state.adversary is not None:
+        adv = state.adversary
+        tensors |= {f"adversary.{k}": v.detach().cpu().contiguous() for k, v in adv.classifier.state_dict().items()}
+        tensors |= {f"adversary_optimizer.{k}": v.detach().cpu().contiguous()
+                    for k, v in optimizer_state(adv.optimizer).items()}
     tensors["rng.torch"] = torch.get_rng_state()
     if state.generator is not None:
         tensors["rng.generator"] = state.generator.get_state()
@@ -439,6 +526,14 @@ def restore_state(state: TrainState, directory: str | os.PathLike) -> dict:
     take = lambda prefix: {k[len(prefix):]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
     state.module.load_state_dict(take("module."), strict=True)
     load_optimizer_state(state.optimizer, take("optimizer."))
+    saved_adversary = any(k.startswith("adversary.") for k in tensors)
+    if saved_adversary != (state.adversary is not None):
+        raise ValueError(f"The checkpoint in {directory} was written "
+                         f"{'with' if saved_adversary else 'without'} an adversarial classifier; resume with "
+                         f"adversarial_classifier={saved_adversary}, as the interrupted run.")
+    if state.adversary is not None:
+        state.adversary.classifier.load_state_dict(take("adversary."), strict=True)
+        load_optimizer_state(state.adversary.optimizer, take("adversary_optimizer."))
     torch.set_rng_state(tensors["rng.torch"])
     if state.generator is not None and "rng.generator" in tensors:
         state.generator.set_state(tensors["rng.generator"])
@@ -461,6 +556,7 @@ def fit(
     state: TrainState | None = None,
     checkpoint: Callable[[TrainState], None] | None = None,
     checkpoint_every: int = 1,
+    adversary: Adversary | None = None,
 ) -> dict[str, list[float]]:
     """Train ``module`` in place; returns the history, one value per epoch for each key.
 
@@ -468,6 +564,9 @@ def fit(
     the lr schedule watch a validation metric; like scvi-tools, the validation loss uses the current
     KL weight (``elbo_validation`` does not depend on it). ``state`` continues a run (a restored
     checkpoint; default: a fresh start); ``checkpoint(state)`` is called every ``checkpoint_every`` epochs.
+    ``adversary`` (of a fresh start; a ``state`` carries its own) trains a classifier against the
+    model (:class:`Adversary`); its cross-entropy is logged as ``adversarial_classifier_loss_train``,
+    while ``train_loss`` stays the module's own loss.
     """
     watched = config.watched_metrics()
     has_val = val_batches is not None and n_obs_val > 0
@@ -480,8 +579,13 @@ def fit(
     if n_ranks > 1:  # data-parallel: same start everywhere, BatchNorm over the global minibatch
         distributed.broadcast_parameters(module)
         distributed.use_global_batch_norm(module)
-    state = TrainState.start(module, config) if state is None else state
-    optimizer, history = state.optimizer, state.history
+    if state is not None and adversary is not None:
+        raise ValueError("Give the adversary through `state` (TrainState.start(..., adversary=...)), not both.")
+    state = TrainState.start(module, config, adversary=adversary) if state is None else state
+    optimizer, history, adversary = state.optimizer, state.history, state.adversary
+    if adversary is not None and n_ranks > 1:
+        distributed.broadcast_parameters(adversary.classifier)
+        distributed.use_global_batch_norm(adversary.classifier)
     params = [p for p in module.parameters() if p.requires_grad]
     checkpoint = checkpoint if rank == 0 else None  # only rank 0 writes files
     val_every = 1 if needs_val else config.check_val_every_n_epoch
@@ -499,14 +603,22 @@ def fit(
             totals = _Totals()
             started = time.perf_counter()
             for batch in train_batches():
-                out = module.loss(batch, kl_weight=kl_weight(epoch, state.step, **warm))
+                weight = kl_weight(epoch, state.step, **warm)
+                out = module.loss(batch, kl_weight=weight)
+                loss = out["loss"]
+                if adversary is not None:
+                    z, labels, kappa = adversary.latent(out), batch[adversary.target], adversary.weight(weight)
+                    if kappa > 0:  # the model learns to fool the batch classifier
+                        loss = loss + kappa * adversary.fool_loss(z, labels)
                 optimizer.zero_grad(set_to_none=True)
-                out["loss"].backward()
+                loss.backward()
                 if n_ranks > 1:
                     distributed.average_gradients(params, n_ranks)
                 if config.gradient_clip_val is not None:
                     torch.nn.utils.clip_grad_norm_(params, config.gradient_clip_val, foreach=True)
                 optimizer.step()
+                if adversary is not None:  # then the classifier learns from the detached z
+                    out["adversarial_classifier_loss"] = adversary.step(z, labels, kappa, n_ranks)
                 totals.add(out)
                 state.step += 1
             metrics = totals.read("train", n_obs_train)

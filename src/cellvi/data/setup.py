@@ -10,6 +10,7 @@ categories.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -406,3 +407,114 @@ def _check_proteins(spec: DataSpec, adata: AnnData) -> None:
         theirs = names or f"{n} unnamed columns"
         raise ValueError(f"adata.obsm[{key!r}] has other proteins than the model ({theirs} vs "
                          f"{list(spec.protein_names)}); reorder or subset its columns to the model's protein_names.")
+
+
+# --------------------------------------------------------------------------- MuData (TotalVI.setup_mudata)
+
+MUDATA_PROTEIN_KEY = "protein_expression"  # the obsm key of the proteins in the AnnData view of a MuData
+MUDATA_ARGS = ("rna_layer", "protein_layer", "batch_key", "panel_key", "size_factor_key",
+               "categorical_covariate_keys", "continuous_covariate_keys")  # what `modalities` may map
+
+
+def import_mudata():
+    """The ``mudata`` module, an optional dependency, with a clear error when it is not installed."""
+    try:
+        import mudata
+    except ImportError as err:
+        raise ImportError("Reading a MuData needs the mudata package: pip install mudata") from err
+    return mudata
+
+
+def is_mudata(obj) -> bool:
+    """Whether ``obj`` is a MuData (a MuData can only exist once mudata is imported: nothing is imported here)."""
+    mudata = sys.modules.get("mudata")
+    return mudata is not None and isinstance(obj, mudata.MuData)
+
+
+def check_modalities(modalities: dict | None, mdata) -> dict[str, str | None]:
+    """scvi-tools' ``modalities`` of ``setup_mudata``: the modality each argument reads, with every argument
+    present (``None``: the top-level ``mdata.obs``). The RNA and protein modalities are required."""
+    if not isinstance(modalities, dict):
+        raise ValueError(f"modalities={modalities!r}: give a dict naming the modality of the RNA and of the proteins, "
+                         "e.g. modalities={'rna_layer': 'rna', 'protein_layer': 'protein'}.")
+    extra = sorted(set(modalities) - set(MUDATA_ARGS))
+    if extra:
+        raise ValueError(f"modalities has keys that are not arguments of setup_mudata: {extra}; use {list(MUDATA_ARGS)}.")
+    for required in ("rna_layer", "protein_layer"):
+        if modalities.get(required) is None:
+            raise ValueError(f"modalities must name the modality of {required!r} (one of {list(mdata.mod)}), "
+                             f"e.g. modalities={{'rna_layer': 'rna', 'protein_layer': 'protein'}}.")
+    unknown = {k: v for k, v in modalities.items() if v is not None and v not in mdata.mod}
+    if unknown:
+        raise ValueError(f"modalities {unknown} name modalities that mdata lacks (it has {list(mdata.mod)}).")
+    return {arg: modalities.get(arg) for arg in MUDATA_ARGS}
+
+
+def _modality_obs_keys(spec: DataSpec) -> dict[str, tuple[str, ...]]:
+    """The ``.obs`` columns of ``spec``, per ``setup_mudata`` argument."""
+    one = lambda key: () if key is None else (key,)  # noqa: E731
+    return {"batch_key": one(spec.batch_key), "panel_key": one(spec.panel_key),
+            "size_factor_key": one(spec.size_factor_key),
+            "categorical_covariate_keys": spec.categorical_covariate_keys,
+            "continuous_covariate_keys": spec.continuous_covariate_keys}
+
+
+def _mudata_matrix(adata: AnnData, layer: str | None, where: str):
+    if layer is None:
+        if adata.X is None:
+            raise ValueError(f"{where}.X is empty: name the layer with the raw counts.")
+        return adata.X
+    if layer not in adata.layers:
+        raise ValueError(f"Layer {layer!r} not found in {where}.layers (available: {list(adata.layers.keys())}).")
+    return adata.layers[layer]
+
+
+def mudata_view(mdata, spec: DataSpec) -> AnnData:
+    """The AnnData a TotalVI model reads from a MuData set up with ``TotalVI.setup_mudata`` (recorded in
+    ``spec.extra["mudata"]``).
+
+    RNA counts are the RNA modality's ``X`` or ``layers[spec.layer]`` (the same matrix, not a copy); the
+    proteins the protein modality's ``X`` or ``layers[protein_layer]``, as the DataFrame
+    ``obsm["protein_expression"]`` named by its ``var_names``; ``obs`` is ``mdata.obs`` with each set-up
+    column read where ``modalities`` says (scvi-tools' rule: the named modality's ``obs``, else
+    ``mdata.obs``; the panel from ``panel_key``'s modality, else ``batch_key``'s). The user's MuData is
+    not modified.
+    """
+    reading = spec.extra["mudata"]
+    mods = reading["modalities"]
+    used = {m for m in mods.values() if m is not None}
+    for name in sorted(used):
+        if name not in mdata.mod:
+            raise ValueError(f"The set-up reads modality {name!r}, which mdata lacks (it has {list(mdata.mod)}).")
+        if not mdata.mod[name].obs_names.equals(mdata.obs_names):
+            raise ValueError(f"mdata[{name!r}] does not hold every cell of mdata, in mdata's order; TotalVI needs each "
+                             "cell in every modality it reads: keep the cells measured in all of them first "
+                             "(e.g. `mudata.pp.intersect_obs(mdata)`).")
+    obs = mdata.obs.copy()
+    for arg, keys in _modality_obs_keys(spec).items():
+        mod = mods.get(arg) if (arg != "panel_key" or mods.get(arg) is not None) else mods.get("batch_key")
+        source, where = (mdata.obs, "mdata.obs") if mod is None else (mdata.mod[mod].obs, f"mdata[{mod!r}].obs")
+        for key in keys:
+            if key not in source.columns:
+                raise ValueError(f"{arg} {key!r} is not a column of {where} (columns: {list(source.columns)}); add it "
+                                 f"there or name the modality that has it in modalities={{{arg!r}: ...}}.")
+            if mod is not None:
+                obs[key] = source[key].values  # aligned: checked above
+    rna, pro = mdata.mod[mods["rna_layer"]], mdata.mod[mods["protein_layer"]]
+    counts = _mudata_matrix(rna, spec.layer, f"mdata[{mods['rna_layer']!r}]")
+    proteins = _mudata_matrix(pro, reading["protein_layer"], f"mdata[{mods['protein_layer']!r}]")
+    proteins = proteins.toarray() if sp.issparse(proteins) else np.asarray(proteins)
+    table = pd.DataFrame(proteins, index=obs.index, columns=pd.Index(pro.var_names.astype(str)))
+    view = AnnData(X=counts if spec.layer is None else None, obs=obs, var=pd.DataFrame(index=rna.var_names.copy()),
+                   layers=None if spec.layer is None else {spec.layer: counts}, obsm={MUDATA_PROTEIN_KEY: table})
+    view.uns[UNS_KEY] = spec.to_json()
+    return view
+
+
+def mudata_spec(mdata) -> DataSpec:
+    """The set-up ``TotalVI.setup_mudata`` recorded in ``mdata.uns``, with a clear error when there is none."""
+    spec = DataSpec.from_json(mdata.uns[UNS_KEY]) if UNS_KEY in mdata.uns else None
+    if spec is None or "mudata" not in spec.extra:
+        raise ValueError("This MuData has not been set up: call `cellvi.TotalVI.setup_mudata(mdata, "
+                         "modalities={'rna_layer': 'rna', 'protein_layer': 'protein'}, ...)` first.")
+    return spec

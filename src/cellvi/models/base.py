@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -27,7 +28,16 @@ from cellvi.data import DataSpec, check_compatible, get_spec, setup_anndata
 from cellvi.data.backed import BackedCountData, is_on_disk
 from cellvi.data.loader import CountData, split_indices
 from cellvi.data.setup import UNS_KEY, get_counts
-from cellvi.train import TrainConfig, TrainState, fit, make_train_config, read_state_meta, restore_state, save_state
+from cellvi.train import (
+    Adversary,
+    TrainConfig,
+    TrainState,
+    fit,
+    make_train_config,
+    read_state_meta,
+    restore_state,
+    save_state,
+)
 
 FORMAT_VERSION = 1
 WEIGHTS, META, ADATA = "model.safetensors", "model.json", "adata.h5ad"
@@ -319,6 +329,15 @@ class Model:
             return torch.cat([empty, *out]).numpy(), torch.cat([empty, *variances]).numpy()
         return torch.cat([empty, *out]).numpy()
 
+    @torch.no_grad()
+    def _per_cell_values(self, adata: AnnData | None, indices, batch_size: int | None,
+                         fn: Callable[[dict], Tensor]) -> np.ndarray:
+        """``fn(minibatch) -> (cells, ...)`` over the rows ``indices`` in eval mode, concatenated over cells
+        (an empty float32 array for no cells)."""
+        self.module.eval()
+        vals = [fn(b).cpu() for b in self._minibatches(adata, indices, batch_size)]
+        return torch.cat(vals).numpy() if vals else np.zeros(0, np.float32)
+
     def _expression_output(self, expr: np.ndarray, adata: AnnData, idx: np.ndarray, genes: np.ndarray | None,
                            return_mean: bool, return_numpy: bool | None):
         """``(n_samples, cells, genes)`` draws -> scvi-tools' output: averaged over samples when ``return_mean``
@@ -384,7 +403,9 @@ class Model:
             scvi-tools' training-plan options: ``lr`` (1e-3), ``weight_decay`` (1e-6), ``eps`` (0.01),
             ``optimizer`` ("Adam" or "AdamW"), ``n_epochs_kl_warmup`` (400), ``n_steps_kl_warmup``,
             ``max_kl_weight``, ``min_kl_weight``, ``reduce_lr_on_plateau``, ``lr_factor``, ``lr_patience``,
-            ``lr_threshold``, ``lr_scheduler_metric``, ``lr_min``; cellvi's ``compile_kernels`` (fuse the
+            ``lr_threshold``, ``lr_scheduler_metric``, ``lr_min``, ``adversarial_classifier`` and
+            ``scale_adversarial_loss`` (models whose loss returns its latent ``"z"``, e.g. TotalVI; see
+            :class:`cellvi.train.Adversary`); cellvi's ``compile_kernels`` (fuse the
             likelihood's elementwise passes with ``torch.compile``: ~10 s once, then faster steps; ``None``,
             the default, turns it on for runs of at least 500,000 cell passes). See
             :class:`cellvi.train.TrainConfig`.
@@ -430,7 +451,7 @@ class Model:
     def _fit(self, config: TrainConfig, generator: torch.Generator, train_batches, val_batches, *, n_obs_train: int,
              n_obs_val: int, checkpoint_dir=None, checkpoint_every: int = 1, resume_from=None) -> None:
         """Run :func:`cellvi.train.fit` from a fresh or a restored training state, checkpointing if asked."""
-        state = TrainState.start(self.module, config, generator)
+        state = TrainState.start(self.module, config, generator, adversary=self._adversary(config))
         identity = self._checkpoint_identity()
         if resume_from is not None:
             theirs = read_state_meta(resume_from)["extra"]
@@ -444,6 +465,20 @@ class Model:
         history = fit(self.module, train_batches, val_batches, config, n_obs_train=n_obs_train, n_obs_val=n_obs_val,
                       state=state, checkpoint=save, checkpoint_every=checkpoint_every)
         self._record(history)
+
+    def _adversary(self, config: TrainConfig) -> Adversary | None:
+        """scvi-tools' adversarial batch classifier on z when ``config.adversarial_classifier`` (see
+        :class:`cellvi.train.Adversary`); with a single batch there is nothing to classify: a warning, and none."""
+        if not config.adversarial_classifier:
+            return None
+        if self.spec.n_batches < 2:
+            warnings.warn("adversarial_classifier=True with a single batch: nothing to classify; training without it.",
+                          UserWarning, stacklevel=4)
+            return None
+        n_latent = getattr(self.module, "n_latent", None)
+        if n_latent is None:
+            raise ValueError(f"{type(self).__name__} does not support adversarial_classifier; train without it.")
+        return Adversary.for_batches(n_latent, self.spec.n_batches, config, self.device)
 
     def _checkpoint_identity(self) -> dict:
         """What a checkpoint must share with the run that resumes it: class, data set-up, config, split."""

@@ -22,7 +22,9 @@ not measured) with the batch.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,14 +33,32 @@ import torch
 import torch.nn.functional as F
 from anndata import AnnData
 from torch import Tensor, nn
-from torch.distributions import kl_divergence
+from torch.distributions import Normal, kl_divergence
 
 from cellvi import distributions as dist
 from cellvi import settings
 from cellvi.data.loader import obs_arrays
-from cellvi.data.setup import get_counts, setup_anndata
-from cellvi.models.base import Model, average_over_batches, check_library_size, expression_from
-from cellvi.models.scvi import flatten_samples, repeat_samples
+from cellvi.data.setup import (
+    MUDATA_PROTEIN_KEY,
+    UNS_KEY,
+    DataSpec,
+    check_modalities,
+    get_counts,
+    import_mudata,
+    is_mudata,
+    mudata_spec,
+    mudata_view,
+    setup_anndata,
+)
+from cellvi.models.base import (
+    Model,
+    _file_names,
+    _read_meta,
+    average_over_batches,
+    check_library_size,
+    expression_from,
+)
+from cellvi.models.scvi import cell_mean, flatten_samples, repeat_samples
 from cellvi.nn import MLP, GaussianEncoder
 
 CHOICES = {
@@ -49,6 +69,7 @@ CHOICES = {
     "use_batch_norm": ("encoder", "decoder", "none", "both"),
     "use_layer_norm": ("encoder", "decoder", "none", "both"),
 }
+MC_CHUNK = 100  # posterior samples per pass of get_marginal_ll: bounds memory at MC_CHUNK x cells x features
 MIN_PROTEINS_EMPIRICAL = 10  # scvi-tools' default: the empirical background prior with more than 10 proteins
 
 
@@ -152,7 +173,7 @@ class TotalVIModule(nn.Module):
                  n_continuous_cov: int, config: TotalVIConfig, prior_mean: np.ndarray, prior_log_scale: np.ndarray):
         super().__init__()
         self.config = cfg = config
-        self.n_genes, self.n_proteins = n_genes, n_proteins
+        self.n_genes, self.n_proteins, self.n_latent = n_genes, n_proteins, cfg.n_latent
         enc_cats = [n_batches, *n_cats_per_cov] if cfg.encode_covariates else []
         n_enc_in = n_genes + n_proteins + (n_continuous_cov if cfg.encode_covariates else 0)
         bn = lambda part: cfg.use_batch_norm in (part, "both")  # noqa: E731
@@ -211,11 +232,12 @@ class TotalVIModule(nn.Module):
                         self.log_phi[batch if cfg.protein_dispersion == "protein-batch" else label])
         px = dist.NegativeBinomial(torch.exp(library) * scale, theta, zi, scale=scale)
         q_back = dist.normal(back_mean, F.softplus(back_log_sd) + 1e-4)  # q(log beta | z)
-        rate_back = torch.exp(q_back.rsample().clamp(max=20.0))  # clamp: no overflow from a wild start
+        log_back = q_back.rsample()
+        rate_back = torch.exp(log_back.clamp(max=20.0))  # clamp: no overflow from a wild start
         rate_fore = rate_back * (1.0 + F.softplus(fore) + 1e-8)  # alpha >= 1
         py = dist.NegativeBinomialMixture(rate_back, rate_fore, phi, mixing)
         p_back = dist.normal(self.prior_mean.T[batch], torch.exp(self.prior_log_scale.T[batch]))  # (B, P)
-        return {"px": px, "py": py, "q_back": q_back, "p_back": p_back}
+        return {"px": px, "py": py, "q_back": q_back, "p_back": p_back, "log_back": log_back}
 
     def forward_batch(self, batch: dict[str, Tensor], n_samples: int = 1) -> tuple[dict, dict]:
         """Inference then generative; ``n_samples > 1`` flattens samples into the cell axis (row ``s * B + b``)."""
@@ -227,15 +249,39 @@ class TotalVIModule(nn.Module):
             covs = [repeat_samples(c, n_samples) for c in covs]
         return inf, self.generative(z, library, *covs)
 
-    def loss(self, batch: dict[str, Tensor], kl_weight: float = 1.0) -> dict[str, Tensor]:
+    def terms(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The per-cell terms of the negative ELBO at one posterior draw, each ``(B,)``, with scvi-tools'
+        names, and the draw ``z``."""
         inf, gen = self.forward_batch(batch)
         mask = batch["protein_mask"]  # (B, P): unmeasured proteins add nothing
-        rec_rna = -gen["px"].log_prob_sum(batch["x"], batch.get("nonzeros"))  # (B,)
-        rec_pro = -(gen["py"].log_prob(batch["proteins"]) * mask).sum(-1)  # (B,)
-        kl_z = dist.kl_standard_normal(inf["qz"]).sum(-1)
-        kl_back = (kl_divergence(gen["q_back"], gen["p_back"]) * mask).sum(-1)
-        loss = torch.mean(rec_rna + rec_pro + kl_weight * (kl_z + kl_back))
-        return {"loss": loss, "reconstruction_loss": rec_rna + rec_pro, "kl_local": kl_z + kl_back}
+        return {"reconst_loss_gene": -gen["px"].log_prob_sum(batch["x"], batch.get("nonzeros")),
+                "reconst_loss_protein": -(gen["py"].log_prob(batch["proteins"]) * mask).sum(-1),
+                "kl_div_z": dist.kl_standard_normal(inf["qz"]).sum(-1),
+                "kl_div_back_pro": (kl_divergence(gen["q_back"], gen["p_back"]) * mask).sum(-1),
+                "z": inf["z"]}
+
+    def loss(self, batch: dict[str, Tensor], kl_weight: float = 1.0) -> dict[str, Tensor]:
+        t = self.terms(batch)
+        rec = t["reconst_loss_gene"] + t["reconst_loss_protein"]
+        kl = t["kl_div_z"] + t["kl_div_back_pro"]
+        return {"loss": torch.mean(rec + kl_weight * kl), "reconstruction_loss": rec, "kl_local": kl, "z": t["z"]}
+
+    def log_weights(self, batch: dict[str, Tensor], n_samples: int) -> Tensor:
+        """``log p(x, y, z, log beta) - log q(z, log beta | x, y)`` for ``n_samples`` posterior draws per cell,
+        shape ``(n_samples, B)``. Only measured proteins' backgrounds enter (an unmeasured protein has no
+        likelihood: its background integrates out of p and q alike)."""
+        inf = self.inference(batch)
+        qz, B = inf["qz"], batch["x"].shape[0]
+        z_raw = qz.sample((n_samples,))  # (S, B, L), before the softmax of "ln"
+        z = F.softmax(z_raw, -1) if self.config.latent_distribution == "ln" else z_raw
+        library = flatten_samples(inf["library"].expand(n_samples, B, 1))
+        rep = lambda key: repeat_samples(batch[key], n_samples)  # noqa: E731
+        gen = self.generative(flatten_samples(z), library, *(rep(k) for k in ("batch", "cat_covs", "cont_covs", "label")))
+        mask, log_back = rep("protein_mask"), gen["log_back"]
+        log_lik = gen["px"].log_prob_sum(rep("x")) + (gen["py"].log_prob(rep("proteins")) * mask).sum(-1)
+        log_back_ratio = ((gen["p_back"].log_prob(log_back) - gen["q_back"].log_prob(log_back)) * mask).sum(-1)
+        log_z_ratio = (Normal(0.0, 1.0).log_prob(z_raw) - qz.log_prob(z_raw)).sum(-1)  # (S, B)
+        return log_z_ratio + (log_lik + log_back_ratio).reshape(n_samples, B)
 
 
 def protein_values(py: dist.NegativeBinomialMixture, sample_protein_mixing: bool, include_protein_background: bool,
@@ -259,12 +305,17 @@ class TotalVI(Model):
     """total Variational Inference for CITE-seq (Gayoso et al., 2021).
 
     ``TotalVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression", batch_key="batch")``,
-    then ``model = TotalVI(adata); model.train()``.
+    then ``model = TotalVI(adata); model.train()``; or from a MuData,
+    ``TotalVI.setup_mudata(mdata, modalities={"rna_layer": "rna", "protein_layer": "protein"})``, then
+    ``TotalVI(mdata)``.
 
     Parameters
     ----------
     adata
-        AnnData set up with :meth:`setup_anndata`.
+        AnnData set up with :meth:`setup_anndata`, or MuData set up with :meth:`setup_mudata`. For a
+        MuData, ``model.mdata`` is it and ``model.adata`` the AnnData the model reads from it (see
+        :func:`cellvi.data.setup.mudata_view`); methods take the MuData (or another one with the same
+        modalities) as ``adata``.
     n_latent
         Size of z.
     gene_dispersion
@@ -298,6 +349,9 @@ class TotalVI(Model):
                                latent_distribution=latent_distribution,
                                empirical_protein_background_prior=empirical_protein_background_prior,
                                override_missing_proteins=override_missing_proteins, **model_kwargs)
+        self.mdata = adata if is_mudata(adata) else None
+        if self.mdata is not None:
+            adata = mudata_view(adata, mudata_spec(adata))
         super().__init__(adata, config)
         spec = self.spec
         if spec.protein_expression_obsm_key is None:
@@ -366,6 +420,80 @@ class TotalVI(Model):
                       protein_expression_obsm_key=protein_expression_obsm_key,
                       protein_names_uns_key=protein_names_uns_key, panel_key=panel_key, model_class=cls.__name__)
 
+    @classmethod
+    def setup_mudata(
+        cls,
+        mdata,
+        rna_layer: str | None = None,
+        protein_layer: str | None = None,
+        batch_key: str | None = None,
+        panel_key: str | None = None,
+        size_factor_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+        modalities: dict[str, str] | None = None,
+    ) -> None:
+        """Validate a MuData and record its RNA and protein modalities and the ``.obs`` columns read.
+
+        Parameters
+        ----------
+        mdata
+            MuData with an RNA and a protein modality holding the same cells in the same order.
+        rna_layer, protein_layer
+            Layer of raw counts in the RNA / protein modality; ``None`` reads its ``X``.
+        batch_key, panel_key, size_factor_key, categorical_covariate_keys, continuous_covariate_keys
+            As in :meth:`setup_anndata`: columns of the ``.obs`` of the modality ``modalities`` names for
+            that argument, or of ``mdata.obs`` when it names none (``panel_key`` defaults to
+            ``batch_key``'s modality, as scvi-tools).
+        modalities
+            Which modality each argument reads, e.g. ``{"rna_layer": "rna", "protein_layer": "protein",
+            "batch_key": "rna"}``; ``rna_layer`` and ``protein_layer`` are required.
+
+        Returns
+        -------
+        None; the set-up is stored as JSON in ``mdata.uns["_cellvi_setup"]``. Needs the ``mudata`` package.
+        """
+        import_mudata()
+        if not is_mudata(mdata):
+            raise ValueError(f"setup_mudata takes a MuData, got {type(mdata).__name__}; set up an AnnData with "
+                             "TotalVI.setup_anndata.")
+        reading = {"modalities": check_modalities(modalities, mdata), "protein_layer": protein_layer}
+        draft = DataSpec(var_names=(), layer=rna_layer, batch_key=batch_key, panel_key=panel_key,
+                         size_factor_key=size_factor_key,
+                         categorical_covariate_keys=tuple(categorical_covariate_keys or ()),
+                         continuous_covariate_keys=tuple(continuous_covariate_keys or ()), extra={"mudata": reading})
+        spec = setup_anndata(mudata_view(mdata, draft), layer=rna_layer, batch_key=batch_key,
+                             size_factor_key=size_factor_key, categorical_covariate_keys=categorical_covariate_keys,
+                             continuous_covariate_keys=continuous_covariate_keys,
+                             protein_expression_obsm_key=MUDATA_PROTEIN_KEY, panel_key=panel_key,
+                             extra={"mudata": reading}, model_class=cls.__name__)
+        mdata.uns[UNS_KEY] = spec.to_json()
+
+    def _anndata(self, adata) -> AnnData | None:
+        """What a method reads: ``None`` for the model's own data (its MuData too), the model's view of
+        another MuData, or the AnnData given."""
+        if adata is None or (self.mdata is not None and adata is self.mdata):
+            return None
+        if not is_mudata(adata):
+            return adata
+        if "mudata" not in self.spec.extra:
+            raise ValueError("This model was set up from an AnnData; pass an AnnData laid out the same way, not a MuData.")
+        return mudata_view(adata, self.spec)
+
+    @classmethod
+    def load(cls, dir_path, adata=None, accelerator: str = "auto", device: int | str = "auto",
+             prefix: str | None = None) -> TotalVI:
+        """As :meth:`cellvi.models.base.Model.load`; ``adata`` may also be a MuData with the modalities the
+        model was set up with."""
+        if not is_mudata(adata):
+            return super().load(dir_path, adata, accelerator, device, prefix)
+        spec = DataSpec.from_json(json.dumps(_read_meta(Path(dir_path), _file_names(prefix))["spec"]))
+        if "mudata" not in spec.extra:
+            raise ValueError(f"The model in {dir_path} was set up from an AnnData; load it with an AnnData.")
+        model = super().load(dir_path, mudata_view(adata, spec), accelerator, device, prefix)
+        model.mdata = adata
+        return model
+
     # ------------------------------------------------------------------ training
 
     train_defaults = {"lr": 4e-3, "reduce_lr_on_plateau": True, "n_epochs_kl_warmup": None}
@@ -395,8 +523,10 @@ class TotalVI(Model):
         n_steps_kl_warmup, n_epochs_kl_warmup
             KL warm-up; by default over ``0.75 * n_cells`` steps, as scvi-tools.
         adversarial_classifier
-            scvi-tools' adversarial batch classifier is not implemented: ``True`` is refused, ``None`` and
-            ``False`` train without it.
+            Train a classifier of the batch on z that the model learns to fool (:class:`cellvi.train.Adversary`;
+            weight ``scale_adversarial_loss``, a plan option, default ``"auto"``: ``1 - kl_weight``). ``None``:
+            on when some protein is missing from some panel (as scvi-tools) and there are several batches.
+            Its loss is in ``history["adversarial_classifier_loss_train"]``.
         plan_kwargs
             Other training-plan options (see :meth:`cellvi.models.base.Model.train`); they override the
             arguments above (in scvi-tools the arguments win).
@@ -404,11 +534,12 @@ class TotalVI(Model):
             Everything else :meth:`cellvi.models.base.Model.train` takes (``seed``, ``checkpoint_dir``,
             trainer options such as ``early_stopping_patience``).
         """
-        if adversarial_classifier:
-            raise ValueError("adversarial_classifier=True is not implemented in cellvi's TotalVI; use None or False.")
         if external_indexing is not None:
             raise ValueError("external_indexing is not supported; use train_size/validation_size.")
+        if adversarial_classifier is None:
+            adversarial_classifier = self.spec.n_batches > 1 and any(self.spec.protein_missing)
         plan = {"lr": lr, "reduce_lr_on_plateau": reduce_lr_on_plateau, "n_epochs_kl_warmup": n_epochs_kl_warmup,
+                "adversarial_classifier": bool(adversarial_classifier),
                 "n_steps_kl_warmup": int(0.75 * self.adata.n_obs) if n_steps_kl_warmup is None else n_steps_kl_warmup,
                 **(plan_kwargs or {})}
         if check_val_every_n_epoch is not None:
@@ -430,9 +561,69 @@ class TotalVI(Model):
         ``(n_cells, n_latent)`` array: the posterior mean (``give_mean``) or one sample; with
         ``return_dist=True`` a tuple ``(means, variances)`` of q(z | x, y).
         """
-        return self._latent(adata, indices, batch_size, self.module.inference, n_latent=self.config.n_latent, give_mean=give_mean,
-                            mc_samples=mc_samples, return_dist=return_dist,
+        return self._latent(self._anndata(adata), indices, batch_size, self.module.inference,
+                            n_latent=self.config.n_latent, give_mean=give_mean, mc_samples=mc_samples,
+                            return_dist=return_dist,
                             logistic_normal=self.config.latent_distribution == "ln")
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def get_elbo(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None,
+                 return_mean: bool = True):
+        """The evidence lower bound of each cell (higher is better): ``-(reconstruction loss + KL)`` at one
+        posterior draw, RNA and proteins together, as scvi-tools.
+
+        Returns
+        -------
+        A float (the mean over cells) or, with ``return_mean=False``, a ``(cells,)`` array.
+        """
+        per_cell = self._per_cell_values(self._anndata(adata), indices, batch_size, lambda b: -sum(
+            t for k, t in self.module.terms(b).items() if k != "z"))
+        return cell_mean(per_cell) if return_mean else per_cell
+
+    @torch.no_grad()
+    def get_reconstruction_error(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None,
+                                 return_mean: bool = True) -> dict:
+        """``-log p(x | z)`` and ``-log p(y | z)`` of each cell at one posterior draw (lower is better).
+
+        Returns
+        -------
+        ``{"reconst_loss_gene": ..., "reconst_loss_protein": ...}`` (scvi-tools' keys): floats (means over
+        cells) or, with ``return_mean=False``, ``(cells,)`` arrays.
+        """
+        keys = ("reconst_loss_gene", "reconst_loss_protein")
+
+        def reconstruction(batch: dict) -> Tensor:
+            terms = self.module.terms(batch)  # one posterior draw for both modalities
+            return torch.stack([terms[k] for k in keys], -1)
+
+        per_cell = self._per_cell_values(self._anndata(adata), indices, batch_size, reconstruction).reshape(-1, 2)
+        return {k: cell_mean(per_cell[:, i]) if return_mean else per_cell[:, i] for i, k in enumerate(keys)}
+
+    @torch.no_grad()
+    def get_marginal_ll(self, adata: AnnData | None = None, indices=None, n_mc_samples: int = 1000,
+                        batch_size: int | None = None, return_mean: bool = True):
+        """Importance-sampled ``log p(x, y)`` of each cell (higher is better), with q(z, log beta | x, y) as
+        the proposal (:meth:`TotalVIModule.log_weights`).
+
+        .. math:: \\log p(x, y) \\approx \\log \\frac1K \\sum_k \\frac{p(x, y | z_k, \\beta_k) p(z_k) p(\\beta_k)}
+                  {q(z_k | x, y) q(\\beta_k | z_k)}
+
+        Returns
+        -------
+        A float (the mean over cells) or, with ``return_mean=False``, a ``(cells,)`` array.
+        """
+        if n_mc_samples < 1:
+            raise ValueError(f"n_mc_samples={n_mc_samples}: use at least 1.")
+
+        def marginal(batch: dict) -> Tensor:
+            chunks = [self.module.log_weights(batch, min(MC_CHUNK, n_mc_samples - start))
+                      for start in range(0, n_mc_samples, MC_CHUNK)]
+            return torch.logsumexp(torch.cat(chunks, 0), 0) - np.log(n_mc_samples)
+
+        per_cell = self._per_cell_values(self._anndata(adata), indices, batch_size, marginal)
+        return cell_mean(per_cell) if return_mean else per_cell
 
     # ------------------------------------------------------------------ decoding
 
@@ -519,7 +710,7 @@ class TotalVI(Model):
         ``(n_samples, cells, features)`` arrays when ``n_samples > 1`` and ``return_mean=False``.
         """
         check_library_size(library_size)
-        adata_, idx = self._expression_rows(adata, indices, n_samples_overall)
+        adata_, idx = self._expression_rows(self._anndata(adata), indices, n_samples_overall)
         codes, genes, proteins = self._batch_codes(transform_batch), self._gene_mask(gene_list), \
             self._protein_mask(protein_list)
 
@@ -546,7 +737,7 @@ class TotalVI(Model):
         ``(cells, proteins)`` DataFrame (or array), or ``(n_samples, cells, proteins)`` when ``n_samples > 1``
         and ``return_mean=False``.
         """
-        adata_, idx = self._expression_rows(adata, indices, None)
+        adata_, idx = self._expression_rows(self._anndata(adata), indices, None)
         codes, proteins = self._batch_codes(transform_batch), self._protein_mask(protein_list)
 
         def read(gen: dict, library: Tensor) -> Tensor:
@@ -612,6 +803,7 @@ class TotalVI(Model):
         """
         from cellvi import de
 
+        adata = self._anndata(adata)
         adata_ = self.adata if adata is None else adata
         use_field = ["rna", "protein"] if use_field is None else list(use_field)
         unknown = set(use_field) - {"rna", "protein"}
