@@ -125,7 +125,11 @@ class PeakVIModule(nn.Module):
         nz = batch.get("nonzeros")  # the accessible entries (their count values are not read)
         rec = -dist.Bernoulli(gen["p"] * inf["d"] * self.region_factor()).log_prob_sum(y, nz)  # (B,)
         kl_z = dist.kl_standard_normal(inf["qz"]).sum(-1)
-        return {"loss": torch.mean(rec + kl_weight * kl_z), "reconstruction_loss": rec, "kl_local": kl_z}
+        # scvi-tools' PEAKVI minimises sum_cells(rec.sum() + kl_weight * kl): the reconstruction of the whole
+        # minibatch once per cell, i.e. the KL weighted 1 / (cells in the minibatch) against it. Without that
+        # weight the latent of the default small network collapses (docs/peakvi.md); the logged ELBO is unweighted.
+        kl_scale = kl_weight / rec.shape[0]
+        return {"loss": torch.mean(rec + kl_scale * kl_z), "reconstruction_loss": rec, "kl_local": kl_z}
 
 
 class PeakVI(Model):
