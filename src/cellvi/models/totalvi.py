@@ -223,14 +223,14 @@ class TotalVIModule(nn.Module):
         h = torch.cat([z, cont_covs], -1) if cont_covs.shape[-1] else z
         h = self.decoder(h, [batch, *cat_covs.unbind(-1)])  # (B, n_hidden)
         heads = self.heads(h)
-        scale = F.softmax(heads[:, :G], -1)  # (B, G)
-        zi = heads[:, G : 2 * G] if cfg.gene_likelihood == "zinb" else None
         back_mean, back_log_sd, fore, mixing = heads[:, self.n_gene_heads * G :].split(P, -1)  # (B, P) each
         theta = torch.exp(self.log_theta[0] if cfg.gene_dispersion == "gene" else
                           self.log_theta[batch if cfg.gene_dispersion == "gene-batch" else label])
         phi = torch.exp(self.log_phi[0] if cfg.protein_dispersion == "protein" else
                         self.log_phi[batch if cfg.protein_dispersion == "protein-batch" else label])
-        px = dist.NegativeBinomial(torch.exp(library) * scale, theta, zi, scale=scale)
+        # RNA: mu = exp(library) * softmax(scale logits), computed when read (training fuses it into the likelihood)
+        zi = cfg.gene_likelihood == "zinb"
+        px = dist.NegativeBinomial.from_logits(heads[:, : (2 if zi else 1) * G], library, theta, zi)
         q_back = dist.normal(back_mean, F.softplus(back_log_sd) + 1e-4)  # q(log beta | z)
         log_back = q_back.rsample()
         rate_back = torch.exp(log_back.clamp(max=20.0))  # clamp: no overflow from a wild start
