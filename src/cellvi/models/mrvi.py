@@ -41,6 +41,7 @@ QZ_DEFAULTS = dict(n_latent_sample=16, n_channels=4, n_heads=2, dropout_rate=0.0
 QU_DEFAULTS: dict = {}
 ROWS_PER_CHUNK = 2**13  # cells x samples evaluated at once in counterfactual analyses (bounds memory)
 PAIRS_PER_CHUNK = 2**22  # cells x samples^2 distances held at once (16 MB of float32)
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 LABEL_PRIOR_BOOST = 10.0  # logit added to a cell's own label component in the label-informed prior
 
 
@@ -152,22 +153,26 @@ class TokenAttention(nn.Module):
         ``lam_t = (q_t a.b + c.b) / sqrt(d)``; the constant terms cancel in the softmax over t'. With
         weights ``w = softmax_t'(lam_t k_t')``, the attended value is ``v sum_t' w k_t' + f sum_t' w``.
         Exactly multi-head attention on these tokens, with ``(N, heads, T, T)`` scalars instead of
-        ``(N, heads, T, d)`` matrix products.
+        ``(N, heads, T, d)`` matrix products. The two sums over t' are one matrix product with
+        ``[k, 1]``; the value vectors and the output projection ``W_o`` fold into one ``(2 heads, E)``
+        matrix of rows ``W_o^h v_h`` and ``W_o^h f_h`` (``W_o^h``: the columns of ``W_o`` for head h).
         """
         k = self.kv_tokens(kv) if keys is None else keys  # (N, T)
         q_in = query.detach() if self.stop_gradients_mlp else query
         q = self.query_proj(q_in)  # (N, T)
+        N, T = q.shape
         H = self.n_heads
         (a, b, v), (c, e, f) = (w.view(3, H, -1).unbind(0) for w in (self.token_weight, self.token_bias))
-        scale = a.shape[-1] ** -0.5
-        lam = (q[:, None, :] * (a * b).sum(-1)[None, :, None] + (c * b).sum(-1)[None, :, None]) * scale  # (N, H, T)
+        slope, shift = ((torch.stack([a, c]) * b).sum(-1) * a.shape[-1] ** -0.5).unbind(0)  # (H,) each
+        lam = torch.addcmul(shift[:, None], q[:, None, :], slope[:, None])  # (N, H, T)
         w = torch.softmax(lam[..., None] * k[:, None, None, :], -1)  # (N, H, T, T')
         if self.training and self.dropout_rate > 0:
             w = F.dropout(w, self.dropout_rate)
-        m, total = (w * k[:, None, None, :]).sum(-1), w.sum(-1)  # (N, H, T) each
-        att = m[..., None] * v[None, :, None, :] + total[..., None] * f[None, :, None, :]  # (N, H, T, d)
-        att = self.out_proj(att.transpose(1, 2).flatten(2))  # (N, T, E)
-        return self.mlp_out(torch.cat([query, self.mlp_tokens(att.flatten(1))], -1))
+        sums = w @ torch.stack([k, torch.ones_like(k)], -1)[:, None]  # (N, H, T, 2): sum_t' w k_t', sum_t' w
+        W_o = self.out_proj.weight.view(-1, H, a.shape[-1])  # (E, H, d)
+        rows = torch.einsum("ehd,hcd->hce", W_o, torch.stack([v, f], 1)).reshape(2 * H, -1)  # (2H, E)
+        att = torch.addmm(self.out_proj.bias, sums.transpose(1, 2).reshape(N * T, 2 * H), rows)  # (N T, E)
+        return self.mlp_out(torch.cat([query, self.mlp_tokens(att.view(N, -1))], -1))
 
 
 class SampleNorm(nn.Module):
@@ -180,7 +185,7 @@ class SampleNorm(nn.Module):
         self.n_features = n_features
 
     def forward(self, h: Tensor, sample: Tensor) -> Tensor:
-        return self.gamma[sample] * F.layer_norm(h, (self.n_features,)) + self.beta[sample]
+        return torch.addcmul(self.beta[sample], self.gamma[sample], F.layer_norm(h, (self.n_features,)))
 
 
 # --------------------------------------------------------------------------- module
@@ -246,7 +251,7 @@ class MrVIModule(nn.Module):
     # z = u' + g(u, s); u is (N, Lu), s is (N,)
     def z_from_u(self, u: Tensor, sample: Tensor, use_mean: bool = True, keys: Tensor | None = None
                  ) -> tuple[Tensor, Tensor]:
-        """``(z, z_base)``: the sample-aware state and ``u'`` (so ``z - z_base`` is the sample effect)."""
+        """``(z, g)``: the sample-aware state ``z = u' + g`` and the sample effect ``g = g(u, s)``."""
         u_in = u.detach() if self.qz_options["stop_gradients"] else u
         g = self.qz_attention(self.qz_ln_u(u_in), keys=self.sample_keys(sample) if keys is None else keys)
         if not self.qz_options["use_map"]:
@@ -254,18 +259,21 @@ class MrVIModule(nn.Module):
             q_eps = dist.normal(loc, F.softplus(raw) + 1e-3)
             g = q_eps.mean if use_mean else q_eps.rsample()
         z_base = u_in if self.qz_base is None else self.qz_base(u_in)
-        return z_base + g, z_base
+        return z_base + g, g
 
     # h = softmax(A z + gamma + g(z, b)); z is (N, L), b is (N,)
-    def decode(self, z: Tensor, batch: Tensor) -> Tensor:
-        """Normalized expression h, rows summing to 1."""
+    def decode_logits(self, z: Tensor, batch: Tensor) -> Tensor:
+        """Logits of the normalized expression h (``h = softmax(logits)``)."""
         z_in = z.detach() if self.px_options["stop_gradients"] else z
         if self.px_attention is None:
-            return F.softmax(self.px_fc(self.px_ln_z(z_in)), -1)
+            return self.px_fc(self.px_ln_z(z_in))
         e = self.px_ln_embed(self.px_embed[batch])
         g = self.px_attention(self.px_ln_z(z_in), e)
-        logits = self.px_fc(z + g) if self.px_options["low_dim_batch"] else self.px_fc(z) + g
-        return F.softmax(logits, -1)
+        return self.px_fc(z + g) if self.px_options["low_dim_batch"] else self.px_fc(z) + g
+
+    def decode(self, z: Tensor, batch: Tensor) -> Tensor:
+        """Normalized expression h, rows summing to 1."""
+        return F.softmax(self.decode_logits(z, batch), -1)
 
     def log_prior_u(self, u: Tensor, label: Tensor) -> Tensor:
         """``log p(u)`` per cell (mixture, label-informed when labels are set up), shape ``u.shape[:-1]``."""
@@ -280,18 +288,27 @@ class MrVIModule(nn.Module):
         return torch.logsumexp(log_w + comp, -1)
 
     def loss(self, batch: dict[str, Tensor], kl_weight: float = 1.0) -> dict[str, Tensor]:
+        """Negative ELBO: ``-log p(x | z, b) + kl_weight (log q(u) - log p(u) - log N(g; 0, sigma^2))``.
+
+        One reparameterised draw ``u = mu + sigma eps``, so ``log q(u) = sum(-eps^2 / 2 - log sigma) - c``
+        (the same value and gradients as ``qu.log_prob(u)``); the softmax of the decoder is fused
+        into the likelihood (:meth:`cellvi.distributions.NegativeBinomial.from_logits`).
+        """
         x, s = batch["x"], batch["sample"]
-        qu = self.qu(x, s, batch.get("nonzeros"))
-        u = qu.rsample()
-        z, z_base = self.z_from_u(u, s, use_mean=False)
-        library = x.sum(-1, keepdim=True)
-        h = self.decode(z, batch["batch"])
-        px = dist.NegativeBinomial(library * h, self.log_theta.exp(), scale=h)
-        rec = -px.log_prob_sum(x, batch.get("nonzeros"))  # (B,)
-        kl_u = qu.log_prob(u).sum(-1) - self.log_prior_u(u, batch["label"])  # one-sample estimate
+        nz = batch.get("nonzeros")
+        qu = self.qu(x, s, nz)
+        eps = torch.randn_like(qu.loc)  # the draw qu.rsample() makes
+        u = qu.loc + eps * qu.scale
+        z, g = self.z_from_u(u, s, use_mean=False)
+        log_library = torch.log(x.sum(-1, keepdim=True))
+        px = dist.NegativeBinomial.from_logits(self.decode_logits(z, batch["batch"]), log_library, self.log_theta.exp())
+        rec = -px.log_prob_sum(x, nz)  # (B,)
+        log_qu = -(0.5 * eps.square() + qu.scale.log()).sum(-1) - HALF_LOG_2PI * eps.shape[-1]
+        kl_u = log_qu - self.log_prior_u(u, batch["label"])  # one-sample estimate
         kl_z = torch.zeros_like(kl_u)
-        if self.config.z_u_prior:  # -log N(z - u'; 0, sigma^2): the L2 penalty on the sample effect
-            kl_z = -dist.normal(torch.zeros_like(z), self.z_u_log_scale.exp().expand_as(z)).log_prob(z - z_base).sum(-1)
+        if self.config.z_u_prior:  # -log N(g; 0, sigma^2): the L2 penalty on the sample effect
+            log_sigma = self.z_u_log_scale
+            kl_z = 0.5 * (g.square() * torch.exp(-2.0 * log_sigma)).sum(-1) + (log_sigma.sum() + HALF_LOG_2PI * g.shape[-1])
         per_cell = rec + kl_weight * (kl_u + kl_z)
         if self.config.scale_observations:
             per_cell = per_cell / self.n_obs_per_sample[s]
