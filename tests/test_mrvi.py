@@ -475,13 +475,19 @@ def test_batch_offsets_without_a_batch_are_an_intercept(monkeypatch):
     assert off["beta"].sel(covariate="cond_t").values.mean(0)[1] == pytest.approx(1.0, abs=0.03)
 
 
-def test_batch_offsets_refuse_a_sample_spanning_batches():
+def test_batch_offsets_refuse_a_sample_spanning_batches(tmp_path):
     a = _cohort(n=160, g=30)
     a.obs["site"] = pd.Categorical(np.where(np.arange(a.n_obs) % 2 == 0, "s0", "s1"))  # every sample in both
     cellvi.MrVI.setup_anndata(a, sample_key="sample", batch_key="site")
     m = cellvi.MrVI(a, n_latent=4, n_latent_u=4)
     with pytest.raises(ValueError, match="span several batches"):
         m.differential_expression(sample_cov_keys=["cov1"], mc_samples=2, add_batch_specific_offsets=True)
+    b = _cohort(n=160, g=30)
+    cellvi.MrVI.setup_anndata(b, sample_key="sample", batch_key="cov1")
+    cellvi.MrVI(b, n_latent=4, n_latent_u=4).save(tmp_path / "m")
+    m = cellvi.MrVI.load(tmp_path / "m", adata=b[b.obs["sample"] != "sample_07"].copy())  # batch of sample_07 unknown
+    with pytest.raises(ValueError, match=r"\['sample_07'\] have no cells in the model's data"):
+        m.differential_expression(sample_cov_keys=["cov2"], mc_samples=2, add_batch_specific_offsets=True)
 
 
 def test_analyses_on_new_data_with_a_subset_of_samples(trained):
