@@ -462,6 +462,16 @@ def test_batch_offsets_compare_covariates_within_batches(monkeypatch):
     np.testing.assert_allclose(b_off, [0.0, 1.0, 0.0, 0.0], atol=0.05)
     site = (off["beta"].sel(covariate="offset_batch_1") - off["beta"].sel(covariate="offset_batch_0")).values.mean(0)
     np.testing.assert_allclose(site, [3.0, 0.0, 0.0, 0.0], atol=0.05)
+    # LFC by hand (the planted states do not depend on the draw): each site decoded around its own fitted
+    # state (mean + offset), the two sites weighted by their 4 samples each
+    beta = torch.as_tensor(off["beta"].values[0])  # (3, 4): the offsets, then cond
+    z_mean = m.module.counterfactual_z(torch.zeros(1, 4), torch.arange(8))[0].double().mean(0)
+    expected = 0.0
+    for site_code in (0, 1):
+        ref = (z_mean + beta[site_code]).float()[None]
+        h0, h1 = (m.module.decode(r, torch.tensor([site_code])) for r in (ref, ref + beta[2].float()[None]))
+        expected = expected + 0.5 * (torch.log2(h1 + 1e-4) - torch.log2(h0 + 1e-4))
+    np.testing.assert_allclose(off["lfc"].values[0, 0], expected[0].detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_batch_offsets_without_a_batch_are_an_intercept(monkeypatch):
