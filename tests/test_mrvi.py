@@ -225,6 +225,36 @@ def test_token_attention_is_multi_head_attention_on_scalar_tokens():
     torch.testing.assert_close(att(query, kv), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_training_loss_is_the_textbook_objective_draw_for_draw():
+    """The streamlined loss (explicit eps, softmax fused into the NB, folded attention) equals the objective
+    written with torch.distributions, with the same random draws (dropout on, batches and labels set up)."""
+    from torch import distributions as D
+
+    from cellvi.distributions import nb_log_prob
+
+    a = _cohort(n=64, g=40)
+    a.obs["site"] = pd.Categorical(np.where(a.obs["cov1"] == "group_0", "s0", "s1"))
+    cellvi.MrVI.setup_anndata(a, sample_key="sample", batch_key="site", labels_key="cell_type")
+    m = cellvi.MrVI(a, n_latent=6, n_latent_u=4, z_u_prior_scale=0.3)
+    mod = m.module.train()
+    b = next(iter(m._data().batches(torch.arange(64), 64)))
+    torch.manual_seed(0)
+    out = mod.loss(b, kl_weight=0.7)
+    torch.manual_seed(0)
+    qu = mod.qu(b["x"], b["sample"])
+    u = qu.rsample()
+    z, g = mod.z_from_u(u, b["sample"], use_mean=False)
+    h = mod.decode(z, b["batch"])
+    rec = -nb_log_prob(b["x"], b["x"].sum(-1, keepdim=True) * h, mod.log_theta.exp()).sum(-1)
+    logits = mod.u_prior_logits + 10.0 * torch.nn.functional.one_hot(b["label"], mod.n_labels)
+    pu = D.MixtureSameFamily(D.Categorical(logits=logits),
+                             D.Independent(D.Normal(mod.u_prior_means, mod.u_prior_log_scales.exp()), 1))
+    kl = qu.log_prob(u).sum(-1) - pu.log_prob(u) - D.Normal(0.0, np.exp(0.3)).log_prob(g).sum(-1)
+    torch.testing.assert_close(out["reconstruction_loss"], rec, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(out["kl_local"], kl, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out["loss"], (rec + 0.7 * kl).mean(), rtol=1e-5, atol=0.0)
+
+
 # --------------------------------------------------------------------------- sample distances
 
 
@@ -379,6 +409,97 @@ def test_differential_expression_names_shapes_and_lfc(trained):
         m.differential_expression(sample_cov_keys=["cell_type"])
 
 
+def test_batch_offsets_by_hand():
+    batch_of = regression.sample_batches(np.array([0, 0, 2, 2, 1]), np.array([1, 1, 0, 0, 1]), ["a", "b", "c", "d"])
+    assert batch_of.tolist() == [1, 1, 0, -1]  # d has no cells
+    with pytest.raises(ValueError, match=r"samples \['b'\] span several batches.*sample_subset"):
+        regression.sample_batches(np.array([0, 1, 1]), np.array([0, 0, 1]), ["a", "b"])
+    X = np.array([[0.0], [1.0], [1.0]], dtype=np.float32)
+    Xo, names, owners = regression.add_batch_offsets(X, ["g_b"], ["g"], np.array([2, 0, 2]))
+    assert names == ["offset_batch_0", "offset_batch_2", "g_b"] and owners == ["offset_batch_0", "offset_batch_2", "g"]
+    np.testing.assert_array_equal(Xo, [[0, 1, 0], [1, 0, 1], [0, 1, 1]])
+    assert Xo.dtype == np.float32
+
+
+def _planted_de_model(monkeypatch, site_shift: float, cond_effect: float, batch_key: str | None = "site"):
+    """An (untrained) MrVI whose counterfactual states are planted: z(s) = site_shift * [site(s) = s1] e_0
+    + cond_effect * [cond(s) = t] e_1 + tiny noise. Sites hold samples 0-3 and 4-7; cond is t in samples
+    3, 5, 6, 7: confounded with the site, but not fully."""
+    a = _cohort(n=160, g=30)
+    code = a.obs["sample"].cat.codes.to_numpy()
+    a.obs["site"] = pd.Categorical(np.where(code < 4, "s0", "s1"))
+    a.obs["cond"] = pd.Categorical(np.where(np.isin(code, [3, 5, 6, 7]), "t", "c"), categories=["c", "t"])
+    cellvi.MrVI.setup_anndata(a, sample_key="sample", batch_key=batch_key)
+    m = cellvi.MrVI(a, n_latent=4, n_latent_u=4)
+    S = 8
+    z = 0.01 * torch.as_tensor(np.random.default_rng(0).normal(size=(S, 4)), dtype=torch.float32)
+    z[4:, 0] += site_shift
+    z[[3, 5, 6, 7], 1] += cond_effect
+
+    def planted(u, samples, use_mean=True):
+        return z[samples].expand(*u.shape[:-1], len(samples), 4)
+
+    monkeypatch.setattr(m.module, "counterfactual_z", planted)
+    return m
+
+
+def test_batch_offsets_compare_covariates_within_batches(monkeypatch):
+    m = _planted_de_model(monkeypatch, site_shift=3.0, cond_effect=1.0)
+    plain = m.differential_expression(sample_cov_keys=["cond"], mc_samples=2)
+    off = m.differential_expression(sample_cov_keys=["cond"], mc_samples=2, add_batch_specific_offsets=True,
+                                    store_lfc=True)
+    assert list(plain.covariate.values) == ["cond_t"]
+    # scvi-tools reports the offsets as covariates (first), and gives them no LFC
+    assert list(off.covariate.values) == ["offset_batch_0", "offset_batch_1", "cond_t"]
+    assert off["beta"].shape == (160, 3, 4) and off["pvalue"].shape == (160, 3)
+    assert off["lfc"].dims == ("cell_name", "covariate_sub", "gene") and list(off.covariate_sub.values) == ["cond_t"]
+    assert off["lfc"].shape == (160, 1, 30) and np.isfinite(off["lfc"].values).all()
+    # without offsets the site shift leaks into cond (t is mostly in site s1); with them, cond is compared
+    # within sites and recovers its planted effect exactly, and the offsets recover the sites
+    b_plain = plain["beta"].sel(covariate="cond_t").values.mean(0)
+    b_off = off["beta"].sel(covariate="cond_t").values.mean(0)
+    assert b_plain[0] > 0.5
+    np.testing.assert_allclose(b_off, [0.0, 1.0, 0.0, 0.0], atol=0.05)
+    site = (off["beta"].sel(covariate="offset_batch_1") - off["beta"].sel(covariate="offset_batch_0")).values.mean(0)
+    np.testing.assert_allclose(site, [3.0, 0.0, 0.0, 0.0], atol=0.05)
+    # LFC by hand (the planted states do not depend on the draw): each site decoded around its own fitted
+    # state (mean + offset), the two sites weighted by their 4 samples each
+    beta = torch.as_tensor(off["beta"].values[0])  # (3, 4): the offsets, then cond
+    z_mean = m.module.counterfactual_z(torch.zeros(1, 4), torch.arange(8))[0].double().mean(0)
+    expected = 0.0
+    for site_code in (0, 1):
+        ref = (z_mean + beta[site_code]).float()[None]
+        h0, h1 = (m.module.decode(r, torch.tensor([site_code])) for r in (ref, ref + beta[2].float()[None]))
+        expected = expected + 0.5 * (torch.log2(h1 + 1e-4) - torch.log2(h0 + 1e-4))
+    np.testing.assert_allclose(off["lfc"].values[0, 0], expected[0].detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_batch_offsets_without_a_batch_are_an_intercept(monkeypatch):
+    """One batch: the single offset is a column of ones, so cond's beta becomes the difference of means (1.0)
+    instead of the no-intercept fit on standardized states (1 - fraction of t samples = 0.5)."""
+    m = _planted_de_model(monkeypatch, site_shift=0.0, cond_effect=1.0, batch_key=None)
+    plain = m.differential_expression(sample_cov_keys=["cond"], mc_samples=2)
+    off = m.differential_expression(sample_cov_keys=["cond"], mc_samples=2, add_batch_specific_offsets=True)
+    assert list(off.covariate.values) == ["offset_batch_0", "cond_t"]
+    assert plain["beta"].sel(covariate="cond_t").values.mean(0)[1] == pytest.approx(0.5, abs=0.03)
+    assert off["beta"].sel(covariate="cond_t").values.mean(0)[1] == pytest.approx(1.0, abs=0.03)
+
+
+def test_batch_offsets_refuse_a_sample_spanning_batches(tmp_path):
+    a = _cohort(n=160, g=30)
+    a.obs["site"] = pd.Categorical(np.where(np.arange(a.n_obs) % 2 == 0, "s0", "s1"))  # every sample in both
+    cellvi.MrVI.setup_anndata(a, sample_key="sample", batch_key="site")
+    m = cellvi.MrVI(a, n_latent=4, n_latent_u=4)
+    with pytest.raises(ValueError, match="span several batches"):
+        m.differential_expression(sample_cov_keys=["cov1"], mc_samples=2, add_batch_specific_offsets=True)
+    b = _cohort(n=160, g=30)
+    cellvi.MrVI.setup_anndata(b, sample_key="sample", batch_key="cov1")
+    cellvi.MrVI(b, n_latent=4, n_latent_u=4).save(tmp_path / "m")
+    m = cellvi.MrVI.load(tmp_path / "m", adata=b[b.obs["sample"] != "sample_07"].copy())  # batch of sample_07 unknown
+    with pytest.raises(ValueError, match=r"\['sample_07'\] have no cells in the model's data"):
+        m.differential_expression(sample_cov_keys=["cov2"], mc_samples=2, add_batch_specific_offsets=True)
+
+
 def test_analyses_on_new_data_with_a_subset_of_samples(trained):
     m = trained
     sub = m.adata[m.adata.obs["sample"].isin(["sample_00", "sample_01", "sample_05"])].copy()
@@ -393,6 +514,28 @@ def test_analyses_on_new_data_with_a_subset_of_samples(trained):
     assert de["pvalue"].shape == (n, 1)
     expr = m.get_normalized_expression(sub, library_size=1e4)
     assert expr.shape == (n, 60) and np.allclose(expr.to_numpy().sum(1), 1e4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- likelihoods
+
+
+def test_elbo_is_minus_the_validation_elbo_of_training(trained):
+    m = trained
+    val = m.validation_indices_
+    torch.manual_seed(0)
+    elbo = m.get_elbo(indices=val)
+    assert isinstance(elbo, float) and np.isfinite(elbo)
+    assert elbo == pytest.approx(-m.history["elbo_validation"].iloc[-1, 0], rel=0.005)  # one draw of u per cell
+    per_cell = m.get_elbo(indices=val, return_mean=False)
+    assert per_cell.shape == (len(val),) and np.isfinite(per_cell).all()
+    rec = m.get_reconstruction_error(indices=val)
+    assert list(rec) == ["reconstruction_loss"] and rec["reconstruction_loss"] > 0
+    assert -rec["reconstruction_loss"] > elbo  # the KL of u and the penalty on z - u' are positive on average
+    assert m.get_reconstruction_error(return_mean=False)["reconstruction_loss"].shape == (m.adata.n_obs,)
+    with pytest.raises(ValueError, match="No cells selected"):
+        m.get_elbo(indices=np.array([], dtype=int))
+    with pytest.raises(NotImplementedError, match="get_elbo"):
+        m.get_marginal_ll()
 
 
 # --------------------------------------------------------------------------- exploration

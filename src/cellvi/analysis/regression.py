@@ -95,3 +95,64 @@ def standardize_over_samples(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     mean = z.mean(-2, keepdim=True)
     sd = z.std(-2, keepdim=True)
     return (z - mean) / (1e-6 + sd), mean, sd
+
+
+def sample_batches(sample_codes: np.ndarray, batch_codes: np.ndarray, sample_names) -> np.ndarray:
+    """The batch of each sample, from its cells' sample and batch codes.
+
+    Parameters
+    ----------
+    sample_codes, batch_codes
+        Per cell, shape ``(cells,)``.
+    sample_names
+        One name per sample code (used in the error message).
+
+    Returns
+    -------
+    Batch code per sample, shape ``(samples,)``; ``-1`` for a sample without cells.
+
+    Raises
+    ------
+    ValueError
+        When the cells of a sample come from more than one batch: a sample then has no single
+        batch offset.
+    """
+    names = np.asarray(sample_names, dtype=object)
+    pairs = np.unique(np.stack([np.asarray(sample_codes), np.asarray(batch_codes)], 1).astype(np.int64), axis=0)
+    n_batches_of = np.bincount(pairs[:, 0], minlength=len(names))
+    spanning = np.flatnonzero(n_batches_of > 1)
+    if spanning.size:
+        raise ValueError(f"add_batch_specific_offsets=True needs every sample to come from a single batch, but the "
+                         f"cells of samples {list(names[spanning][:10])} span several batches. Use "
+                         "add_batch_specific_offsets=False (the decoder still corrects for batch), or leave these "
+                         "samples out with sample_subset.")
+    out = np.full(len(names), -1, dtype=np.int64)
+    out[pairs[:, 0]] = pairs[:, 1]
+    return out
+
+
+def add_batch_offsets(X: np.ndarray, names: list[str], owners: list[str], batch_of_sample: np.ndarray
+                      ) -> tuple[np.ndarray, list[str], list[str]]:
+    """Prepend one indicator column per batch present among the samples (scvi-tools' batch-specific offsets).
+
+    The indicators sum to one in every row, so they act as one intercept per batch: each covariate's
+    coefficient is then a contrast between samples of the same batch, and a covariate that differs
+    only between batches is no longer credited with the batch differences. Columns are named
+    ``offset_batch_<batch code>`` (and so owned by no sample covariate); they are not rescaled.
+
+    Parameters
+    ----------
+    X, names, owners
+        A design matrix ``(samples, columns)`` and its column names and covariate keys, as returned
+        by :func:`design_matrix`.
+    batch_of_sample
+        Batch code of each row's sample (:func:`sample_batches`), shape ``(samples,)``.
+
+    Returns
+    -------
+    ``(X, names, key_of_column)`` with the offset columns first.
+    """
+    batches = np.unique(batch_of_sample)
+    offsets = (np.asarray(batch_of_sample)[:, None] == batches[None, :]).astype(X.dtype)
+    off_names = [f"offset_batch_{b}" for b in batches]
+    return np.concatenate([offsets, X], 1), off_names + list(names), off_names + list(owners)

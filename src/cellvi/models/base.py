@@ -90,6 +90,13 @@ def as_indices(indices, n_obs: int) -> np.ndarray:
     return arr % n_obs if arr.size else arr
 
 
+def cell_mean(per_cell: np.ndarray) -> float:
+    """Mean of a per-cell quantity; refuses an empty selection instead of returning NaN."""
+    if per_cell.size == 0:
+        raise ValueError("No cells selected (`indices` is empty); select at least one cell.")
+    return float(per_cell.mean())
+
+
 def check_library_size(library_size) -> None:
     """``library_size`` of the expression methods: a positive number or ``"latent"``."""
     if isinstance(library_size, str):
@@ -251,6 +258,15 @@ class Model:
         data = self._data(adata)
         idx = torch.as_tensor(as_indices(indices, data.n_obs), device=data.device)
         return data.batches(idx, batch_size or settings.batch_size)
+
+    @torch.no_grad()
+    def _per_cell(self, adata: AnnData | None, indices, batch_size: int | None,
+                  fn: Callable[[dict[str, Tensor]], Tensor]) -> np.ndarray:
+        """``fn(module.loss(minibatch))`` (a per-cell tensor) over the selected cells, in eval mode, at KL weight 1:
+        the per-cell terms the training loop averages into ``elbo_validation``."""
+        self.module.eval()
+        vals = [fn(self.module.loss(b)).cpu() for b in self._minibatches(adata, indices, batch_size)]
+        return torch.cat([torch.zeros(0), *vals]).numpy()
 
     def _batch_codes(self, transform_batch) -> list[int | None]:
         """Codes of the batches to decode as (``None``: each cell's own batch)."""

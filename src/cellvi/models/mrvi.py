@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from cellvi import distributions as dist
 from cellvi.analysis import density, distances, regression
-from cellvi.models.base import Model, as_indices
+from cellvi.models.base import Model, as_indices, cell_mean
 
 PX_DEFAULTS = dict(n_latent_sample=16, n_channels=4, n_heads=2, dropout_rate=0.03, stop_gradients=False,
                    stop_gradients_mlp=True, n_hidden=32, n_layers=1, low_dim_batch=True)
@@ -41,6 +41,7 @@ QZ_DEFAULTS = dict(n_latent_sample=16, n_channels=4, n_heads=2, dropout_rate=0.0
 QU_DEFAULTS: dict = {}
 ROWS_PER_CHUNK = 2**13  # cells x samples evaluated at once in counterfactual analyses (bounds memory)
 PAIRS_PER_CHUNK = 2**22  # cells x samples^2 distances held at once (16 MB of float32)
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 LABEL_PRIOR_BOOST = 10.0  # logit added to a cell's own label component in the label-informed prior
 
 
@@ -152,22 +153,26 @@ class TokenAttention(nn.Module):
         ``lam_t = (q_t a.b + c.b) / sqrt(d)``; the constant terms cancel in the softmax over t'. With
         weights ``w = softmax_t'(lam_t k_t')``, the attended value is ``v sum_t' w k_t' + f sum_t' w``.
         Exactly multi-head attention on these tokens, with ``(N, heads, T, T)`` scalars instead of
-        ``(N, heads, T, d)`` matrix products.
+        ``(N, heads, T, d)`` matrix products. The two sums over t' are one matrix product with
+        ``[k, 1]``; the value vectors and the output projection ``W_o`` fold into one ``(2 heads, E)``
+        matrix of rows ``W_o^h v_h`` and ``W_o^h f_h`` (``W_o^h``: the columns of ``W_o`` for head h).
         """
         k = self.kv_tokens(kv) if keys is None else keys  # (N, T)
         q_in = query.detach() if self.stop_gradients_mlp else query
         q = self.query_proj(q_in)  # (N, T)
+        N, T = q.shape
         H = self.n_heads
         (a, b, v), (c, e, f) = (w.view(3, H, -1).unbind(0) for w in (self.token_weight, self.token_bias))
-        scale = a.shape[-1] ** -0.5
-        lam = (q[:, None, :] * (a * b).sum(-1)[None, :, None] + (c * b).sum(-1)[None, :, None]) * scale  # (N, H, T)
+        slope, shift = ((torch.stack([a, c]) * b).sum(-1) * a.shape[-1] ** -0.5).unbind(0)  # (H,) each
+        lam = torch.addcmul(shift[:, None], q[:, None, :], slope[:, None])  # (N, H, T)
         w = torch.softmax(lam[..., None] * k[:, None, None, :], -1)  # (N, H, T, T')
         if self.training and self.dropout_rate > 0:
             w = F.dropout(w, self.dropout_rate)
-        m, total = (w * k[:, None, None, :]).sum(-1), w.sum(-1)  # (N, H, T) each
-        att = m[..., None] * v[None, :, None, :] + total[..., None] * f[None, :, None, :]  # (N, H, T, d)
-        att = self.out_proj(att.transpose(1, 2).flatten(2))  # (N, T, E)
-        return self.mlp_out(torch.cat([query, self.mlp_tokens(att.flatten(1))], -1))
+        sums = w @ torch.stack([k, torch.ones_like(k)], -1)[:, None]  # (N, H, T, 2): sum_t' w k_t', sum_t' w
+        W_o = self.out_proj.weight.view(-1, H, a.shape[-1])  # (E, H, d)
+        rows = torch.einsum("ehd,hcd->hce", W_o, torch.stack([v, f], 1)).reshape(2 * H, -1)  # (2H, E)
+        att = torch.addmm(self.out_proj.bias, sums.transpose(1, 2).reshape(N * T, 2 * H), rows)  # (N T, E)
+        return self.mlp_out(torch.cat([query, self.mlp_tokens(att.view(N, -1))], -1))
 
 
 class SampleNorm(nn.Module):
@@ -180,7 +185,7 @@ class SampleNorm(nn.Module):
         self.n_features = n_features
 
     def forward(self, h: Tensor, sample: Tensor) -> Tensor:
-        return self.gamma[sample] * F.layer_norm(h, (self.n_features,)) + self.beta[sample]
+        return torch.addcmul(self.beta[sample], self.gamma[sample], F.layer_norm(h, (self.n_features,)))
 
 
 # --------------------------------------------------------------------------- module
@@ -246,7 +251,7 @@ class MrVIModule(nn.Module):
     # z = u' + g(u, s); u is (N, Lu), s is (N,)
     def z_from_u(self, u: Tensor, sample: Tensor, use_mean: bool = True, keys: Tensor | None = None
                  ) -> tuple[Tensor, Tensor]:
-        """``(z, z_base)``: the sample-aware state and ``u'`` (so ``z - z_base`` is the sample effect)."""
+        """``(z, g)``: the sample-aware state ``z = u' + g`` and the sample effect ``g = g(u, s)``."""
         u_in = u.detach() if self.qz_options["stop_gradients"] else u
         g = self.qz_attention(self.qz_ln_u(u_in), keys=self.sample_keys(sample) if keys is None else keys)
         if not self.qz_options["use_map"]:
@@ -254,18 +259,21 @@ class MrVIModule(nn.Module):
             q_eps = dist.normal(loc, F.softplus(raw) + 1e-3)
             g = q_eps.mean if use_mean else q_eps.rsample()
         z_base = u_in if self.qz_base is None else self.qz_base(u_in)
-        return z_base + g, z_base
+        return z_base + g, g
 
     # h = softmax(A z + gamma + g(z, b)); z is (N, L), b is (N,)
-    def decode(self, z: Tensor, batch: Tensor) -> Tensor:
-        """Normalized expression h, rows summing to 1."""
+    def decode_logits(self, z: Tensor, batch: Tensor) -> Tensor:
+        """Logits of the normalized expression h (``h = softmax(logits)``)."""
         z_in = z.detach() if self.px_options["stop_gradients"] else z
         if self.px_attention is None:
-            return F.softmax(self.px_fc(self.px_ln_z(z_in)), -1)
+            return self.px_fc(self.px_ln_z(z_in))
         e = self.px_ln_embed(self.px_embed[batch])
         g = self.px_attention(self.px_ln_z(z_in), e)
-        logits = self.px_fc(z + g) if self.px_options["low_dim_batch"] else self.px_fc(z) + g
-        return F.softmax(logits, -1)
+        return self.px_fc(z + g) if self.px_options["low_dim_batch"] else self.px_fc(z) + g
+
+    def decode(self, z: Tensor, batch: Tensor) -> Tensor:
+        """Normalized expression h, rows summing to 1."""
+        return F.softmax(self.decode_logits(z, batch), -1)
 
     def log_prior_u(self, u: Tensor, label: Tensor) -> Tensor:
         """``log p(u)`` per cell (mixture, label-informed when labels are set up), shape ``u.shape[:-1]``."""
@@ -280,18 +288,27 @@ class MrVIModule(nn.Module):
         return torch.logsumexp(log_w + comp, -1)
 
     def loss(self, batch: dict[str, Tensor], kl_weight: float = 1.0) -> dict[str, Tensor]:
+        """Negative ELBO: ``-log p(x | z, b) + kl_weight (log q(u) - log p(u) - log N(g; 0, sigma^2))``.
+
+        One reparameterised draw ``u = mu + sigma eps``, so ``log q(u) = sum(-eps^2 / 2 - log sigma) - c``
+        (the same value and gradients as ``qu.log_prob(u)``); the softmax of the decoder is fused
+        into the likelihood (:meth:`cellvi.distributions.NegativeBinomial.from_logits`).
+        """
         x, s = batch["x"], batch["sample"]
-        qu = self.qu(x, s, batch.get("nonzeros"))
-        u = qu.rsample()
-        z, z_base = self.z_from_u(u, s, use_mean=False)
-        library = x.sum(-1, keepdim=True)
-        h = self.decode(z, batch["batch"])
-        px = dist.NegativeBinomial(library * h, self.log_theta.exp(), scale=h)
-        rec = -px.log_prob_sum(x, batch.get("nonzeros"))  # (B,)
-        kl_u = qu.log_prob(u).sum(-1) - self.log_prior_u(u, batch["label"])  # one-sample estimate
+        nz = batch.get("nonzeros")
+        qu = self.qu(x, s, nz)
+        eps = torch.randn_like(qu.loc)  # the draw qu.rsample() makes
+        u = qu.loc + eps * qu.scale
+        z, g = self.z_from_u(u, s, use_mean=False)
+        log_library = torch.log(x.sum(-1, keepdim=True))
+        px = dist.NegativeBinomial.from_logits(self.decode_logits(z, batch["batch"]), log_library, self.log_theta.exp())
+        rec = -px.log_prob_sum(x, nz)  # (B,)
+        log_qu = -(0.5 * eps.square() + qu.scale.log()).sum(-1) - HALF_LOG_2PI * eps.shape[-1]
+        kl_u = log_qu - self.log_prior_u(u, batch["label"])  # one-sample estimate
         kl_z = torch.zeros_like(kl_u)
-        if self.config.z_u_prior:  # -log N(z - u'; 0, sigma^2): the L2 penalty on the sample effect
-            kl_z = -dist.normal(torch.zeros_like(z), self.z_u_log_scale.exp().expand_as(z)).log_prob(z - z_base).sum(-1)
+        if self.config.z_u_prior:  # -log N(g; 0, sigma^2): the L2 penalty on the sample effect
+            log_sigma = self.z_u_log_scale
+            kl_z = 0.5 * (g.square() * torch.exp(-2.0 * log_sigma)).sum(-1) + (log_sigma.sum() + HALF_LOG_2PI * g.shape[-1])
         per_cell = rec + kl_weight * (kl_u + kl_z)
         if self.config.scale_observations:
             per_cell = per_cell / self.n_obs_per_sample[s]
@@ -441,6 +458,37 @@ class MrVI(Model):
         super().train(max_epochs=max_epochs, accelerator=accelerator, devices=devices, train_size=train_size,
                       validation_size=validation_size, batch_size=batch_size, early_stopping=early_stopping,
                       plan_kwargs=plan_kwargs, **trainer_kwargs)
+
+    # ------------------------------------------------------------------ likelihoods
+
+    def get_elbo(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None,
+                 return_mean: bool = True):
+        """The ELBO per cell (higher is better): ``-(reconstruction_loss + kl_local)`` at KL weight 1.
+
+        One posterior draw of u per cell; ``kl_local`` is the KL of u (one-sample estimate against
+        the mixture prior) plus the penalty on the sample effect ``z - u'``, as in training: the mean
+        over cells is minus ``elbo_validation`` for the validation cells. Averaged over cells when
+        ``return_mean`` (a float), else one value per cell (an array).
+        """
+        per_cell = self._per_cell(adata, indices, batch_size, lambda out: -(out["reconstruction_loss"] + out["kl_local"]))
+        return cell_mean(per_cell) if return_mean else per_cell
+
+    def get_reconstruction_error(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None,
+                                 return_mean: bool = True):
+        """``{"reconstruction_loss": -log p(x | z)}`` for one posterior draw (lower is better), per cell or averaged."""
+        per_cell = self._per_cell(adata, indices, batch_size, lambda out: out["reconstruction_loss"])
+        return {"reconstruction_loss": cell_mean(per_cell) if return_mean else per_cell}
+
+    def get_marginal_ll(self, adata: AnnData | None = None, indices=None, n_mc_samples: int = 1000,
+                        batch_size: int | None = None, return_mean: bool = True):
+        """Not available for MrVI, as in scvi-tools (its MRVI module has no ``marginal_ll``).
+
+        z is a deterministic function of u and the sample, and its term in the ELBO is a penalty on
+        ``z - u'`` rather than a KL divergence, so there is no importance-sampling estimate of
+        ``log p(x)`` to offer; use :meth:`get_elbo` to compare fits.
+        """
+        raise NotImplementedError("MrVI has no marginal log-likelihood (z is deterministic given u and the sample; "
+                                  "its ELBO term is a penalty). Use get_elbo() or get_reconstruction_error().")
 
     # ------------------------------------------------------------------ latent spaces
 
@@ -726,6 +774,14 @@ class MrVI(Model):
         ``log2(h(z_ref + beta) + eps) - log2(h(z_ref) + eps)``, with z_ref the cell's average counterfactual
         state, averaged over draws and (equally weighted) batches.
 
+        With ``add_batch_specific_offsets`` (scvi-tools' option for multi-site cohorts), the design
+        gets one indicator column per batch of the kept samples, ``offset_batch_<batch code>``, first:
+        covariates are then compared within batches. Every sample must come from a single batch
+        (else a ValueError); without a ``batch_key`` the single offset is an intercept. The offsets
+        are reported in ``beta``, ``effect_size`` and ``pvalue`` like any column (as scvi-tools does) but
+        get no LFC: the LFCs (on the ``covariate_sub`` axis) use, in each batch, ``z_ref`` = average
+        state + that batch's offset, and weight batches by the cell's admissible samples in each.
+
         Returns
         -------
         xarray.Dataset: ``beta`` ``(cell_name, covariate, latent_dim)``, ``effect_size``, ``pvalue``,
@@ -739,8 +795,6 @@ class MrVI(Model):
 
         if sample_cov_keys is None:
             raise ValueError("differential_expression needs sample_cov_keys: sample-level .obs columns to test.")
-        if add_batch_specific_offsets:
-            raise ValueError("add_batch_specific_offsets=True is not supported yet; use batch_key in setup_anndata.")
         adata_ = self.adata if adata is None else adata
         names = self.sample_order
         keep = np.ones(len(names), bool) if sample_subset is None else np.isin(names, list(map(str, sample_subset)))
@@ -748,6 +802,9 @@ class MrVI(Model):
             raise ValueError(f"sample_subset keeps {int(keep.sum())} known sample(s); at least two are needed.")
         X, cov_names, owners = regression.design_matrix(self.sample_info.iloc[np.flatnonzero(keep)],
                                                         list(sample_cov_keys), normalize_design_matrix)
+        offsets = None  # (S kept, batches): which batch each kept sample belongs to
+        if add_batch_specific_offsets:
+            X, cov_names, owners, offsets, offset_batches = self._with_batch_offsets(X, cov_names, owners, keep)
         lfc_keys = list(store_lfc_metadata_subset or sample_cov_keys)
         lfc_cols = np.flatnonzero(np.isin(owners, lfc_keys)) if store_lfc else np.array([], int)
         if filter_inadmissible_samples:
@@ -760,6 +817,8 @@ class MrVI(Model):
         dev = self.device
         Xt = torch.as_tensor(X, dtype=torch.float64, device=dev)
         samples = torch.as_tensor(np.flatnonzero(keep), device=dev)
+        if offsets is not None:
+            offsets = torch.as_tensor(offsets, dtype=torch.float64, device=dev)
         out = {k: [] for k in ("beta", "effect_size", "pvalue", "lfc", "lfc_std", "pde", "baseline")}
         for batch in self._cell_chunks(adata, None, batch_size, int(keep.sum()) * mc_samples):
             rows = batch["index"].cpu().numpy()
@@ -775,8 +834,15 @@ class MrVI(Model):
             out["effect_size"].append(stat.float().cpu())
             out["pvalue"].append(regression.chi2_sf(stat.cpu().numpy(), W.sum(1).clamp_min(1).cpu().numpy()[:, None]))
             if store_lfc:
-                self._lfc_chunk(batch, beta[:, :, lfc_cols].float(), z_mean.squeeze(-2).float(), eps_lfc, delta,
-                                store_baseline, out)
+                z_mean = z_mean.squeeze(-2)  # (mc, B, L)
+                if offsets is None:  # every batch, equally weighted, around the average counterfactual
+                    refs = [(b, z_mean) for b in range(self.spec.n_batches)]
+                    weights = torch.full((len(rows), len(refs)), 1.0 / len(refs), dtype=W.dtype, device=dev)
+                else:  # each batch around its fitted offset, weighted by the cell's admissible samples in it
+                    refs = [(int(b), z_mean + beta[:, :, j]) for j, b in enumerate(offset_batches)]
+                    weights = W @ offsets / W.sum(1, keepdim=True).clamp_min(1)
+                self._lfc_chunk(beta[:, :, lfc_cols].float(), [(b, r.float()) for b, r in refs], weights.float(),
+                                eps_lfc, delta, store_baseline, out)
         pvalue = np.concatenate(out["pvalue"])
         padj = false_discovery_control(pvalue.ravel(), method="bh").reshape(pvalue.shape)
         coords = {"cell_name": np.asarray(adata_.obs_names), "covariate": np.asarray(cov_names),
@@ -800,27 +866,55 @@ class MrVI(Model):
                 data_vars["baseline_expression"] = ([lfc_dim, "cell_name", "gene"], torch.cat(out["baseline"], 1).numpy())
         return xr.Dataset(data_vars, coords=coords)
 
-    def _lfc_chunk(self, batch: dict, beta: Tensor, z_ref: Tensor, eps_lfc: float, delta: float | None,
-                   store_baseline: bool, out: dict) -> None:
-        """Per-gene LFCs of ``beta`` ``(mc, B, K, L)`` at ``z_ref`` ``(mc, B, L)``, equally weighted over batches."""
+    def _with_batch_offsets(self, X: np.ndarray, cov_names: list[str], owners: list[str], keep: np.ndarray):
+        """Add scvi-tools' batch-specific offsets to the design of the kept samples.
+
+        Returns the design, its names and owners, the ``(kept samples, offset columns)`` indicators, and
+        the batch code of each offset column.
+        """
+        obs = self._data().obs
+        codes = {k: torch.as_tensor(obs[k]).cpu().numpy() for k in ("sample", "batch")}  # tensors, or arrays if backed
+        batch_of = regression.sample_batches(codes["sample"], codes["batch"], self.sample_order)[keep]
+        if (batch_of < 0).any():
+            missing = list(self.sample_order[keep][batch_of < 0][:10])
+            raise ValueError(f"Samples {missing} have no cells in the model's data, so their batch is unknown; leave "
+                             "them out with sample_subset or use add_batch_specific_offsets=False.")
+        X, cov_names, owners = regression.add_batch_offsets(X, cov_names, owners, batch_of)
+        offset_batches = np.unique(batch_of)
+        return X, cov_names, owners, X[:, : len(offset_batches)], offset_batches
+
+    def _lfc_chunk(self, beta: Tensor, refs: list[tuple[int, Tensor]], weights: Tensor, eps_lfc: float,
+                   delta: float | None, store_baseline: bool, out: dict) -> None:
+        """Per-gene LFCs of ``beta`` ``(mc, B, K, L)``, averaged over batches.
+
+        For each ``(batch code, z_ref)`` of ``refs`` (``z_ref``: ``(mc, B, L)``), the draws
+        ``log2(h(z_ref + beta) + eps) - log2(h(z_ref) + eps)`` are decoded in that batch; their mean,
+        variance and ``P(|lfc| >= delta)`` over draws are averaged over batches with the per-cell
+        ``weights`` ``(B, len(refs))`` (rows summing to one).
+        """
         mc, B, K, L = beta.shape
-        lfcs, base = 0.0, 0.0
-        draws = []
-        for b in range(self.spec.n_batches):
+        lfc = lfc_var = pde = base = beta.new_zeros(B, K, self.spec.n_genes)
+        for j, (b, z_ref) in enumerate(refs):
+            w = weights[:, j, None, None]  # (B, 1, 1)
+            if not bool((w > 0).any()):
+                continue
             codes = torch.full((mc * B,), b, device=beta.device, dtype=torch.int64)
             h0 = self.module.decode(z_ref.reshape(mc * B, L), codes).view(mc, B, 1, -1)
             h1 = self.module.decode((z_ref[:, :, None] + beta).reshape(mc * B * K, L),
                                     codes.repeat_interleave(K)).view(mc, B, K, -1)
-            draws.append(torch.log2(h1 + eps_lfc) - torch.log2(h0 + eps_lfc))  # (mc, B, K, G)
-            base = base + h1.mean(0)
-        lfc_draws = torch.stack(draws)  # (n_batches, mc, B, K, G)
-        lfcs = lfc_draws.mean(1).mean(0)
-        out["lfc"].append(lfcs.cpu())
+            draws = torch.log2(h1 + eps_lfc) - torch.log2(h0 + eps_lfc)  # (mc, B, K, G)
+            lfc = lfc + w * draws.mean(0)
+            if delta is not None:
+                lfc_var = lfc_var + w * draws.var(0)
+                pde = pde + w * (draws.abs() >= delta).float().mean(0)
+            if store_baseline:
+                base = base + w * h1.mean(0)
+        out["lfc"].append(lfc.cpu())
         if delta is not None:
-            out["lfc_std"].append(lfc_draws.var(1).mean(0).sqrt().cpu())
-            out["pde"].append((lfc_draws.abs() >= delta).float().mean(1).mean(0).cpu())
+            out["lfc_std"].append(lfc_var.sqrt().cpu())
+            out["pde"].append(pde.cpu())
         if store_baseline:
-            out["baseline"].append((base / self.spec.n_batches).permute(1, 0, 2).cpu())
+            out["baseline"].append(base.permute(1, 0, 2).cpu())
 
     # ------------------------------------------------------------------ expression
 

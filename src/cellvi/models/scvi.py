@@ -25,7 +25,8 @@ from torch.distributions import Normal, kl_divergence
 
 from cellvi import distributions as dist
 from cellvi import settings
-from cellvi.models.base import Model, as_indices, average_over_batches, check_library_size, expression_from
+from cellvi.models.base import (Model, as_indices, average_over_batches, cell_mean, check_library_size,
+                               expression_from)
 from cellvi.nn import MLP, GaussianEncoder, Linear
 
 CHOICES = {
@@ -67,13 +68,6 @@ class SCVIConfig:
 def flatten_samples(t: Tensor) -> Tensor:
     """(S, B, ...) -> (S * B, ...)."""
     return t.reshape(-1, *t.shape[2:])
-
-
-def cell_mean(per_cell: np.ndarray) -> float:
-    """Mean of a per-cell quantity; refuses an empty selection instead of returning NaN."""
-    if per_cell.size == 0:
-        raise ValueError("No cells selected (`indices` is empty); select at least one cell.")
-    return float(per_cell.mean())
 
 
 def repeat_samples(t: Tensor, n: int) -> Tensor:
@@ -340,11 +334,6 @@ class SCVI(Model):
         """``{"reconstruction_loss": -E_q log p(x | z)}`` per cell (lower is better), averaged when ``return_mean``."""
         per_cell = self._per_cell(adata, indices, batch_size, lambda out: out["reconstruction_loss"])
         return {"reconstruction_loss": cell_mean(per_cell) if return_mean else per_cell}
-
-    def _per_cell(self, adata, indices, batch_size, fn) -> np.ndarray:
-        self.module.eval()
-        vals = [fn(self.module.loss(b)).cpu() for b in self._minibatches(adata, indices, batch_size)]
-        return torch.cat([torch.zeros(0), *vals]).numpy()
 
     @torch.no_grad()
     def get_marginal_ll(self, adata: AnnData | None = None, indices=None, n_mc_samples: int = 1000,
