@@ -82,7 +82,8 @@ def run_cellvi(args) -> dict:
     model = cellvi.TotalVI(adata, n_latent=20)
     t0 = time.perf_counter()
     model.train(max_epochs=args.epochs, early_stopping=False, reduce_lr_on_plateau=False, train_size=0.9,
-                adversarial_classifier=False, accelerator="cpu", compile_kernels={"auto": None, "on": True, "off": False}[args.compile_kernels])
+                adversarial_classifier=False, accelerator="cpu",
+                compile_kernels={"auto": None, "on": True, "off": False}[args.compile_kernels])
     seconds = time.perf_counter() - t0
     epochs = model.history_["epoch_seconds"]
     steady = epochs[1:] if len(epochs) > 1 else epochs  # the first epoch carries the one-off kernel compilation

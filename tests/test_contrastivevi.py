@@ -330,3 +330,10 @@ def test_de_between_target_subgroups_recovers_the_program(trained):
     top = result.index[: truth.sum()]  # the engine sorts by evidence
     assert a.var.loc[top, "program"].mean() > 0.7
     assert (result.loc[a.var_names[a.var["program"]], "lfc_mean"] > 0.5).mean() > 0.8  # switched on: up in group 1
+
+
+def test_elbo_methods_are_refused_as_in_scvi_tools(trained):
+    with pytest.raises(NotImplementedError, match="pairs"):
+        trained.get_elbo()
+    with pytest.raises(NotImplementedError, match="get_reconstruction_error"):
+        trained.get_reconstruction_error()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -88,6 +89,15 @@ def as_indices(indices, n_obs: int) -> np.ndarray:
     if arr.size and (arr.min() < -n_obs or arr.max() >= n_obs):
         raise ValueError(f"indices out of range for {n_obs} cells.")
     return arr % n_obs if arr.size else arr
+
+
+def importance_log_marginal(log_weights: Callable[[int], Tensor], n_mc_samples: int, chunk: int = 100) -> Tensor:
+    """``log (1/K) sum_k exp(w_k)`` per cell from ``K = n_mc_samples`` importance log weights, drawn ``chunk`` at
+    a time by ``log_weights(k) -> (k, cells)`` (memory bounded by ``chunk x cells x features``)."""
+    if n_mc_samples < 1:
+        raise ValueError(f"n_mc_samples={n_mc_samples}: use at least 1.")
+    log_w = torch.cat([log_weights(min(chunk, n_mc_samples - start)) for start in range(0, n_mc_samples, chunk)])
+    return torch.logsumexp(log_w, 0) - math.log(n_mc_samples)
 
 
 def cell_mean(per_cell: np.ndarray) -> float:
@@ -262,11 +272,37 @@ class Model:
     @torch.no_grad()
     def _per_cell(self, adata: AnnData | None, indices, batch_size: int | None,
                   fn: Callable[[dict[str, Tensor]], Tensor]) -> np.ndarray:
-        """``fn(module.loss(minibatch))`` (a per-cell tensor) over the selected cells, in eval mode, at KL weight 1:
-        the per-cell terms the training loop averages into ``elbo_validation``."""
+        """``fn(minibatch)``, a ``(cells, ...)`` tensor, over the selected cells in eval mode, concatenated over
+        cells (an empty float32 array for no cells)."""
         self.module.eval()
-        vals = [fn(self.module.loss(b)).cpu() for b in self._minibatches(adata, indices, batch_size)]
-        return torch.cat([torch.zeros(0), *vals]).numpy()
+        vals = [fn(b).cpu() for b in self._minibatches(adata, indices, batch_size)]
+        return torch.cat(vals).numpy() if vals else np.zeros(0, np.float32)
+
+    @torch.no_grad()
+    def get_elbo(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None,
+                 return_mean: bool = True):
+        """The evidence lower bound of each cell (higher is better): ``-(reconstruction_loss + kl_local)`` of
+        the model's loss at KL weight 1, one posterior draw (the terms the training loop averages into
+        ``elbo_validation``), as scvi-tools.
+
+        Returns
+        -------
+        A float (the mean over cells) or, with ``return_mean=False``, a ``(cells,)`` array.
+        """
+        def elbo(batch: dict) -> Tensor:
+            out = self.module.loss(batch)
+            return -(out["reconstruction_loss"] + out["kl_local"])
+
+        per_cell = self._per_cell(adata, indices, batch_size, elbo)
+        return cell_mean(per_cell) if return_mean else per_cell
+
+    @torch.no_grad()
+    def get_reconstruction_error(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None,
+                                 return_mean: bool = True) -> dict:
+        """``{"reconstruction_loss": -log p(x | z)}`` of each cell at one posterior draw (lower is better): a
+        float (the mean over cells) or, with ``return_mean=False``, a ``(cells,)`` array."""
+        per_cell = self._per_cell(adata, indices, batch_size, lambda b: self.module.loss(b)["reconstruction_loss"])
+        return {"reconstruction_loss": cell_mean(per_cell) if return_mean else per_cell}
 
     def _batch_codes(self, transform_batch) -> list[int | None]:
         """Codes of the batches to decode as (``None``: each cell's own batch)."""
@@ -344,15 +380,6 @@ class Model:
         if return_dist:
             return torch.cat([empty, *out]).numpy(), torch.cat([empty, *variances]).numpy()
         return torch.cat([empty, *out]).numpy()
-
-    @torch.no_grad()
-    def _per_cell_values(self, adata: AnnData | None, indices, batch_size: int | None,
-                         fn: Callable[[dict], Tensor]) -> np.ndarray:
-        """``fn(minibatch) -> (cells, ...)`` over the rows ``indices`` in eval mode, concatenated over cells
-        (an empty float32 array for no cells)."""
-        self.module.eval()
-        vals = [fn(b).cpu() for b in self._minibatches(adata, indices, batch_size)]
-        return torch.cat(vals).numpy() if vals else np.zeros(0, np.float32)
 
     def _expression_output(self, expr: np.ndarray, adata: AnnData, idx: np.ndarray, genes: np.ndarray | None,
                            return_mean: bool, return_numpy: bool | None):

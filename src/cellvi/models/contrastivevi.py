@@ -375,6 +375,16 @@ class ContrastiveVI(Model):
 
     # ------------------------------------------------------------------ expression
 
+    def get_elbo(self, *args, **kwargs):
+        """Not available, as in scvi-tools' ContrastiveVI: its loss pairs background and target minibatches."""
+        raise NotImplementedError("ContrastiveVI has no get_elbo (nor has scvi-tools' ContrastiveVI): its loss pairs "
+                                  "a background and a target minibatch; read model.history['elbo_validation'].")
+
+    def get_reconstruction_error(self, *args, **kwargs):
+        """Not available, as in scvi-tools' ContrastiveVI (see :meth:`get_elbo`)."""
+        raise NotImplementedError("ContrastiveVI has no get_reconstruction_error (nor has scvi-tools' ContrastiveVI); "
+                                  "read model.history['reconstruction_loss_validation'].")
+
     def _background_mask(self, adata: AnnData | None) -> np.ndarray | None:
         """Which rows of ``adata`` were trained as background (only known for the model's own AnnData)."""
         if self.background_indices_ is None or not (adata is None or adata is self.adata):

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from cellvi import distributions as dist
 from cellvi.analysis import density, distances, regression
-from cellvi.models.base import Model, as_indices, cell_mean
+from cellvi.models.base import Model, as_indices
 
 PX_DEFAULTS = dict(n_latent_sample=16, n_channels=4, n_heads=2, dropout_rate=0.03, stop_gradients=False,
                    stop_gradients_mlp=True, n_hidden=32, n_layers=1, low_dim_batch=True)
@@ -460,24 +460,6 @@ class MrVI(Model):
                       plan_kwargs=plan_kwargs, **trainer_kwargs)
 
     # ------------------------------------------------------------------ likelihoods
-
-    def get_elbo(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None,
-                 return_mean: bool = True):
-        """The ELBO per cell (higher is better): ``-(reconstruction_loss + kl_local)`` at KL weight 1.
-
-        One posterior draw of u per cell; ``kl_local`` is the KL of u (one-sample estimate against
-        the mixture prior) plus the penalty on the sample effect ``z - u'``, as in training: the mean
-        over cells is minus ``elbo_validation`` for the validation cells. Averaged over cells when
-        ``return_mean`` (a float), else one value per cell (an array).
-        """
-        per_cell = self._per_cell(adata, indices, batch_size, lambda out: -(out["reconstruction_loss"] + out["kl_local"]))
-        return cell_mean(per_cell) if return_mean else per_cell
-
-    def get_reconstruction_error(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None,
-                                 return_mean: bool = True):
-        """``{"reconstruction_loss": -log p(x | z)}`` for one posterior draw (lower is better), per cell or averaged."""
-        per_cell = self._per_cell(adata, indices, batch_size, lambda out: out["reconstruction_loss"])
-        return {"reconstruction_loss": cell_mean(per_cell) if return_mean else per_cell}
 
     def get_marginal_ll(self, adata: AnnData | None = None, indices=None, n_mc_samples: int = 1000,
                         batch_size: int | None = None, return_mean: bool = True):

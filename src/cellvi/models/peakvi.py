@@ -36,7 +36,6 @@ from cellvi import de, settings
 from cellvi import distributions as dist
 from cellvi.data.setup import get_counts
 from cellvi.models.base import Model, average_over_batches
-from cellvi.models.scvi import cell_mean
 from cellvi.nn import MLP, GaussianEncoder
 
 CHOICES = {
@@ -244,32 +243,6 @@ class PeakVI(Model):
         return torch.sigmoid(self.module.region_factors).cpu().numpy()
 
     # ------------------------------------------------------------------ evaluation
-
-    @torch.no_grad()
-    def get_elbo(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None,
-                 return_mean: bool = True):
-        """The evidence lower bound of each cell (higher is better): ``-(reconstruction loss + KL)`` at one
-        posterior draw, as scvi-tools.
-
-        Returns
-        -------
-        A float (the mean over cells) or, with ``return_mean=False``, a ``(cells,)`` array.
-        """
-        def elbo(batch: dict) -> Tensor:
-            out = self.module.loss(batch)
-            return -(out["reconstruction_loss"] + out["kl_local"])
-
-        per_cell = self._per_cell_values(adata, indices, batch_size, elbo)
-        return cell_mean(per_cell) if return_mean else per_cell
-
-    @torch.no_grad()
-    def get_reconstruction_error(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None,
-                                 return_mean: bool = True) -> dict:
-        """``{"reconstruction_loss": -log p(y | z, d, f)}`` of each cell at one posterior draw (lower is better):
-        a float (mean over cells) or, with ``return_mean=False``, a ``(cells,)`` array."""
-        per_cell = self._per_cell_values(adata, indices, batch_size,
-                                         lambda b: self.module.loss(b)["reconstruction_loss"])
-        return {"reconstruction_loss": cell_mean(per_cell) if return_mean else per_cell}
 
     def get_marginal_ll(self, *args, **kwargs):
         """Not available, as in scvi-tools (PEAKVI's module has no marginal likelihood): use :meth:`get_elbo`."""

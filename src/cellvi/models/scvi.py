@@ -25,8 +25,15 @@ from torch.distributions import Normal, kl_divergence
 
 from cellvi import distributions as dist
 from cellvi import settings
-from cellvi.models.base import (Model, as_indices, average_over_batches, cell_mean, check_library_size,
-                               expression_from)
+from cellvi.models.base import (
+    Model,
+    as_indices,
+    average_over_batches,
+    cell_mean,
+    check_library_size,
+    expression_from,
+    importance_log_marginal,
+)
 from cellvi.nn import MLP, GaussianEncoder, Linear
 
 CHOICES = {
@@ -322,37 +329,14 @@ class SCVI(Model):
     # ------------------------------------------------------------------ likelihoods
 
     @torch.no_grad()
-    def get_elbo(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None,
-                 return_mean: bool = True):
-        """The evidence lower bound per cell (higher is better), averaged over cells when ``return_mean``."""
-        per_cell = self._per_cell(adata, indices, batch_size, lambda out: -(out["reconstruction_loss"] + out["kl_local"]))
-        return cell_mean(per_cell) if return_mean else per_cell
-
-    @torch.no_grad()
-    def get_reconstruction_error(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None,
-                                 return_mean: bool = True):
-        """``{"reconstruction_loss": -E_q log p(x | z)}`` per cell (lower is better), averaged when ``return_mean``."""
-        per_cell = self._per_cell(adata, indices, batch_size, lambda out: out["reconstruction_loss"])
-        return {"reconstruction_loss": cell_mean(per_cell) if return_mean else per_cell}
-
-    @torch.no_grad()
     def get_marginal_ll(self, adata: AnnData | None = None, indices=None, n_mc_samples: int = 1000,
                         batch_size: int | None = None, return_mean: bool = True):
         """Importance-sampled log p(x) (higher is better) with q(z, l | x) as proposal.
 
         .. math:: \\log p(x) \\approx \\log \\frac1K \\sum_k \\frac{p(x | z_k, l_k) p(z_k) p(l_k)}{q(z_k, l_k | x)}
         """
-        self.module.eval()
-        out = []
-        chunk = 100  # posterior samples per pass, bounds memory at chunk x cells x genes
-        for batch in self._minibatches(adata, indices, batch_size):
-            terms = []
-            for start in range(0, n_mc_samples, chunk):
-                s = min(chunk, n_mc_samples - start)
-                terms.append(self._log_weights(batch, s))
-            log_w = torch.cat(terms, 0)  # (K, B)
-            out.append((torch.logsumexp(log_w, 0) - np.log(n_mc_samples)).cpu())
-        per_cell = torch.cat([torch.zeros(0), *out]).numpy()
+        per_cell = self._per_cell(adata, indices, batch_size, lambda b: importance_log_marginal(
+            lambda k: self._log_weights(b, k), n_mc_samples))
         return cell_mean(per_cell) if return_mean else per_cell
 
     def _log_weights(self, batch: dict, n: int) -> Tensor:

@@ -55,10 +55,12 @@ from cellvi.models.base import (
     _file_names,
     _read_meta,
     average_over_batches,
+    cell_mean,
     check_library_size,
     expression_from,
+    importance_log_marginal,
 )
-from cellvi.models.scvi import cell_mean, flatten_samples, repeat_samples
+from cellvi.models.scvi import flatten_samples, repeat_samples
 from cellvi.nn import MLP, GaussianEncoder
 
 CHOICES = {
@@ -69,7 +71,6 @@ CHOICES = {
     "use_batch_norm": ("encoder", "decoder", "none", "both"),
     "use_layer_norm": ("encoder", "decoder", "none", "both"),
 }
-MC_CHUNK = 100  # posterior samples per pass of get_marginal_ll: bounds memory at MC_CHUNK x cells x features
 MIN_PROTEINS_EMPIRICAL = 10  # scvi-tools' default: the empirical background prior with more than 10 proteins
 
 
@@ -578,7 +579,7 @@ class TotalVI(Model):
         -------
         A float (the mean over cells) or, with ``return_mean=False``, a ``(cells,)`` array.
         """
-        per_cell = self._per_cell_values(self._anndata(adata), indices, batch_size, lambda b: -sum(
+        per_cell = self._per_cell(self._anndata(adata), indices, batch_size, lambda b: -sum(
             t for k, t in self.module.terms(b).items() if k != "z"))
         return cell_mean(per_cell) if return_mean else per_cell
 
@@ -598,7 +599,7 @@ class TotalVI(Model):
             terms = self.module.terms(batch)  # one posterior draw for both modalities
             return torch.stack([terms[k] for k in keys], -1)
 
-        per_cell = self._per_cell_values(self._anndata(adata), indices, batch_size, reconstruction).reshape(-1, 2)
+        per_cell = self._per_cell(self._anndata(adata), indices, batch_size, reconstruction).reshape(-1, 2)
         return {k: cell_mean(per_cell[:, i]) if return_mean else per_cell[:, i] for i, k in enumerate(keys)}
 
     @torch.no_grad()
@@ -614,15 +615,10 @@ class TotalVI(Model):
         -------
         A float (the mean over cells) or, with ``return_mean=False``, a ``(cells,)`` array.
         """
-        if n_mc_samples < 1:
-            raise ValueError(f"n_mc_samples={n_mc_samples}: use at least 1.")
-
         def marginal(batch: dict) -> Tensor:
-            chunks = [self.module.log_weights(batch, min(MC_CHUNK, n_mc_samples - start))
-                      for start in range(0, n_mc_samples, MC_CHUNK)]
-            return torch.logsumexp(torch.cat(chunks, 0), 0) - np.log(n_mc_samples)
+            return importance_log_marginal(lambda k: self.module.log_weights(batch, k), n_mc_samples)
 
-        per_cell = self._per_cell_values(self._anndata(adata), indices, batch_size, marginal)
+        per_cell = self._per_cell(self._anndata(adata), indices, batch_size, marginal)
         return cell_mean(per_cell) if return_mean else per_cell
 
     # ------------------------------------------------------------------ decoding
