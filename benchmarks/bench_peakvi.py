@@ -23,13 +23,10 @@ of type_0 vs type_1 (``mode="change"``, delta 0.05, FDR target 5 %): the AUPRC o
 regions open in either type, the observed false discovery proportion of the ``is_da_fdr`` calls and their
 recall; the cell-type silhouette of the latent space; peak resident memory of the process.
 
-Known difference (measured 2026-12-02, 1,000 cells x 1,000 regions, 100 epochs, ``--which cellvi`` /
-``--which scvi`` with the commands above): at the default sizes (31 hidden units, n_latent 5) cellvi's
-latent collapses (silhouette -0.03, DA AUPRC 0.11, no calls) where scvi-tools' does not (silhouette 0.31,
-AUPRC 0.85, 177 calls at an observed FDP of 0.49). scvi-tools' ``PEAKVAE.loss`` computes
-``(rl.sum() + kld * kl_weight).sum()``: the broadcast weights the reconstruction by the batch size
-(128) against the KL; cellvi minimises the ELBO as written. cellvi with
-``plan_kwargs={"max_kl_weight": 1 / 128}`` recovers a structured latent (silhouette 0.17).
+The objective: scvi-tools' ``PEAKVAE.loss`` computes ``(rl.sum() + kld * kl_weight).sum()``, which weighs
+each cell's KL ``1 / batch size`` against its reconstruction; cellvi's PeakVI minimises the same objective
+(before it did not, its latent collapsed at the default sizes: silhouette -0.03, DA AUPRC 0.11 on
+1,000 cells x 1,000 regions, where scvi-tools reached 0.31 and 0.85).
 """
 
 from __future__ import annotations

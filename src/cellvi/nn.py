@@ -26,7 +26,7 @@ class Linear(nn.Linear):
     """
 
     def forward(self, h: Tensor) -> Tensor:
-        if h.dim() != 2:
+        if h.dim() != 2 or self.bias is None:
             return super().forward(h)
         return torch.mm(h, self.weight.t()).add_(self.bias)
 

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from cellvi import distributions as dist
 from cellvi.analysis import density, distances, regression
 from cellvi.models.base import Model, as_indices
+from cellvi.nn import Linear
 
 PX_DEFAULTS = dict(n_latent_sample=16, n_channels=4, n_heads=2, dropout_rate=0.03, stop_gradients=False,
                    stop_gradients_mlp=True, n_hidden=32, n_layers=1, low_dim_batch=True)
@@ -83,9 +84,9 @@ class ResBlock(nn.Module):
 
     def __init__(self, n_in: int, n_out: int, n_hidden: int, act=F.relu):
         super().__init__()
-        self.fc1, self.ln1 = nn.Linear(n_in, n_hidden), nn.LayerNorm(n_hidden)
-        self.skip = nn.Linear(n_in, n_hidden) if n_in != n_hidden else nn.Identity()
-        self.fc2, self.ln2 = nn.Linear(n_hidden, n_out), nn.LayerNorm(n_out)
+        self.fc1, self.ln1 = Linear(n_in, n_hidden), nn.LayerNorm(n_hidden)
+        self.skip = Linear(n_in, n_hidden) if n_in != n_hidden else nn.Identity()
+        self.fc2, self.ln2 = Linear(n_hidden, n_out), nn.LayerNorm(n_out)
         self.act = act
 
     def forward(self, x: Tensor) -> Tensor:
@@ -100,7 +101,7 @@ class ResMLP(nn.Module):
         super().__init__()
         self.blocks = nn.Sequential(*[ResBlock(n_in if i == 0 else n_hidden, n_hidden, n_hidden, act)
                                       for i in range(n_layers)])
-        self.out = nn.Linear(n_hidden if n_layers else n_in, n_out)
+        self.out = Linear(n_hidden if n_layers else n_in, n_out)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(self.blocks(x))
@@ -127,15 +128,15 @@ class TokenAttention(nn.Module):
         super().__init__()
         E = n_channels * n_heads
         self.n_heads, self.dropout_rate, self.stop_gradients_mlp = n_heads, dropout_rate, stop_gradients_mlp
-        self.query_proj = nn.Linear(query_dim, n_tokens, bias=False)
-        self.kv_proj = nn.Linear(kv_dim, n_tokens, bias=False)
+        self.query_proj = Linear(query_dim, n_tokens, bias=False)
+        self.kv_proj = Linear(kv_dim, n_tokens, bias=False)
         embed = torch.empty(3, E).uniform_(-1.0, 1.0)  # Linear(1, E) weights, for q, k and v
         w_in = torch.empty(3, E, E)
         for i in range(3):
             nn.init.xavier_uniform_(w_in[i])
         self.token_weight = nn.Parameter(torch.einsum("ief,if->ie", w_in, embed))  # (3, E): q, k, v
         self.token_bias = nn.Parameter(torch.zeros(3, E))
-        self.out_proj = nn.Linear(E, E)
+        self.out_proj = Linear(E, E)
         nn.init.zeros_(self.out_proj.bias)
         self.mlp_tokens = ResMLP(n_tokens * E, n_tokens, n_hidden, n_layers)
         self.mlp_out = ResMLP(n_tokens + query_dim, n_out, n_hidden, n_layers)
@@ -203,11 +204,11 @@ class MrVIModule(nn.Module):
         self.px_options, self.qz_options = px, qz
         L, Lu, H = cfg.n_latent, cfg.n_latent_u, cfg.encoder_n_hidden
         # q(u | x, s): two layers normalised per sample, a sample offset, a residual Gaussian head
-        self.qu_fc1, self.qu_norm1 = nn.Linear(n_genes, H), SampleNorm(H, n_samples)
-        self.qu_fc2, self.qu_norm2 = nn.Linear(H, H), SampleNorm(H, n_samples)
+        self.qu_fc1, self.qu_norm1 = Linear(n_genes, H), SampleNorm(H, n_samples)
+        self.qu_fc2, self.qu_norm2 = Linear(H, H), SampleNorm(H, n_samples)
         self.qu_sample = nn.Parameter(0.1 * torch.randn(n_samples, H))
         self.qu_body = nn.Sequential(*[ResBlock(H, H, H) for _ in range(cfg.encoder_n_layers)])
-        self.qu_mean, self.qu_scale = nn.Linear(H, Lu), nn.Linear(H, Lu)
+        self.qu_mean, self.qu_scale = Linear(H, Lu), Linear(H, Lu)
         # z = u' + g(u, s)
         self.qz_embed = nn.Parameter(0.1 * torch.randn(n_samples, qz["n_latent_sample"]))
         self.qz_ln_u, self.qz_ln_embed = nn.LayerNorm(Lu), nn.LayerNorm(qz["n_latent_sample"])
@@ -215,7 +216,7 @@ class MrVIModule(nn.Module):
             Lu, qz["n_latent_sample"], L * (1 if qz["use_map"] else 2), n_tokens=qz["n_latent_sample"],
             n_channels=qz["n_channels"], n_heads=qz["n_heads"], dropout_rate=qz["dropout_rate"],
             n_hidden=qz["n_hidden"], n_layers=qz["n_layers"], stop_gradients_mlp=qz["stop_gradients_mlp"])
-        self.qz_base = nn.Linear(Lu, L) if Lu != L else None
+        self.qz_base = Linear(Lu, L) if Lu != L else None
         # p(x | z, b): h = softmax(A (z + g(z, b)) + gamma)
         self.px_embed = nn.Parameter(0.1 * torch.randn(n_batches, px["n_latent_sample"]))
         self.px_ln_z, self.px_ln_embed = nn.LayerNorm(L), nn.LayerNorm(px["n_latent_sample"])
@@ -224,7 +225,7 @@ class MrVIModule(nn.Module):
             L, px["n_latent_sample"], n_res, n_tokens=px["n_latent_sample"], n_channels=px["n_channels"],
             n_heads=px["n_heads"], dropout_rate=px["dropout_rate"], n_hidden=px["n_hidden"],
             n_layers=px["n_layers"], stop_gradients_mlp=px["stop_gradients_mlp"]) if n_batches >= 2 else None
-        self.px_fc = nn.Linear(L, n_genes)
+        self.px_fc = Linear(L, n_genes)
         self.log_theta = nn.Parameter(torch.randn(n_genes))
         # p(u)
         self.n_components = n_labels if n_labels >= 2 else cfg.u_prior_mixture_k

@@ -36,7 +36,7 @@ from cellvi import de, settings
 from cellvi import distributions as dist
 from cellvi.data.setup import get_counts
 from cellvi.models.base import Model, average_over_batches
-from cellvi.nn import MLP, GaussianEncoder
+from cellvi.nn import MLP, GaussianEncoder, Linear
 
 CHOICES = {
     "latent_distribution": ("normal", "ln"),
@@ -66,6 +66,12 @@ class PeakVIConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
 
 
+def accessible(batch: dict[str, Tensor]) -> Tensor:
+    """The minibatch's counts binarised, 1 where a region is accessible: ``min(x, 1)`` (counts are non-negative
+    integers, so one pass gives what ``(x > 0).float()`` gives in two)."""
+    return batch["x"].clamp(max=1.0)
+
+
 class PeakVIModule(nn.Module):
     """q(z | y), d(y) and p(y | z, d, f, s, c)."""
 
@@ -84,18 +90,19 @@ class PeakVIModule(nn.Module):
         self.z_encoder = GaussianEncoder(n_enc_in, self.n_latent, **enc)
         if cfg.model_depth:
             self.d_body = MLP(n_enc_in, n_hidden, **enc)
-            self.d_head = nn.Linear(n_hidden, 1)
+            self.d_head = Linear(n_hidden, 1)
         self.decoder = MLP(self.n_latent + n_continuous_cov, n_hidden, n_cats=[n_batches, *n_cats_per_cov],
                            n_hidden=n_hidden, n_layers=cfg.n_layers_decoder, dropout_rate=0.0,
                            use_batch_norm=bn("decoder"), use_layer_norm=ln("decoder"),
                            inject_all=cfg.deeply_inject_covariates)
-        self.head = nn.Linear(n_hidden, n_regions)
+        self.head = Linear(n_hidden, n_regions)
         self.region_factors = nn.Parameter(torch.zeros(n_regions)) if cfg.region_factors else None
 
     # q(z | y) and the cell factor d(y)
-    def inference(self, batch: dict[str, Tensor], n_samples: int = 1) -> dict:
+    def inference(self, batch: dict[str, Tensor], n_samples: int = 1, y: Tensor | None = None) -> dict:
+        """``y``: the minibatch's binarised counts when already at hand (:func:`accessible`)."""
         cfg = self.config
-        h = (batch["x"] > 0).float()  # binarised accessibility
+        h = accessible(batch) if y is None else y  # binarised accessibility
         cats: list[Tensor] = []
         if cfg.encode_covariates:
             cont = batch["cont_covs"]
@@ -118,9 +125,9 @@ class PeakVIModule(nn.Module):
         return 1.0 if self.region_factors is None else torch.sigmoid(self.region_factors)
 
     def loss(self, batch: dict[str, Tensor], kl_weight: float = 1.0) -> dict[str, Tensor]:
-        inf = self.inference(batch)
+        y = accessible(batch)
+        inf = self.inference(batch, y=y)
         gen = self.generative(inf["z"], batch["batch"], batch["cat_covs"], batch["cont_covs"])
-        y = (batch["x"] > 0).float()
         nz = batch.get("nonzeros")  # the accessible entries (their count values are not read)
         rec = -dist.Bernoulli(gen["p"] * inf["d"] * self.region_factor()).log_prob_sum(y, nz)  # (B,)
         kl_z = dist.kl_standard_normal(inf["qz"]).sum(-1)

@@ -61,7 +61,7 @@ from cellvi.models.base import (
     importance_log_marginal,
 )
 from cellvi.models.scvi import flatten_samples, repeat_samples
-from cellvi.nn import MLP, GaussianEncoder
+from cellvi.nn import MLP, GaussianEncoder, Linear
 
 CHOICES = {
     "gene_dispersion": ("gene", "gene-batch", "gene-label"),
@@ -188,7 +188,7 @@ class TotalVIModule(nn.Module):
         # one matmul for every per-feature output:
         # [RNA scale logits (G) | RNA zero-inflation logits (G, zinb) | background mean, log sd | foreground | mixing (P each)]
         self.n_gene_heads = 2 if cfg.gene_likelihood == "zinb" else 1
-        self.heads = nn.Linear(cfg.n_hidden, self.n_gene_heads * n_genes + 4 * n_proteins)
+        self.heads = Linear(cfg.n_hidden, self.n_gene_heads * n_genes + 4 * n_proteins)
         n_theta = {"gene": 1, "gene-batch": n_batches, "gene-label": n_labels}[cfg.gene_dispersion]
         n_phi = {"protein": 1, "protein-batch": n_batches, "protein-label": n_labels}[cfg.protein_dispersion]
         self.log_theta = nn.Parameter(torch.randn(n_theta, n_genes))  # RNA inverse dispersion
