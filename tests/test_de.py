@@ -53,6 +53,12 @@ def test_population_draws_estimate_the_mean_with_its_uncertainty():
     np.testing.assert_allclose(h.std(0), cells.std(0) / np.sqrt(400), rtol=0.1)  # standard error of a mean
 
 
+def test_column_median_is_numpys():
+    x = np.random.default_rng(3).standard_normal((7, 5))
+    for rows in (1, 2, 6, 7):
+        np.testing.assert_allclose(de.column_median(x[:rows]), np.median(x[:rows], 0))
+
+
 def test_count_log_var_is_poissons_floor():
     np.testing.assert_allclose(de.count_log_var(np.array([99.5, 3.5, 0.0])), [0.01, 0.25, 2.0])  # 1 / (C + 0.5)
 

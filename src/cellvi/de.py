@@ -210,12 +210,11 @@ def population_draws(draws: np.ndarray, n_bootstrap: int, rng: np.random.Generat
     """
     n_draws, n_cells, _ = draws.shape
     if n_cells > MAX_BOOTSTRAP_BLOCKS:  # random blocks: sums (n_draws, B, features) and sizes (B,)
-        block = np.empty(n_cells, dtype=np.int64)
-        block[rng.permutation(n_cells)] = np.arange(n_cells) % MAX_BOOTSTRAP_BLOCKS
-        onehot = sp.csr_matrix((np.ones(n_cells, np.float32), (block, np.arange(n_cells))),
-                               shape=(MAX_BOOTSTRAP_BLOCKS, n_cells))
-        sums = np.stack([onehot @ d for d in draws])
-        sizes = np.bincount(block, minlength=MAX_BOOTSTRAP_BLOCKS).astype(np.float64)
+        block_of_rank = np.arange(n_cells) % MAX_BOOTSTRAP_BLOCKS  # the cell at rank i of a permutation
+        by_block = rng.permutation(n_cells)[np.argsort(block_of_rank, kind="stable")]  # cells sorted by block
+        sizes = np.bincount(block_of_rank, minlength=MAX_BOOTSTRAP_BLOCKS).astype(np.float64)
+        starts = np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64)
+        sums = np.add.reduceat(draws[:, by_block], starts, axis=1)
     else:
         sums, sizes = draws, np.ones(n_cells)
     n_units = sizes.size
@@ -493,6 +492,13 @@ def tail_probability(mean: np.ndarray, sd: np.ndarray, delta: float) -> np.ndarr
     return ndtr((mean - delta) / sd) + ndtr((-mean - delta) / sd)
 
 
+def column_median(x: np.ndarray) -> np.ndarray:
+    """``np.median(x, axis=0)`` of a 2-D array, by one partition of its contiguous transpose (5x faster)."""
+    k = x.shape[0] // 2
+    part = np.partition(np.ascontiguousarray(x.T), k, axis=1)  # one pivot: two are 6x slower in numpy
+    return part[:, k] if x.shape[0] % 2 else 0.5 * (part[:, :k].max(1) + part[:, k])
+
+
 def summarize(h1: np.ndarray, h2: np.ndarray, *, mode: str, delta: float | None, pseudocounts: float,
               lfc_error_sd: float = 0.0, reference: np.ndarray | None = None, center: bool = True,
               shrink: bool = False, observed: tuple[np.ndarray, np.ndarray] | None = None, min_delta: float = 0.1,
@@ -523,8 +529,8 @@ def summarize(h1: np.ndarray, h2: np.ndarray, *, mode: str, delta: float | None,
     lfc = lfc_draws(h1, h2, pseudocounts)
     m, v0 = lfc.mean(0, dtype=np.float64), np.maximum(lfc.var(0, dtype=np.float64), 1e-24)
     # the draws' shape: their median, min and max in standard deviations from their mean
-    shape = {k: (f(lfc, 0).astype(np.float64) - m) / np.sqrt(v0) for k, f in
-             (("lfc_median", np.median), ("lfc_min", np.min), ("lfc_max", np.max))}
+    shape = {k: (f(lfc).astype(np.float64) - m) / np.sqrt(v0) for k, f in
+             (("lfc_median", column_median), ("lfc_min", lambda x: x.min(0)), ("lfc_max", lambda x: x.max(0)))}
     if counts is not None:  # the model's LFC is never more precise than the counts allow ...
         v0 = v0 + (count_log_var(counts[0]) + count_log_var(counts[1])) / np.log(2) ** 2
     mean, var = m / model_slope, v0 / model_slope**2 + lfc_error_sd**2  # ... nor once divided by its slope
