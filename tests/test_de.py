@@ -61,6 +61,8 @@ def test_column_median_is_numpys():
 
 def test_count_log_var_is_poissons_floor():
     np.testing.assert_allclose(de.count_log_var(np.array([99.5, 3.5, 0.0])), [0.01, 0.25, 2.0])  # 1 / (C + 0.5)
+    noisy = de.add_count_noise(np.full((20000, 2), 0.01), np.array([99.5, 3.5]), np.random.default_rng(2))
+    np.testing.assert_allclose(np.log(noisy).std(0), [0.1, 0.5], rtol=0.05)  # the draw-wise form
 
 
 def test_model_error_sd_recovers_the_excess_spread():

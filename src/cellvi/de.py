@@ -229,6 +229,17 @@ def population_draws(draws: np.ndarray, n_bootstrap: int, rng: np.random.Generat
     return out
 
 
+def add_count_noise(h: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Population draws ``h`` ``(T, n_features)`` widened to the precision the observed counts allow.
+
+    Each draw is multiplied by ``exp(eps)``, ``eps ~ N(0, count_log_var(C_g))`` (:func:`count_log_var`). The
+    engine adds the same variance to the LFC's moments instead (:func:`summarize`, ``counts``), which needs no
+    draws; this is the draw-wise form, for code that works on population draws.
+    """
+    eps = rng.standard_normal(h.shape, dtype=np.float32) * np.sqrt(count_log_var(counts)).astype(np.float32)
+    return h * np.exp(eps)
+
+
 def count_log_var(counts: np.ndarray) -> np.ndarray:
     """Poisson's floor on the variance of a log mean (natural log) known from ``counts``: ``1 / (C + 0.5)``."""
     return 1.0 / (np.asarray(counts, dtype=np.float64) + 0.5)
