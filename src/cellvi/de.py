@@ -18,8 +18,10 @@ answers it in five steps (:func:`differential_expression`):
    a feature is never known better than its counts say (Poisson).
 4. **Effect and evidence** (:func:`lfc_draws`, :func:`summarize`): ``lfc = log2(h_A + pc) -
    log2(h_B + pc)``; ``mode="change"`` gives ``proba_de = P(|lfc| > delta)``, ``mode="vanilla"``
-   gives ``proba_m1 = P(h_A > h_B)``; Bayes factors are their log-odds. The LFC draws also carry the
-   model's own error, measured on well-observed features (:func:`model_error_sd`), are centred on the
+   gives ``proba_m1 = P(h_A > h_B)``; Bayes factors are their log-odds. The LFCs are first divided by
+   the model's shrinkage slope, measured against the observed LFCs (:func:`model_slope`: a VAE shrinks a
+   contrast it learned only partly), then carry the model's remaining error, measured on well-observed
+   features (:func:`model_error_sd`), are centred on the
    well-observed features to remove compositional shifts (:func:`center_lfc`), and are shrunk by an
    empirical-Bayes spike-and-slab prior (:func:`shrink_lfc`), so that a feature the data say little
    about keeps the prior's null weight. Before centring, the observed LFC of the counts (within
@@ -27,7 +29,8 @@ answers it in five steps (:func:`differential_expression`):
    proportion to their precisions (:func:`combine_with_counts`, ``use_counts=True``): where the model
    has learned little of the contrast (its measured error is large), the counts decide, so a weakly
    trained model gives a weaker answer rather than none; ``model_agreement`` in the table says how
-   much of the observed contrast the model carries (:func:`model_agreement`).
+   much of the observed contrast the model carries (:func:`model_agreement`). These steps act on each
+   feature's mean and variance (:func:`summarize`); the probabilities are exact for that Gaussian.
 5. **Calls** (:func:`expected_fdr_calls`): the largest top-ranked set whose posterior expected
    false discovery proportion is at most ``fdr_target``.
 
