@@ -823,6 +823,8 @@ def count_sums(X, labels: np.ndarray, n_labels: int, library: np.ndarray) -> dic
     keep = labels >= 0
     rows, lab, lib = np.flatnonzero(keep), labels[keep], library[keep].astype(np.float64)
     K = n_labels
+    if rows.size < X.shape[0]:  # only the labelled cells' rows are read (a pairwise call touches few of them)
+        X, rows = X[rows], np.arange(rows.size)
     # one sparse weight matrix (cells, 3K): indicator, library, 1 / library
     cols = np.concatenate([lab, lab + K, lab + 2 * K])
     vals = np.concatenate([np.ones(rows.size), lib, 1.0 / np.maximum(lib, 1e-12)])
