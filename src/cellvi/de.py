@@ -213,11 +213,12 @@ def population_draws(draws: np.ndarray, n_bootstrap: int, rng: np.random.Generat
     """
     n_draws, n_cells, _ = draws.shape
     if n_cells > MAX_BOOTSTRAP_BLOCKS:  # random blocks: sums (n_draws, B, features) and sizes (B,)
-        block_of_rank = np.arange(n_cells) % MAX_BOOTSTRAP_BLOCKS  # the cell at rank i of a permutation
-        by_block = rng.permutation(n_cells)[np.argsort(block_of_rank, kind="stable")]  # cells sorted by block
-        sizes = np.bincount(block_of_rank, minlength=MAX_BOOTSTRAP_BLOCKS).astype(np.float64)
-        starts = np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64)
-        sums = np.add.reduceat(draws[:, by_block], starts, axis=1)
+        block = np.empty(n_cells, dtype=np.int64)
+        block[rng.permutation(n_cells)] = np.arange(n_cells) % MAX_BOOTSTRAP_BLOCKS
+        onehot = sp.csr_matrix((np.ones(n_cells, np.float32), (block, np.arange(n_cells))),
+                               shape=(MAX_BOOTSTRAP_BLOCKS, n_cells))
+        sums = np.stack([onehot @ d for d in draws])  # a sparse product: faster than np.add.reduceat here
+        sizes = np.bincount(block, minlength=MAX_BOOTSTRAP_BLOCKS).astype(np.float64)
     else:
         sums, sizes = draws, np.ones(n_cells)
     n_units = sizes.size
