@@ -53,6 +53,26 @@ def test_population_draws_estimate_the_mean_with_its_uncertainty():
     np.testing.assert_allclose(h.std(0), cells.std(0) / np.sqrt(400), rtol=0.1)  # standard error of a mean
 
 
+def test_model_slope_recovers_the_shrinkage_and_stays_1_without_a_contrast():
+    rng = np.random.default_rng(8)
+    G = 2000
+    true = np.where(rng.random(G) < 0.2, rng.choice([-1.0, 1.0], G), 0.0)
+    u = np.full(G, 0.04)
+    observed = true + rng.normal(0, 0.2, G)  # noisy, unbiased
+    model = 0.3 * true + rng.normal(0, 0.05, G)  # precise, shrunk to 30 %
+    ok = np.ones(G, bool)
+    assert abs(de.model_slope(model, observed, u, ok) - 0.3) < 0.03
+    assert de.model_slope(model, rng.normal(0, 0.15, G), u, ok) == 1.0  # no contrast beyond the counts' noise
+    assert de.model_slope(np.zeros(G), np.zeros(G), u, ok) == 1.0  # nothing to measure
+    assert de.model_slope(model, observed, u, np.arange(G) < 10) == 1.0  # too few well-observed features
+    assert de.model_slope(1e-4 * true, observed, u, ok) == de.MIN_MODEL_SLOPE  # clipped
+
+
+def test_tail_probability_by_hand():
+    np.testing.assert_allclose(de.tail_probability(np.array([0.0, 1.0]), np.array([1.0, 1.0]), 1.0),
+                               [2 * 0.158655, 0.5 + 0.0227501], rtol=1e-5)
+
+
 def test_column_median_is_numpys():
     x = np.random.default_rng(3).standard_normal((7, 5))
     for rows in (1, 2, 6, 7):
