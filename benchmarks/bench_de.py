@@ -299,6 +299,12 @@ CALIBRATION_DESIGNS = {
     "D: 7 types, small population, lfc 0.7": dict(n_cell_types=7, abundance_shift=1.0, de_lfc=0.7, seed=24),
     "E: donor noise 0.3, 6 donors": dict(n_donors_per_batch=3, donor_response_sd=0.3, seed=25),
     "F: donor noise 0.5, 8 donors": dict(n_donors_per_batch=4, donor_response_sd=0.5, de_lfc=1.5, seed=26),
+    # held out: never run while the cell-level evidence (de.model_slope) was changed, only to report on it
+    "G: weak effect (lfc 0.6), 12 % DE genes": dict(de_lfc=0.6, frac_de_genes=0.12, seed=41),
+    "H: 10 types, small population (~190 cells)": dict(n_cell_types=10, abundance_shift=1.0, de_lfc=0.9, seed=42),
+    "I: unbalanced groups (3:1), lfc 0.8": dict(n_cell_types=5, abundance_shift=5.0, de_lfc=0.8, seed=43),
+    "J: 800 counts/cell, 4 % DE, groups 1:1.6": dict(n_cell_types=6, de_lfc=1.0, mean_library_size=800.0,
+                                                     frac_de_genes=0.04, abundance_shift=0.5, seed=44),
 }
 
 
