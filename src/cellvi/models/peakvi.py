@@ -338,7 +338,9 @@ class PeakVI(Model):
 
         1. population accessibilities ``h1``, ``h2``: bootstrap means over each group's cells of posterior
            draws, widened to the binomial precision of the group's observed accessibility;
-        2. effect draws ``h2 - h1``, plus the decoder's own error (:func:`model_error_sd`);
+        2. effect draws ``h2 - h1``, divided by the decoder's shrinkage of effects (:func:`cellvi.de.model_slope`),
+           plus its remaining error (:func:`model_error_sd`), then weighed with the observed effect by precision
+           (:func:`cellvi.de.combine_with_counts`: where the model learned little, the observed effect decides);
         3. empirical-Bayes spike-and-slab shrinkage of the effects (:func:`cellvi.de.shrink_lfc`), so that a
            region the data say little about keeps the prior's null weight;
         4. ``mode="change"``: ``prob_da = P(|h2 - h1| > delta)``; ``mode="vanilla"``: ``prob_da = P(h1 > h2)``
@@ -389,9 +391,15 @@ class PeakVI(Model):
                 emp1, emp2 = (np.asarray(Y[r].mean(0)).ravel() for r in (rows1, rows2))
                 h1, v1 = self._population(adata_, rows1, codes1, emp1, f, n_samples, n_bootstrap, batch_size, rng)
                 h2, v2 = self._population(adata_, rows2, codes2, emp2, f, n_samples, n_bootstrap, batch_size, rng)
-                effect = h2 - h1
-                tau = model_error_sd(effect.mean(0), v2[1] - v1[1], v1[0] + v2[0])
+                observed, observed_var = v2[1] - v1[1], v1[0] + v2[0]
+                # the decoder shrinks effects it learned only partly: put them on the observed scale first
+                # (:func:`cellvi.de.model_slope`), then measure what remains of its error
+                effect = (h2 - h1) / de.model_slope((h2 - h1).mean(0), observed, observed_var,
+                                                    np.isfinite(observed))
+                tau = model_error_sd(effect.mean(0), observed, observed_var)
                 effect = effect + rng.standard_normal(effect.shape) * tau
+                # where the model learned little of the contrast (its error tau is large), the observed one decides
+                effect, _ = de.combine_with_counts(effect, observed, np.maximum(observed_var, 1e-12))
                 slab, w = de.shrink_lfc(effect)  # spike-and-slab: P(non-null) w, effect given non-null
                 if mode == "change":
                     prob = w * (np.abs(slab) > delta).mean(0)
