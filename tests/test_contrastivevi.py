@@ -172,18 +172,21 @@ def test_pairs_follow_the_larger_set_and_cycle_the_smaller():
     bg, tg = torch.arange(0, 100), torch.arange(100, 120)
     steps = list(paired_batches(data, bg, tg, 16, shuffle=True, generator=torch.Generator().manual_seed(0)))
     assert len(steps) == 7  # ceil(100 / 16): the larger set sets the epoch
-    seen_bg = torch.cat([s["background"]["index"] for s in steps])
+    part = lambda s, key, target: s[key][s["is_target"] == target]  # noqa: E731
+    seen_bg = torch.cat([part(s, "index", False) for s in steps])
     assert sorted(seen_bg.tolist()) == list(range(100))  # each background cell once
-    seen_tg = torch.cat([s["target"]["index"] for s in steps])
+    seen_tg = torch.cat([part(s, "index", True) for s in steps])
     assert set(seen_tg.tolist()) == set(range(100, 120))  # target cells cycled: every one, some repeated
-    assert seen_tg.numel() > 20 and all(s["target"]["x"].shape[0] <= 16 for s in steps)
-    torch.testing.assert_close(steps[0]["target"]["x"], torch.as_tensor(a.X[steps[0]["target"]["index"].numpy()].toarray()))
+    assert seen_tg.numel() > 20 and all(int(s["is_target"].sum()) <= 16 for s in steps)
+    assert all(not s["is_target"][: int((~s["is_target"]).sum())].any() for s in steps)  # background rows first
+    first_tg = part(steps[0], "index", True)
+    torch.testing.assert_close(part(steps[0], "x", True), torch.as_tensor(a.X[first_tg.numpy()].toarray()))
     # min_size drops a tiny last batch of the larger set; without shuffling the order is kept
     steps = list(paired_batches(data, torch.arange(0, 33), tg, 16, min_size=3))
-    assert len(steps) == 2 and steps[0]["background"]["index"].tolist() == list(range(16))
+    assert len(steps) == 2 and part(steps[0], "index", False).tolist() == list(range(16))
     # the target set may be the larger one
     steps = list(paired_batches(data, torch.arange(0, 10), torch.arange(10, 120), 32))
-    assert len(steps) == 4 and sum(s["target"]["x"].shape[0] for s in steps) == 110
+    assert len(steps) == 4 and sum(int(s["is_target"].sum()) for s in steps) == 110
 
 
 def test_background_reconstruction_ignores_the_salient_encoder():
@@ -191,7 +194,8 @@ def test_background_reconstruction_ignores_the_salient_encoder():
     cellvi.ContrastiveVI.setup_anndata(a, batch_key="batch")
     m = cellvi.ContrastiveVI(a, n_hidden=16, wasserstein_penalty=0.5)
     data = m._data()
-    pair = {"background": data.gather(torch.arange(0, 32)), "target": data.gather(torch.arange(32, 64))}
+    pair = data.gather(torch.arange(64))
+    pair["is_target"] = torch.arange(64) >= 32
     module: ContrastiveVIModule = m.module
     module.eval()  # (in training mode the decoder's batch norm mixes the cells of a minibatch)
     out = module.loss(pair, kl_weight=0.7)

@@ -62,17 +62,6 @@ class ContrastiveVIConfig:
             raise ValueError(f"wasserstein_penalty must be a finite number >= 0, got {self.wasserstein_penalty!r}.")
 
 
-def stack_pair(bg: dict[str, Tensor], tg: dict[str, Tensor]) -> dict[str, Tensor]:
-    """One minibatch of the background cells followed by the target cells (the keys the module reads)."""
-    nb = bg["x"].shape[0]
-    out = {k: torch.cat([bg[k], tg[k]]) for k in ("x", "batch", "cat_covs", "cont_covs", "size_factor") if k in bg}
-    if "nonzeros" in bg and "nonzeros" in tg:  # the loader's non-zero entries, rows shifted for the target cells
-        a, b = bg["nonzeros"], tg["nonzeros"]
-        out["nonzeros"] = dist.Nonzeros(torch.cat([a.rows, b.rows + nb]), torch.cat([a.cols, b.cols]),
-                                        torch.cat([a.values, b.values]))
-    return out
-
-
 class ContrastiveVIModule(nn.Module):
     """q(z | x, b), q(s | x, b), q(l | x, b) and p(x | z, s, l, b, c)."""
 
@@ -124,22 +113,20 @@ class ContrastiveVIModule(nn.Module):
             pl = dist.normal(self.library_log_means[batch][:, None], self.library_log_vars[batch][:, None].sqrt())
         return {"px": px, "pl": pl}
 
-    def loss(self, batch: dict[str, dict[str, Tensor]], kl_weight: float = 1.0) -> dict[str, Tensor]:
-        """Loss of one background minibatch and one target minibatch, ``{"background": ..., "target": ...}``.
+    def loss(self, batch: dict[str, Tensor], kl_weight: float = 1.0) -> dict[str, Tensor]:
+        """Loss of one minibatch of background and target cells (:func:`paired_batches`: one background
+        minibatch, then one target minibatch, gathered together; ``batch["is_target"]`` flags the target rows).
 
         ``"loss"`` is, as in scvi-tools, the mean over background cells of their terms plus the mean over
-        target cells of theirs (one background/target pair). The per-cell entries list background cells
-        then target cells: ``reconstruction_loss``, ``kl_local`` (KL of z, of s for target cells, of l when
-        inferred) and ``wasserstein_penalty`` (the unweighted W2^2 term; 0 for target cells).
+        target cells of theirs (one background/target pair). The per-cell entries follow the minibatch's
+        rows: ``reconstruction_loss``, ``kl_local`` (KL of z, of s for target cells, of l when inferred) and
+        ``wasserstein_penalty`` (the unweighted W2^2 term; 0 for target cells).
         """
-        nb = batch["background"]["x"].shape[0]
-        cells = stack_pair(batch["background"], batch["target"])  # one pass through the networks for both
-        x = cells["x"]  # (nb + nt, G)
-        inf = self.inference(x, cells["batch"], cells.get("size_factor"), nz=cells.get("nonzeros"))
-        is_target = torch.arange(x.shape[0], device=x.device) >= nb  # (nb + nt,)
+        x, is_target = batch["x"], batch["is_target"]  # (B, G), (B,)
+        inf = self.inference(x, batch["batch"], batch.get("size_factor"), nz=batch.get("nonzeros"))
         s = inf["s"] * is_target[:, None]  # the salient latent of background cells is 0
-        gen = self.generative(inf["z"], s, inf["library"], cells["batch"], cells["cat_covs"], cells["cont_covs"])
-        rec = -gen["px"].log_prob_sum(x, cells.get("nonzeros"))  # (nb + nt,)
+        gen = self.generative(inf["z"], s, inf["library"], batch["batch"], batch["cat_covs"], batch["cont_covs"])
+        rec = -gen["px"].log_prob_sum(x, batch.get("nonzeros"))  # (B,)
         kl_z = dist.kl_standard_normal(inf["qz"]).sum(-1)
         kl_s = dist.kl_standard_normal(inf["qs"]).sum(-1) * is_target
         kl_l = kl_divergence(inf["ql"], gen["pl"]).sum(-1) if inf["ql"] is not None else torch.zeros_like(kl_z)
@@ -147,7 +134,8 @@ class ContrastiveVIModule(nn.Module):
         # W2^2(N(m, diag v), delta_0) = |m|^2 + sum(v), for background cells only
         w2 = (qs.loc.square().sum(-1) + qs.variance.sum(-1)) * ~is_target
         per_cell = rec + kl_weight * (kl_z + kl_s + self.config.wasserstein_penalty * w2) + kl_l
-        loss = per_cell[:nb].mean() + per_cell[nb:].mean()
+        n_target = is_target.sum()  # a tensor: no device sync
+        loss = (per_cell * torch.where(is_target, 1.0 / n_target, 1.0 / (x.shape[0] - n_target))).sum()
         return {"loss": loss, "reconstruction_loss": rec, "kl_local": kl_z + kl_s + kl_l, "wasserstein_penalty": w2}
 
 
@@ -169,7 +157,8 @@ def _one_pass(idx: Tensor, batch_size: int, shuffle: bool, generator: torch.Gene
 def paired_batches(data: CountData, background: Tensor, target: Tensor, batch_size: int, *,
                    shuffle: bool = False, generator: torch.Generator | None = None,
                    min_size: int = 1) -> Iterator[dict[str, dict[str, Tensor]]]:
-    """One epoch of ``{"background": minibatch, "target": minibatch}`` pairs.
+    """One epoch of minibatch pairs, each gathered as one minibatch: a background minibatch's cells, then a
+    target minibatch's, with ``"is_target"`` (bool, per cell) telling them apart.
 
     The epoch follows the larger of the two sets (each of its cells once); the smaller set is cycled,
     reshuffled at each pass, so every step sees one minibatch of each (as scvi-tools' contrastive
@@ -183,7 +172,9 @@ def paired_batches(data: CountData, background: Tensor, target: Tensor, batch_si
             pending = _one_pass(small, batch_size, shuffle, generator, min_size)
         small_idx = pending.pop(0)
         bg_idx, tg_idx = (large_idx, small_idx) if bg_larger else (small_idx, large_idx)
-        yield {"background": data.gather(bg_idx), "target": data.gather(tg_idx)}
+        batch = data.gather(torch.cat([bg_idx, tg_idx]))
+        batch["is_target"] = torch.arange(batch["x"].shape[0], device=batch["x"].device) >= bg_idx.numel()
+        yield batch
 
 
 # --------------------------------------------------------------------------- helpers on the data set-up

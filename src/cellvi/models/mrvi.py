@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from cellvi import distributions as dist
 from cellvi.analysis import density, distances, regression
 from cellvi.models.base import Model, as_indices
-from cellvi.nn import Linear
+from cellvi.nn import Linear, dropout
 
 PX_DEFAULTS = dict(n_latent_sample=16, n_channels=4, n_heads=2, dropout_rate=0.03, stop_gradients=False,
                    stop_gradients_mlp=True, n_hidden=32, n_layers=1, low_dim_batch=True)
@@ -168,7 +168,7 @@ class TokenAttention(nn.Module):
         lam = torch.addcmul(shift[:, None], q[:, None, :], slope[:, None])  # (N, H, T)
         w = torch.softmax(lam[..., None] * k[:, None, None, :], -1)  # (N, H, T, T')
         if self.training and self.dropout_rate > 0:
-            w = F.dropout(w, self.dropout_rate)
+            w = dropout(w, self.dropout_rate)
         sums = w @ torch.stack([k, torch.ones_like(k)], -1)[:, None]  # (N, H, T, 2): sum_t' w k_t', sum_t' w
         W_o = self.out_proj.weight.view(-1, H, a.shape[-1])  # (E, H, d)
         rows = torch.einsum("ehd,hcd->hce", W_o, torch.stack([v, f], 1)).reshape(2 * H, -1)  # (2H, E)
