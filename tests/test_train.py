@@ -203,3 +203,24 @@ def test_adam_state_round_trip_continues_identically():
         (params[0] ** 2).sum().backward()
         opt.step()
     torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+
+
+def test_epoch_totals_fold_in_blocks_and_match_direct_sums():
+    """Metrics are folded every FOLD_EVERY steps; the sums (and the per-cell loss weighting) equal direct ones."""
+    from cellvi.train import _Totals
+
+    g = torch.Generator().manual_seed(0)
+    totals, rec_all, kl_all, loss_cells = _Totals(), [], [], 0.0
+    for step in range(_Totals.FOLD_EVERY * 2 + 5):  # two folds and a remainder
+        n = 7 if step % 3 else 4  # steps of different sizes
+        rec, kl = torch.rand(n, generator=g), torch.rand(n, generator=g)
+        loss = (rec + kl).mean()
+        totals.add({"loss": loss, "reconstruction_loss": rec, "kl_local": kl, "z": torch.zeros(n, 2)})
+        rec_all.append(rec), kl_all.append(kl)
+        loss_cells += float(loss) * n
+    sums = totals.sums()
+    assert set(sums) == {"loss", "reconstruction_loss", "kl_local"}  # "z" is not a metric
+    torch.testing.assert_close(sums["reconstruction_loss"], torch.cat(rec_all).sum())
+    torch.testing.assert_close(sums["kl_local"], torch.cat(kl_all).sum())
+    torch.testing.assert_close(float(sums["loss"]), loss_cells, rtol=1e-5, atol=1e-4)
+    assert totals.n_steps == _Totals.FOLD_EVERY * 2 + 5 and totals.n_cells == sum(r.numel() for r in rec_all)

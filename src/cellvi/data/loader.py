@@ -154,7 +154,8 @@ class CountData:
         cols, values = self.indices.index_select(0, pos).long(), self.values.index_select(0, pos)
         x = torch.zeros(idx.numel() * self.n_vars, device=self.storage)
         x.index_copy_(0, rows * self.n_vars + cols, values)  # positions are distinct: a copy, the fastest scatter
-        batch = {key: t.index_select(0, idx) for key, t in self.obs.items()}
+        batch = {key: t.index_select(0, idx) if t.shape[1:].numel() else t.new_empty((idx.numel(), *t.shape[1:]))
+                 for key, t in self.obs.items()}  # (an empty covariate block needs no gather)
         batch["x"] = x.view(idx.numel(), self.n_vars)
         batch["nonzeros"] = Nonzeros(rows, cols, values)  # lets likelihoods skip the zeros
         if self.storage != self.device:  # host CSR, GPU model: pinned memory, asynchronous copy
