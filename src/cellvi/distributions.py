@@ -599,11 +599,72 @@ def bernoulli_log_prob(x: Tensor, probs: Tensor, eps: float = EPS) -> Tensor:
     return x * torch.log(probs + eps) + (1.0 - x) * torch.log(1.0 - probs + eps)
 
 
+def _bernoulli_zero_terms(logits: Tensor, cell_factor: Tensor, region_factor: Tensor | float):
+    """Dense kernel of :class:`_BernoulliFromLogits`: with ``s = sigmoid(logits)`` and ``p = s d f``, the
+    y = 0 term ``log(1 - p)`` summed per cell, and its derivatives: w.r.t. the logits ``(cells, regions)``, the
+    cell factor ``(cells, 1)`` and, per entry, the region factor (``(cells, regions)``, summed over cells by the
+    caller with the upstream gradient)."""
+    s = torch.sigmoid(logits)
+    sf = s * region_factor
+    p = sf * cell_factor
+    g = -1.0 / (1.0 - p + EPS)  # d log(1 - p) / dp
+    return (torch.log(1.0 - p + EPS).sum(-1), p, s, g * p * (1.0 - s), (g * sf).sum(-1, keepdim=True),
+            g * s * cell_factor)
+
+
+class _BernoulliFromLogits(torch.autograd.Function):
+    """``sum_r log Bernoulli(y_r | sigmoid(a_r) d f_r)`` per cell for 0/1 ``y`` given by its ones ``(rows, cols)``:
+    the y = 0 term densely (one compiled kernel for long runs, :func:`_bernoulli_zero_terms`), the ones as a
+    correction ``log p - log(1 - p)``; derivatives from the forward pass, scaled by the upstream gradient in
+    backward (PeakVI's likelihood, without ~20 autograd passes over the cells x regions block)."""
+
+    @staticmethod
+    def forward(ctx, logits, cell_factor, region_factor, rows, cols):
+        f_is_tensor = isinstance(region_factor, Tensor)
+        f = region_factor.detach() if f_is_tensor else 1.0
+        out, p, s, g_logits, g_d, g_f = kernel(_bernoulli_zero_terms)(logits.detach(), cell_factor.detach(), f)
+        R = logits.shape[1]
+        flat = rows * R + cols
+        p_n, s_n = p.reshape(-1).index_select(0, flat), s.reshape(-1).index_select(0, flat)
+        out = out.index_add_(0, rows, torch.log(p_n + EPS) - torch.log(1.0 - p_n + EPS))
+        c = 1.0 / (p_n + EPS) + 1.0 / (1.0 - p_n + EPS)  # d [log p - log(1 - p)] / dp at the ones
+        g_logits.view(-1).index_add_(0, flat, c * p_n * (1.0 - s_n))
+        f_n = f.index_select(0, cols) if f_is_tensor else f
+        g_d.view(-1).index_add_(0, rows, c * s_n * f_n)
+        if f_is_tensor:
+            g_f.view(-1).index_add_(0, flat, c * s_n * cell_factor.detach().reshape(-1).index_select(0, rows))
+        ctx.save_for_backward(g_logits, g_d, g_f if f_is_tensor else None)
+        ctx.f_is_tensor = f_is_tensor
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        g_logits, g_d, g_f = ctx.saved_tensors
+        g = grad[:, None]
+        d_f = torch.mv(g_f.t(), grad) if ctx.f_is_tensor else None
+        return g_logits * g, g_d * g, d_f, None, None
+
+
 class Bernoulli:
     """Bernoulli over a ``(cells, regions)`` 0/1 matrix (PeakVI), same interface as :class:`NegativeBinomial`."""
 
-    def __init__(self, probs: Tensor):
-        self.probs = probs
+    def __init__(self, probs: Tensor | None):
+        self._probs = probs
+        self.logits = self.cell_factor = self.region_factor = None
+
+    @classmethod
+    def from_logits(cls, logits: Tensor, cell_factor: Tensor, region_factor: Tensor | float = 1.0) -> Bernoulli:
+        """``p = sigmoid(logits) * cell_factor * region_factor`` (PeakVI), computed only when read:
+        :meth:`log_prob_sum` fuses it into the likelihood in training."""
+        d = cls(None)
+        d.logits, d.cell_factor, d.region_factor = logits, cell_factor, region_factor
+        return d
+
+    @property
+    def probs(self) -> Tensor:
+        if self._probs is None:
+            self._probs = torch.sigmoid(self.logits) * self.cell_factor * self.region_factor
+        return self._probs
 
     @property
     def mean(self) -> Tensor:
@@ -616,6 +677,9 @@ class Bernoulli:
         """``log_prob(x).sum(-1)`` for 0/1 ``x``: ``log(1 - p)`` everywhere (dense, the x = 0 term), plus
         ``log p - log(1 - p)`` at the ones only (``nz``: the non-zero entries, whose values are ignored)."""
         rows, cols, _ = nonzeros(x) if nz is None else nz
+        if self.logits is not None and self._probs is None and torch.is_grad_enabled() and _USE_COMPILED[0]:
+            # long trainings: one compiled kernel (eager, its ~15 dense ops are slower than autograd's path)
+            return _BernoulliFromLogits.apply(self.logits, self.cell_factor, self.region_factor, rows, cols)
         p_nz = self.probs[rows, cols]
         correction = torch.log(p_nz + EPS) - torch.log(1.0 - p_nz + EPS)
         return _row_sum_sparse(torch.log(1.0 - self.probs + EPS), correction, rows)

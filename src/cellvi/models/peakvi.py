@@ -115,11 +115,10 @@ class PeakVIModule(nn.Module):
         d = torch.sigmoid(self.d_head(self.d_body(h, cats))) if cfg.model_depth else h.new_ones(h.shape[0], 1)
         return {"qz": qz, "z": z, "d": d}  # z (B, L), d (B, 1)
 
-    # p(y | z, s, c): the accessibility p before the cell and region factors
+    # p(y | z, s, c): the logits of the accessibility p before the cell and region factors (p = sigmoid(logits))
     def generative(self, z: Tensor, batch: Tensor, cat_covs: Tensor, cont_covs: Tensor) -> dict:
         h = torch.cat([z, cont_covs], -1) if cont_covs.shape[-1] else z
-        p = torch.sigmoid(self.head(self.decoder(h, [batch, *cat_covs.unbind(-1)])))  # (B, R)
-        return {"p": p}
+        return {"logits": self.head(self.decoder(h, [batch, *cat_covs.unbind(-1)]))}  # (B, R); p = sigmoid
 
     def region_factor(self) -> Tensor | float:
         return 1.0 if self.region_factors is None else torch.sigmoid(self.region_factors)
@@ -129,7 +128,7 @@ class PeakVIModule(nn.Module):
         inf = self.inference(batch, y=y)
         gen = self.generative(inf["z"], batch["batch"], batch["cat_covs"], batch["cont_covs"])
         nz = batch.get("nonzeros")  # the accessible entries (their count values are not read)
-        rec = -dist.Bernoulli(gen["p"] * inf["d"] * self.region_factor()).log_prob_sum(y, nz)  # (B,)
+        rec = -dist.Bernoulli.from_logits(gen["logits"], inf["d"], self.region_factor()).log_prob_sum(y, nz)  # (B,)
         kl_z = dist.kl_standard_normal(inf["qz"]).sum(-1)
         # scvi-tools' PEAKVI minimises sum_cells(rec.sum() + kl_weight * kl): the reconstruction of the whole
         # minibatch once per cell, i.e. the KL weighted 1 / (cells in the minibatch) against it. Without that
@@ -268,7 +267,8 @@ class PeakVI(Model):
         z = z.reshape(n_samples * B, -1)
         rep = lambda t: t.repeat(n_samples, *([1] * (t.dim() - 1)))  # noqa: E731
         cat, cont = rep(batch["cat_covs"]), rep(batch["cont_covs"])
-        p = average_over_batches(lambda b: self.module.generative(z, b, cat, cont)["p"], rep(batch["batch"]), codes)
+        p = average_over_batches(lambda b: torch.sigmoid(self.module.generative(z, b, cat, cont)["logits"]),
+                                 rep(batch["batch"]), codes)
         if normalize_cells:
             p = p * rep(inf["d"])
         if normalize_regions:
