@@ -123,8 +123,9 @@ def expression_from(px, library: Tensor, library_size) -> Tensor:
     normalized expression ``rho * L``; ``"mean"`` (DE): expected counts per unit library,
     ``(1 - pi) * rho`` for ZINB.
     """
-    if library_size == "mean":
-        return px.mean / torch.exp(library)
+    if library_size == "mean":  # px.mean / exp(library), without forming either
+        zi = getattr(px, "zi_logits", None)
+        return px.scale if zi is None else px.scale * torch.sigmoid(-zi)
     if library_size == "latent":
         return px.mu
     return px.scale * library_size
