@@ -72,3 +72,14 @@ def alternate(script: str, args, floor_cells: int | None = None) -> dict[str, di
     for which, rs in runs.items():
         print(f"{which} s/epoch per round: {[round(r['s_per_epoch'], 3) for r in rs]}")
     return {w: min(rs, key=lambda r: r["s_per_epoch"]) for w, rs in runs.items()}
+
+
+def print_table(a: dict, b: dict, keys) -> None:
+    """The two libraries' results side by side (cellvi ``a``, scvi-tools ``b``), the speed-up, and both as JSON."""
+    width = max(len(k) for k in keys) + 2
+    print(f"{'':{width}s}{'cellvi':>12s}{'scvi-tools':>12s}")
+    for key in keys:
+        print(f"{key:{width}s}{a[key]:12.3f}{b[key]:12.3f}")
+    print(f"speed-up (scvi-tools s/epoch / cellvi s/epoch): {b['s_per_epoch'] / a['s_per_epoch']:.2f}x")
+    print(json.dumps([a, b]))
+

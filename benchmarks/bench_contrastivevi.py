@@ -21,7 +21,6 @@ of the program ("on"/"off") among target cells, and cell-type silhouette over al
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -130,11 +129,7 @@ def main() -> None:
     a, b = res["cellvi"], res["scvi"]
     print(f"data: simulated {args.n_cells} cells x {args.n_genes} genes, 2 batches, background = ctrl, "
           f"target = stim, {args.epochs} epochs, batch 128 (+128); fastest of {args.rounds} alternating rounds")
-    print(f"{'':34s}{'cellvi':>12s}{'scvi-tools':>12s}")
-    for key in KEYS:
-        print(f"{key:34s}{a[key]:12.3f}{b[key]:12.3f}")
-    print(f"speed-up (scvi-tools s/epoch / cellvi s/epoch): {b['s_per_epoch'] / a['s_per_epoch']:.2f}x")
-    print(json.dumps([a, b]))
+    _sidebyside.print_table(a, b, KEYS)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ each cell's KL ``1 / batch size`` against its reconstruction; cellvi's PeakVI mi
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -127,11 +126,7 @@ def main() -> None:
     print(f"data: simulated scATAC, {args.n_cells} cells x {args.n_genes} regions, 4 cell types, 2 batches, "
           f"{args.epochs} epochs, batch 128; DA type_0 vs type_1 at FDR target {FDR_TARGET:.0%}; "
           f"fastest of {args.rounds} alternating rounds")
-    print(f"{'':26s}{'cellvi':>12s}{'scvi-tools':>12s}")
-    for key in KEYS:
-        print(f"{key:26s}{a[key]:12.3f}{b[key]:12.3f}")
-    print(f"speed-up (scvi-tools s/epoch / cellvi s/epoch): {b['s_per_epoch'] / a['s_per_epoch']:.2f}x")
-    print(json.dumps([a, b]))
+    _sidebyside.print_table(a, b, KEYS)
 
 
 if __name__ == "__main__":

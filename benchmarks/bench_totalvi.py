@@ -167,11 +167,7 @@ def main() -> None:
     a, b = res["cellvi"], res["scvi"]
     print(f"data: simulated CITE-seq, {args.n_cells} cells x {args.n_genes} genes + 30 proteins (5 missing in "
           f"batch_1), 2 batches, {args.epochs} epochs, batch 256; fastest of {args.rounds} alternating rounds")
-    print(f"{'':26s}{'cellvi':>12s}{'scvi-tools':>12s}")
-    for key in KEYS:
-        print(f"{key:26s}{a[key]:12.3f}{b[key]:12.3f}")
-    print(f"speed-up (scvi-tools s/epoch / cellvi s/epoch): {b['s_per_epoch'] / a['s_per_epoch']:.2f}x")
-    print(json.dumps([a, b]))
+    _sidebyside.print_table(a, b, KEYS)
 
 
 if __name__ == "__main__":
