@@ -200,17 +200,18 @@ def _zero_count_terms_softplus(mu: Tensor, theta: Tensor, log_theta: Tensor, log
     return F.softplus(u) - F.softplus(-logits), -w * a, grad_theta, torch.sigmoid(-logits) - a
 
 
-def _nonzero_correction(x, mu, theta, log_theta, lgamma_theta, digamma_theta, logits):
+def _nonzero_correction(x, mu, theta, log_theta, lgamma_theta, digamma_theta, logits, lgamma=torch.lgamma):
     """At the non-zero counts ``x`` (1-D, with their ``mu``, ``theta``, ... gathered alongside):
     ``log p(x) - log p(0)`` and its derivatives w.r.t. mu, theta, logits (None for NB).
 
     ``log NB(x) - log NB(0) = x (log mu - log t) + lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)``; for
-    ZINB the zero-inflation part adds ``-l - softplus(nb0 - l) + nb0`` = ``-softplus(l - nb0)``.
+    ZINB the zero-inflation part adds ``-l - softplus(nb0 - l) + nb0`` = ``-softplus(l - nb0)``. ``lgamma``:
+    ``torch.lgamma``, or :func:`lgamma_series` inside a compiled kernel.
     """
     t = mu + theta + EPS
     lt = torch.log(t)
     inv_t = 1.0 / t
-    value = x * (torch.log(mu + EPS) - lt) + torch.lgamma(x + theta) - lgamma_theta - torch.lgamma(x + 1.0)
+    value = x * (torch.log(mu + EPS) - lt) + lgamma(x + theta) - lgamma_theta - lgamma(x + 1.0)
     grad_mu = x * (1.0 / (mu + EPS) - inv_t)
     grad_theta = digamma(x + theta) - digamma_theta - x * inv_t
     if logits is None:
@@ -333,7 +334,7 @@ def _nonzero_terms_from_logits(mu: Tensor, logits: Tensor, rows: Tensor, cols: T
                                zero_inflated: bool, series: bool):
     """Non-zero kernel of the fused likelihood: gathers ``mu``, theta and the zero-inflation logit at the
     non-zeros ``(rows, cols, x)`` and returns their flat positions and :func:`_nonzero_correction`'s
-    ``(value, d/dmu, d/dtheta, d/dlogit)``. Per-cell theta (``(cells, genes)``): its lgamma and digamma are
+    ``(value, d/dmu, d/dtheta, d/dlogit)`` there. Per-cell theta (``(cells, genes)``): its lgamma and digamma are
     computed here (``lgamma_theta`` None); per-gene theta: gathered from the given per-gene vectors.
     ``series``: lgamma as :func:`lgamma_series` (inside a compiled kernel) rather than ``torch.lgamma``."""
     G = mu.shape[1]
@@ -347,19 +348,8 @@ def _nonzero_terms_from_logits(mu: Tensor, logits: Tensor, rows: Tensor, cols: T
         lg_th = lgamma_series(th_n) if series else torch.lgamma(th_n)
         dg_th = digamma(th_n)
     l_n = logits.reshape(-1)[rows * (2 * G) + G + cols] if zero_inflated else None
-    lgamma = lgamma_series if series else torch.lgamma
-    t = mu_n + th_n + EPS
-    lt = torch.log(t)
-    inv_t = 1.0 / t
-    value = x * (torch.log(mu_n + EPS) - lt) + lgamma(x + th_n) - lg_th - lgamma(x + 1.0)
-    grad_mu = x * (1.0 / (mu_n + EPS) - inv_t)
-    grad_theta = digamma(x + th_n) - dg_th - x * inv_t
-    if not zero_inflated:
-        return flat, value, grad_mu, grad_theta, None
-    v = l_n - th_n * (lth_n - lt)  # l - nb0
-    c = torch.sigmoid(v)
-    return (flat, value - F.softplus(v), grad_mu - c * th_n * inv_t,
-            grad_theta + c * (lth_n - lt + th_n / (th_n + EPS) - th_n * inv_t), -c)
+    return flat, *_nonzero_correction(x, mu_n, th_n, lth_n, lg_th, dg_th, l_n,
+                                      lgamma_series if series else torch.lgamma)
 
 
 def _logits_backward(grad_mu: Tensor, mu: Tensor, scale: Tensor, grad_zi: Tensor | None, g: Tensor):
