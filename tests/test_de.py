@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 from sklearn.metrics import average_precision_score
 
 import cellvi
@@ -750,3 +751,23 @@ def test_cell_level_calls_have_the_power_of_wilcoxon_at_the_fdr_target():
     fdp, power = (calls & ~truth).sum() / max(calls.sum(), 1), (calls & truth).sum() / truth.sum()
     power_wil = (wil & truth).sum() / truth.sum()
     assert fdp <= 0.1 and power >= power_wil - 0.05, (fdp, power, power_wil)
+
+
+def test_one_torch_thread_runs_with_one_thread_and_restores_the_setting():
+    from cellvi.de import one_torch_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = one_torch_thread(lambda: torch.get_num_threads())()
+        assert seen == 1 and torch.get_num_threads() == 2
+
+        @one_torch_thread
+        def fails():
+            raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError, match="boom"):
+            fails()
+        assert torch.get_num_threads() == 2  # restored after an error too
+    finally:
+        torch.set_num_threads(before)

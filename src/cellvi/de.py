@@ -59,12 +59,14 @@ batches decoded from the same z) it also supports importance weighting.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import torch
 
 LOG_EPS = 1e-8  # keeps log2 finite when no pseudocount is used
 # A feature with at least this many counts in each group is "well observed": its observed log2 ratio is
@@ -1207,6 +1209,26 @@ def _sample_table(side1: dict, side2: dict, stats1: list[tuple], stats2: list[tu
                          "n_samples1": int(keep1.sum()), "n_samples2": int(keep2.sum()), "paired": bool(paired)})
 
 
+def one_torch_thread(fn: Callable) -> Callable:
+    """Run ``fn`` with one intra-op torch thread (then restore the setting). DE decodes many small minibatches
+    between numpy steps; with two threads each torch op waited for the other thread to wake up: a one-vs-rest
+    call over 7 types took 0.91 s with 2 threads and 0.43 s with 1 on 2 cores (BENCHMARKS.md)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = torch.get_num_threads()
+        if before == 1:
+            return fn(*args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
+
+
+@one_torch_thread
 def differential_expression(
     model,
     adata=None,
@@ -1347,7 +1369,6 @@ def differential_expression(
     comparison, each sorted as scvi-tools sorts (``mode`` above), or by ``pvalue`` with ``sample_key``.
     Features with fewer than ``MIN_CALL_COUNTS`` counts in each group are never called (``padj`` NaN).
     """
-    import torch
 
     from cellvi import settings
     from cellvi.data.setup import get_counts

@@ -326,6 +326,7 @@ class PeakVI(Model):
         return self._decode(adata, rows, batch_size, None, lambda b: {"p": self._accessibility(
             b, n_draws, codes, False, False, False)}, ("p",), n_draws)["p"]
 
+    @de.one_torch_thread
     def differential_accessibility(self, adata: AnnData | None = None, groupby: str | None = None, group1=None,
                                    group2: str | None = None, idx1=None, idx2=None, mode: str = "change",
                                    delta: float = 0.05, batch_size: int | None = None, all_stats: bool = True,
