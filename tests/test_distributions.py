@@ -196,3 +196,42 @@ def test_fused_zinb_falls_back_to_softplus_when_its_sum_underflows():
 def test_from_logits_refuses_a_block_of_the_wrong_width():
     with pytest.raises(ValueError, match="5 columns; expected 8 for 4 genes"):
         NegativeBinomial.from_logits(torch.zeros(2, 5), torch.zeros(2, 1), torch.ones(4), zero_inflated=True)
+
+
+def test_dropout_keeps_the_expectation_and_is_the_identity_in_eval_mode():
+    from cellvi.nn import Dropout
+
+    torch.manual_seed(0)
+    layer, h = Dropout(0.3), torch.ones(400, 500)
+    out = layer.train()(h)
+    kept = out != 0
+    assert abs(float(kept.float().mean()) - 0.7) < 0.005  # each unit kept with probability 1 - p
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.7))  # kept units scaled by 1/(1-p)
+    assert abs(float(out.mean()) - 1.0) < 0.01
+    assert torch.equal(layer.eval()(h), h)
+
+
+def test_expected_counts_per_unit_library_equal_the_mean_over_the_library():
+    """expression_from(..., "mean"), DE's expression, is px.mean / exp(library) computed without mu (ZINB and NB)."""
+    from cellvi.models.base import expression_from
+
+    g = torch.Generator().manual_seed(7)
+    logits, lib, theta = torch.randn(6, 20, generator=g), torch.rand(6, 1, generator=g) * 3 + 4, torch.rand(10) + 0.5
+    for zi in (True, False):
+        px = NegativeBinomial.from_logits(logits if zi else logits[:, :10], lib, theta, zi)
+        torch.testing.assert_close(expression_from(px, lib, "mean"), px.mean / torch.exp(lib), rtol=1e-5, atol=1e-9)
+
+
+def test_importance_log_marginal_is_the_log_mean_exp_whatever_the_chunk():
+    from cellvi.models.base import importance_log_marginal
+
+    w = torch.randn(250, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 5
+    draws = iter(w.split(1))  # one weight row per draw, handed out in the order asked for
+
+    def log_weights(k):
+        return torch.cat([next(draws) for _ in range(k)])
+
+    torch.testing.assert_close(importance_log_marginal(log_weights, 250, chunk=60),
+                               torch.logsumexp(w, 0) - np.log(250))
+    with pytest.raises(ValueError, match="n_mc_samples=0"):
+        importance_log_marginal(log_weights, 0)

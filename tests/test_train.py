@@ -224,3 +224,20 @@ def test_epoch_totals_fold_in_blocks_and_match_direct_sums():
     torch.testing.assert_close(sums["kl_local"], torch.cat(kl_all).sum())
     torch.testing.assert_close(float(sums["loss"]), loss_cells, rtol=1e-5, atol=1e-4)
     assert totals.n_steps == _Totals.FOLD_EVERY * 2 + 5 and totals.n_cells == sum(r.numel() for r in rec_all)
+
+
+def test_adam_leaves_parameters_without_a_gradient_untouched_as_torch_optim_does():
+    torch.manual_seed(1)
+    a = [torch.randn(5, 3, requires_grad=True), torch.randn(4, requires_grad=True)]
+    b = [t.detach().clone().requires_grad_() for t in a]
+    ours, ref = Adam(a, lr=1e-2, eps=0.01, weight_decay=1e-3), torch.optim.Adam(b, lr=1e-2, eps=0.01, weight_decay=1e-3)
+    for step in range(4):
+        for params, opt in ((a, ours), (b, ref)):
+            opt.zero_grad()
+            # every other step the second parameter gets no gradient (its moments and step count must not move)
+            loss = (params[0] ** 2).sum() + (params[1].sin().sum() if step % 2 == 0 else 0.0)
+            loss.backward()
+            opt.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    assert float(ours.steps[0]) == 4 and float(ours.steps[1]) == 2
