@@ -8,7 +8,6 @@ from sklearn.metrics import average_precision_score
 
 import cellvi
 from cellvi.distributions import Bernoulli, bernoulli_log_prob, nonzeros
-from cellvi.models.peakvi import model_error_sd
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +38,15 @@ def test_bernoulli_log_prob_matches_scipy_and_sparse_sum_matches_dense():
 
 
 def test_model_error_sd_by_hand():
+    """The DA steps measure the decoder's error on accessibility differences with the DE engine's estimator."""
+    from cellvi.de import model_error_sd
+
     rng = np.random.default_rng(0)
     observed = rng.normal(0, 1, 5000)
     model = observed + rng.normal(0, 0.3, 5000)  # tau = 0.3 beyond sampling variance 0.04
-    assert model_error_sd(model + rng.normal(0, 0.2, 5000), observed, np.full(5000, 0.04)) == pytest.approx(0.3, abs=0.03)
-    assert model_error_sd(model[:10], observed[:10], np.zeros(10)) == 0.0
+    every = np.ones(5000, bool)
+    assert model_error_sd(model + rng.normal(0, 0.2, 5000), observed, np.full(5000, 0.04), every) == pytest.approx(0.3, abs=0.03)
+    assert model_error_sd(model[:10], observed[:10], np.zeros(10), every[:10]) == 0.0
 
 
 # --------------------------------------------------------------------------- set-up

@@ -340,7 +340,7 @@ class PeakVI(Model):
         1. population accessibilities ``h1``, ``h2``: bootstrap means over each group's cells of posterior
            draws, widened to the binomial precision of the group's observed accessibility;
         2. effect draws ``h2 - h1``, divided by the decoder's shrinkage of effects (:func:`cellvi.de.model_slope`),
-           plus its remaining error (:func:`model_error_sd`), then weighed with the observed effect by precision
+           plus its remaining error (:func:`cellvi.de.model_error_sd`), then weighed with the observed effect by precision
            (:func:`cellvi.de.combine_with_counts`: where the model learned little, the observed effect decides);
         3. empirical-Bayes spike-and-slab shrinkage of the effects (:func:`cellvi.de.shrink_lfc`), so that a
            region the data say little about keeps the prior's null weight;
@@ -397,7 +397,7 @@ class PeakVI(Model):
                 # (:func:`cellvi.de.model_slope`), then measure what remains of its error
                 effect = (h2 - h1) / de.model_slope((h2 - h1).mean(0), observed, observed_var,
                                                     np.isfinite(observed))
-                tau = model_error_sd(effect.mean(0), observed, observed_var)
+                tau = de.model_error_sd(effect.mean(0), observed, observed_var, np.isfinite(observed))
                 effect = effect + rng.standard_normal(effect.shape) * tau
                 # where the model learned little of the contrast (its error tau is large), the observed one decides
                 effect, _ = de.combine_with_counts(effect, observed, np.maximum(observed_var, 1e-12))
@@ -450,20 +450,6 @@ class PeakVI(Model):
         var = e * (1.0 - e) / (rows.size + 1) / c**2
         h = h + rng.standard_normal(h.shape) * np.sqrt(var)
         return h, (var, emp / c)
-
-
-def model_error_sd(model_effect: np.ndarray, observed_effect: np.ndarray, sampling_var: np.ndarray) -> float:
-    """How far the model's effects stray from the observed ones beyond sampling noise.
-
-    ``model - observed`` has variance ``tau^2 + sampling_var`` per region; ``tau`` (the decoder's own error,
-    unknown to its posterior) is estimated from the mean square over regions, as
-    :func:`cellvi.de.model_error_sd` does for log fold changes. 0 with fewer than 20 regions.
-    """
-    ok = np.isfinite(model_effect) & np.isfinite(observed_effect)
-    if ok.sum() < 20:
-        return 0.0
-    d = model_effect[ok] - observed_effect[ok]
-    return float(np.sqrt(max(np.mean((d - np.median(d)) ** 2) - np.mean(sampling_var[ok]), 0.0)))
 
 
 PEAKVI = PeakVI  # scvi-tools' spelling
