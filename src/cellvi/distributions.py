@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 EPS = 1e-8
+S_UNDERFLOW = 1e-30  # below this, the ZINB zero term's one-log form has underflowed: use the softplus form
 
 # --------------------------------------------------------------------------- compiled kernels (opt-in)
 
@@ -184,7 +185,7 @@ def _zero_count_terms(mu: Tensor, theta: Tensor, log_theta: Tensor, logits: Tens
 def _zero_terms_or_fallback(mu: Tensor, theta: Tensor, log_theta: Tensor, logits: Tensor | None):
     """:func:`_zero_count_terms` (through :func:`kernel`), or the softplus form where ``S`` underflowed."""
     value, grad_mu, grad_theta, grad_logits, S = kernel(_zero_count_terms)(mu, theta, log_theta, logits)
-    if S is not None and not bool(S.min() > 1e-30):
+    if S is not None and not bool(S.min() > S_UNDERFLOW):
         value, grad_mu, grad_theta, grad_logits = _zero_count_terms_softplus(mu, theta, log_theta, logits)
     return value, grad_mu, grad_theta, grad_logits
 
@@ -377,7 +378,7 @@ class _NBFromLogits(torch.autograd.Function):
         log_theta = torch.log(theta + EPS)
         out, mu, scale, grad_mu, grad_theta, grad_zi, s_min = kernel(_zero_terms_from_logits)(
             logits, log_library, theta, log_theta, zero_inflated)
-        if zero_inflated and not bool(s_min > 1e-30):  # the one-log form underflowed somewhere
+        if zero_inflated and not bool(s_min > S_UNDERFLOW):  # the one-log form underflowed somewhere
             G = theta.shape[-1]
             value, grad_mu, grad_theta, grad_zi = _zero_count_terms_softplus(mu, theta, log_theta, logits[:, G:])
             out = value.sum(-1)
