@@ -16,7 +16,8 @@ import cellvi
 
 n_cells, n_regions, seed = (int(v) for v in sys.argv[1:4])
 a = cellvi.datasets.simulate_atac(n_cells, n_regions, seed=seed)
-cellvi.settings.seed = 0; cellvi.settings.progress_bar = False
+cellvi.settings.seed = 0
+cellvi.settings.progress_bar = False
 cellvi.PeakVI.setup_anndata(a, batch_key="batch")
 m = cellvi.PeakVI(a)
 m.train(max_epochs=100, lr=1e-3, early_stopping=False, train_size=0.9, accelerator="cpu")
