@@ -74,12 +74,6 @@ def test_tail_probability_by_hand():
                                [2 * 0.158655, 0.5 + 0.0227501], rtol=1e-5)
 
 
-def test_column_median_is_numpys():
-    x = np.random.default_rng(3).standard_normal((7, 5))
-    for rows in (1, 2, 6, 7):
-        np.testing.assert_allclose(de.column_median(x[:rows]), np.median(x[:rows], 0))
-
-
 def test_count_log_var_is_poissons_floor():
     np.testing.assert_allclose(de.count_log_var(np.array([99.5, 3.5, 0.0])), [0.01, 0.25, 2.0])  # 1 / (C + 0.5)
     noisy = de.add_count_noise(np.full((20000, 2), 0.01), np.array([99.5, 3.5]), np.random.default_rng(2))
@@ -154,8 +148,9 @@ def test_spike_slab_shrinkage_stops_uninformative_features_from_scoring_as_de():
     counts = np.array([0.0, 1.0, 5.0, 100.0] + [1000.0] * (G - 4))  # ... of features seen that often
     h1[:, 4:24] *= 4  # 20 real effects of 2 log2
     kw = dict(mode="change", delta=0.25, pseudocounts=0.0, counts=(counts, counts))
-    plain = de.summarize(h1, h2, **kw)["proba_de"].to_numpy()
-    shrunk = de.summarize(h1, h2, shrink=True, **kw)["proba_de"].to_numpy()
+    pop1, pop2 = (h1.mean(0), h1.var(0)), (h2.mean(0), h2.var(0))  # each draw is a population-mean draw
+    plain = de.summarize(pop1, pop2, **kw)["proba_de"].to_numpy()
+    shrunk = de.summarize(pop1, pop2, shrink=True, **kw)["proba_de"].to_numpy()
     assert (plain[:3] > 0.7).all()  # wide posteriors around 0 look DE without shrinkage ...
     assert (shrunk[:4] < 0.15).all()  # ... and do not with it
     assert (shrunk[4:24] > 0.99).all()  # the real effects keep their evidence
@@ -296,6 +291,36 @@ def test_count_sums_agree_with_the_per_group_statistics():
     ref = de.raw_stats(X, np.flatnonzero(labels == 0), np.flatnonzero(np.isin(labels, [1, 2])))
     for key in ref:
         np.testing.assert_allclose(raw[key], ref[key], rtol=1e-9)
+
+
+def test_population_moments_give_the_standard_error_of_the_population_mean():
+    # cells with true expression r_i; a calibrated posterior: centred at r_i + e_i with e_i ~ N(0, s^2), spread s
+    rng = np.random.default_rng(21)
+    n, k, s, reps = 200, 3, 0.5, 3000
+    r = rng.gamma(2.0, 1.0, (reps, n))
+    draws = r[:, None] + rng.normal(0, s, (reps, 1, n)) + rng.normal(0, s, (reps, k, n))  # (reps, k, n)
+    moments = [de.population_moments(d[..., None]) for d in draws]
+    means, variances = np.array([m[0] for m, _ in moments]), np.array([v[0] for _, v in moments])
+    error = means - 2.0  # against the population's true mean, E[r] = 2
+    assert abs(error.mean()) < 0.01
+    assert abs(variances.mean() / error.var() - 1.0) < 0.06  # the reported variance is the estimator's
+    # with one draw per cell it is what the population bootstrap (one draw per cell) estimates
+    one = draws[0, :1, :, None].astype(np.float32)
+    boot = de.population_draws(one, 20000, rng)
+    np.testing.assert_allclose(np.sqrt(de.population_moments(one)[1]), boot.std(0), rtol=0.03)
+    # a population of parts: cell-weighted means, variances by squared weights
+    m, v = de.mix_populations([(np.array([1.0]), np.array([0.4])), (np.array([4.0]), np.array([0.1]))], [100, 300])
+    np.testing.assert_allclose([m[0], v[0]], [3.25, 0.0625 * 0.4 + 0.5625 * 0.1])
+
+
+def test_lfc_moments_match_the_lfc_of_population_draws():
+    rng = np.random.default_rng(22)
+    h1 = rng.normal([1e-3, 5e-4, 2e-4], [2e-5, 1e-5, 1e-5], (200000, 3))
+    h2 = rng.normal([1e-3, 1e-3, 1e-4], [3e-5, 1e-5, 5e-6], (200000, 3))
+    mean, var = de.lfc_moments(h1.mean(0), h1.var(0), h2.mean(0), h2.var(0), 1e-5)
+    lfc = de.lfc_draws(h1, h2, 1e-5)
+    np.testing.assert_allclose(mean, lfc.mean(0), atol=2e-3)
+    np.testing.assert_allclose(np.sqrt(var), lfc.std(0), rtol=0.03)
 
 
 def test_block_bootstrap_keeps_the_standard_error_of_a_large_population():
@@ -555,7 +580,7 @@ def test_arguments_match_scvi_tools():
     assert list(params(de.differential_expression).items())[1:len(scvi) + 1] == list(scvi.items())
     # get_bayes_factors' names with its defaults; cellvi's own options are keyword-only
     assert engine["pseudocounts"].default is None and engine["n_samples_overall"].default == 5000
-    own = ("pseudocounts", "n_samples_overall", "n_samples", "n_bootstrap", "seed", "use_counts", "sample_key",
+    own = ("pseudocounts", "n_samples_overall", "n_samples", "seed", "use_counts", "sample_key",
            "condition_key", "condition1", "condition2")
     assert all(engine[k].kind is inspect.Parameter.KEYWORD_ONLY for k in own)
     scvi_own = inspect.signature(cellvi.SCVI.differential_expression).parameters

@@ -74,11 +74,11 @@ LOG_EPS = 1e-8  # keeps log2 finite when no pseudocount is used
 MIN_COUNTS = 20.0
 # Fewest well-observed features for a median or mean square over them (error, centring) to be trusted.
 MIN_REFERENCE_FEATURES = 20
-# Most posterior draws decoded per cell. Each population draw takes one posterior draw of every resampled cell
-# (:func:`population_draws`), so its spread holds the posterior's share whatever this number; more draws only
-# steady the centre (Monte Carlo error at most 1 / sqrt(draws) of the spread) at a decoding cost that grows
-# with them: 3 keeps it under 0.6 of the spread (measured: the same calls across seeds as 25 draws per cell).
-MAX_DRAWS_PER_CELL = 3
+# Most posterior draws decoded per cell. A cell's estimate is the mean of its draws and the population's variance
+# is the spread of those estimates over cells (:func:`population_moments`), so the Monte Carlo error of few draws is
+# counted in the variance, never hidden; more draws shrink only that share (at most half of the posterior's with
+# 2 draws) at a decoding cost that grows with them. 2: the same calls across seeds as 3 and 25 (BENCHMARKS.md).
+MAX_DRAWS_PER_CELL = 2
 # Posterior draws per cell that importance resampling chooses among.
 IMPORTANCE_DRAWS_PER_CELL = 10
 # Random blocks of cells the population bootstrap resamples (:func:`population_draws`): enough that the
@@ -89,6 +89,11 @@ MIN_CALL_COUNTS = 3.0
 # Smallest shrinkage slope of the model's LFCs that is corrected (:func:`model_slope`): below it the model
 # carries almost none of the contrast, its error measured after the correction is large and the counts decide.
 MIN_MODEL_SLOPE = 0.05
+# Decoded values held at once when ``batch_size`` is None: cells per decoding minibatch are this over (draws per
+# cell x features), at least 128 (2,000 cells at 2 draws x 1,000 genes: few, large tensor operations).
+DECODE_ELEMENTS = 4_000_000
+# ``lfc_min`` / ``lfc_max`` are the LFC's 0.1 % / 99.9 % quantiles: its mean -/+ this many standard deviations.
+LFC_EXTREME_SD = 3.090232306167813
 
 
 # --------------------------------------------------------------------------- pure statistics
@@ -233,6 +238,37 @@ def population_draws(draws: np.ndarray, n_bootstrap: int, rng: np.random.Generat
         rows = np.arange(s, n_bootstrap, n_draws)
         out[rows] = (counts[rows] @ sums[s]) / (counts[rows] @ sizes)[:, None]
     return out
+
+
+def population_moments(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean expression of a population and the variance of that mean, from per-cell posterior draws.
+
+    Parameters
+    ----------
+    draws
+        ``(n_draws, n_cells, n_features)`` posterior draws of each cell's expression.
+
+    Returns
+    -------
+    ``(mean, var)``, each ``(n_features,)`` float64. Each cell's estimate is the mean of its draws; the cells
+    are the independent units, so the population mean is the mean of the cells' estimates and its variance
+    the squared standard error, ``var_cells(estimates) / n_cells``. When the posterior is calibrated that
+    spread holds all three sources of error: which cells were sampled, where each cell's posterior lies
+    (its centre's error is as large as its spread) and the Monte Carlo error of its ``n_draws`` draws. In
+    closed form: no resampling, no Monte Carlo error of its own.
+    """
+    n_draws, n_cells, n_features = draws.shape
+    cells = draws.mean(0, dtype=np.float64)
+    if n_cells < 2:  # one cell: no spread to measure (the counts' floor on the variance still applies)
+        return cells.mean(0), np.zeros(n_features)
+    return cells.mean(0), cells.var(0, ddof=1) / n_cells
+
+
+def mix_populations(parts: list[tuple[np.ndarray, np.ndarray]], sizes) -> tuple[np.ndarray, np.ndarray]:
+    """Moments ``(mean, var)`` of a population made of independent parts with ``sizes`` cells each: the
+    cell-weighted mean of their means, and the sum of their variances times the squared weights."""
+    w = np.asarray(sizes, dtype=np.float64) / float(np.sum(sizes))
+    return sum(wi * m for wi, (m, _) in zip(w, parts)), sum(wi**2 * v for wi, (_, v) in zip(w, parts))
 
 
 def add_count_noise(h: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -420,6 +456,16 @@ def lfc_draws(h1: np.ndarray, h2: np.ndarray, pseudocounts: float) -> np.ndarray
     return np.log2(h1 + pc) - np.log2(h2 + pc)
 
 
+def lfc_moments(mean1: np.ndarray, var1: np.ndarray, mean2: np.ndarray, var2: np.ndarray,
+                pseudocounts: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of ``lfc = log2(h1 + pc) - log2(h2 + pc)`` for independent population means ``h1``,
+    ``h2`` with moments ``(mean1, var1)``, ``(mean2, var2)`` (:func:`population_moments`), by the delta method:
+    ``var = (var1 / (mean1 + pc)^2 + var2 / (mean2 + pc)^2) / ln(2)^2``."""
+    pc = max(float(pseudocounts), LOG_EPS)
+    a1, a2 = mean1 + pc, mean2 + pc
+    return np.log2(a1) - np.log2(a2), (var1 / a1**2 + var2 / a2**2) / np.log(2) ** 2
+
+
 def center_lfc(lfc: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, float]:
     """Subtract the median mean-LFC of the ``reference`` features (boolean mask) from LFC draws.
 
@@ -509,30 +555,23 @@ def tail_probability(mean: np.ndarray, sd: np.ndarray, delta: float) -> np.ndarr
     return ndtr((mean - delta) / sd) + ndtr((-mean - delta) / sd)
 
 
-def column_median(x: np.ndarray) -> np.ndarray:
-    """``np.median(x, axis=0)`` of a 2-D array, by one partition of its contiguous transpose (5x faster)."""
-    k = x.shape[0] // 2
-    part = np.partition(np.ascontiguousarray(x.T), k, axis=1)  # one pivot: two are 6x slower in numpy
-    return part[:, k] if x.shape[0] % 2 else 0.5 * (part[:, :k].max(1) + part[:, k])
+def summarize(pop1: tuple[np.ndarray, np.ndarray], pop2: tuple[np.ndarray, np.ndarray], *, mode: str,
+              delta: float | None, pseudocounts: float, lfc_error_sd: float = 0.0, reference: np.ndarray | None = None,
+              center: bool = True, shrink: bool = False, observed: tuple[np.ndarray, np.ndarray] | None = None,
+              min_delta: float = 0.1, model_slope: float = 1.0,
+              counts: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
+    """Per-feature evidence from the two populations' expression moments ``pop = (mean, var)``
+    (:func:`population_moments`, :func:`mix_populations`).
 
-
-def summarize(h1: np.ndarray, h2: np.ndarray, *, mode: str, delta: float | None, pseudocounts: float,
-              lfc_error_sd: float = 0.0, reference: np.ndarray | None = None, center: bool = True,
-              shrink: bool = False, observed: tuple[np.ndarray, np.ndarray] | None = None, min_delta: float = 0.1,
-              model_slope: float = 1.0, counts: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
-    """Per-feature evidence from population draws ``h1``, ``h2`` of shape ``(T, n_features)``.
-
-    The LFC draws' mean and variance get, in order: the counts' precision floor (``counts`` of each group,
-    :func:`count_log_var`) added to the variance, division by the model's shrinkage slope ``model_slope``
-    (:func:`model_slope`; the variance by its square), the model's own error ``lfc_error_sd^2``
-    (:func:`model_error_sd`) added to the variance, the update with
-    the ``observed`` LFC and its variance (:func:`combine_moments`, when given), centring on the ``reference``
-    features (:func:`compositional_shift`; default all features) and empirical-Bayes spike-and-slab shrinkage
+    The LFC's mean and variance (:func:`lfc_moments`) get, in order: the counts' precision floor (``counts``
+    of each group, :func:`count_log_var`) added to the variance, division by the model's shrinkage slope
+    ``model_slope`` (:func:`model_slope`; the variance by its square), the model's own error
+    ``lfc_error_sd^2`` (:func:`model_error_sd`) added to the variance, the update with the ``observed`` LFC
+    and its variance (:func:`combine_moments`, when given), centring on the ``reference`` features
+    (:func:`compositional_shift`; default all features) and empirical-Bayes spike-and-slab shrinkage
     (:func:`spike_slab_posterior`). The result is a Gaussian per feature (times ``P(non-null)`` with
-    shrinkage), whose probabilities are exact (no Monte Carlo error); the draws give its shape for
-    ``lfc_median``, ``lfc_min`` and ``lfc_max`` (their standardized quantiles, moved and scaled to it). Each
-    step is the draw-wise one of :func:`combine_with_counts`, :func:`center_lfc` and :func:`shrink_lfc`,
-    on moments: nothing of size ``(T, n_features)`` is made but the LFC draws.
+    shrinkage), whose probabilities are exact (no Monte Carlo error). ``lfc_median`` is its mean, and
+    ``lfc_min`` / ``lfc_max`` its 0.1 % and 99.9 % quantiles (about the extremes of 1,000 draws of it).
 
     Returns the columns proba_de, proba_not_de, bayes_factor, scale1, scale2, pseudocounts, delta, lfc_mean,
     lfc_median, lfc_std, lfc_min, lfc_max (and proba_m1, proba_m2 in vanilla mode, from ``P(lfc > 0)``;
@@ -543,11 +582,8 @@ def summarize(h1: np.ndarray, h2: np.ndarray, *, mode: str, delta: float | None,
 
     if mode not in ("vanilla", "change"):
         raise ValueError(f"mode={mode!r} is not one of ('vanilla', 'change').")
-    lfc = lfc_draws(h1, h2, pseudocounts)
-    m, v0 = lfc.mean(0, dtype=np.float64), np.maximum(lfc.var(0, dtype=np.float64), 1e-24)
-    # the draws' shape: their median, min and max in standard deviations from their mean
-    shape = {k: (f(lfc).astype(np.float64) - m) / np.sqrt(v0) for k, f in
-             (("lfc_median", column_median), ("lfc_min", lambda x: x.min(0)), ("lfc_max", lambda x: x.max(0)))}
+    m, v0 = lfc_moments(*pop1, *pop2, pseudocounts)
+    v0 = np.maximum(v0, 1e-24)
     if counts is not None:  # the model's LFC is never more precise than the counts allow ...
         v0 = v0 + (count_log_var(counts[0]) + count_log_var(counts[1])) / np.log(2) ** 2
     mean, var = m / model_slope, v0 / model_slope**2 + lfc_error_sd**2  # ... nor once divided by its slope
@@ -579,15 +615,15 @@ def summarize(h1: np.ndarray, h2: np.ndarray, *, mode: str, delta: float | None,
         "proba_not_de": 1.0 - proba_de,
         "bayes_factor": bf,
         **{k: v for k, v in extra.items() if k != "model_share"},
-        "scale1": h1.mean(0),
-        "scale2": h2.mean(0),
+        "scale1": pop1[0],
+        "scale2": pop2[0],
         "pseudocounts": pseudocounts,
         "delta": used_delta,
         "lfc_mean": lfc_mean,
-        "lfc_median": mean + sd * shape["lfc_median"],
+        "lfc_median": mean,
         "lfc_std": sd,
-        "lfc_min": mean + sd * shape["lfc_min"],
-        "lfc_max": mean + sd * shape["lfc_max"],
+        "lfc_min": mean - LFC_EXTREME_SD * sd,
+        "lfc_max": mean + LFC_EXTREME_SD * sd,
         **({"model_share": extra["model_share"]} if "model_share" in extra else {}),
     })
 
@@ -1111,27 +1147,29 @@ def _sort_table(table: pd.DataFrame, mode: str) -> pd.DataFrame:
 
 
 class _Decoded:
-    """What one call decodes: per unit of cells, its population draws and (with samples) per-sample sums."""
+    """What one call decodes: per unit of cells, its expression moments and (with samples) per-sample sums."""
 
-    def __init__(self, draws_fn, units, samples, n_samples_total, *, n_samples_overall, n_samples, weights,
-                 batch_size, n_bootstrap, rng, latent_fn=None):
+    def __init__(self, draws_fn, units, samples, n_samples_total, n_features, *, n_samples_overall, n_samples, weights,
+                 batch_size, rng, latent_fn=None):
         self.draws_fn, self.units, self.samples, self.n_samples_total = draws_fn, units, samples, n_samples_total
+        self.n_features = n_features
         self.opts = dict(n_samples_overall=n_samples_overall, n_samples=n_samples, weights=weights)
-        self.batch_size, self.n_bootstrap, self.rng, self.latent_fn = batch_size, n_bootstrap, rng, latent_fn
+        self.batch_size, self.rng, self.latent_fn = batch_size, rng, latent_fn
         self.cache: dict = {}
 
     def unit(self, u: int, batches: list | None) -> dict:
-        """Decode unit ``u`` in ``batches`` once: ``h`` ``(n_bootstrap, n_features)``, ``n`` (its cells) and
-        per-sample weighted sums ``sx``, ``sx2``, ``sw``, ``cells`` of the decoded draws."""
+        """Decode unit ``u`` in ``batches`` once: ``pop`` (its expression moments, :func:`population_moments`),
+        ``n`` (its cells) and per-sample weighted sums ``sx``, ``sx2``, ``sw``, ``cells`` of the decoded draws."""
         key = (u, None if batches is None else tuple(batches))
         if key not in self.cache:
             rows = self.units[u]
             if self.latent_fn is not None:
                 rows = _drop_outliers(self.latent_fn, rows)
             n_draws, n_cells = _draws_per_cell(rows.size, **self.opts)
+            batch_size = self.batch_size or max(128, DECODE_ELEMENTS // (n_draws * self.n_features))
             chosen, draws = _cell_draws(self.draws_fn, rows, batches, n_draws, n_cells, self.opts["weights"],
-                                        self.batch_size, self.rng)
-            out = {"h": population_draws(draws, self.n_bootstrap, self.rng), "n": float(self.units[u].size)}
+                                        batch_size, self.rng)
+            out = {"pop": population_moments(draws), "n": float(self.units[u].size)}
             if self.samples is not None:  # each decoded draw stands for rows.size / (draws) cell-draws
                 s = self.samples[chosen]
                 onehot = sp.csr_matrix((np.ones(s.size), (s, np.arange(s.size))), shape=(self.n_samples_total, s.size))
@@ -1144,28 +1182,15 @@ class _Decoded:
         return self.cache[key]
 
     def side(self, units: list[int], batches: list | None) -> dict:
-        """A population made of several units: its draws are the units' weighted by their number of cells.
-
-        When the other units are fewer (the rest of a one-vs-rest), it is all units' weighted sum, computed
-        once per call, minus the others': one subtraction per comparison instead of a sum over every group.
-        """
-        others = [u for u in range(len(self.units)) if u not in set(units)]
-        if self.samples is None and 0 < len(others) < len(units) - 1:
-            total = self.side(list(range(len(self.units))), batches)
-            parts = [self.unit(u, batches) for u in others]
-            n = total["n"] - sum(p["n"] for p in parts)
-            return {"h": (total["h"] * total["n"] - sum(p["h"] * p["n"] for p in parts)) / n, "n": n}
-        key = ("side", tuple(units), None if batches is None else tuple(batches))
-        if key in self.cache:
-            return self.cache[key]
+        """A population made of several units: their moments mixed by their numbers of cells
+        (:func:`mix_populations`), their per-sample sums added."""
         parts = [self.unit(u, batches) for u in units]
         if len(parts) == 1:
             return parts[0]
-        n = np.array([p["n"] for p in parts])
-        out = {"h": sum(p["h"] * np.float32(k / n.sum()) for p, k in zip(parts, n)), "n": float(n.sum())}
+        n = [p["n"] for p in parts]
+        out = {"pop": mix_populations([p["pop"] for p in parts], n), "n": float(sum(n))}
         if self.samples is not None:
             out.update({k: sum(p[k] for p in parts) for k in ("sx", "sx2", "sw", "cells")})
-        self.cache[key] = out
         return out
 
 
@@ -1210,9 +1235,10 @@ def _sample_table(side1: dict, side2: dict, stats1: list[tuple], stats2: list[tu
 
 
 def one_torch_thread(fn: Callable) -> Callable:
-    """Run ``fn`` with one intra-op torch thread (then restore the setting). DE decodes many small minibatches
-    between numpy steps; with two threads each torch op waited for the other thread to wake up: a one-vs-rest
-    call over 7 types took 0.91 s with 2 threads and 0.43 s with 1 on 2 cores (BENCHMARKS.md)."""
+    """Run ``fn`` with one intra-op torch thread (then restore the setting), for code that decodes many small
+    minibatches between numpy steps (PeakVI's DA): with two threads each small torch op waited for the other
+    thread to wake up (a DE call over 128-cell minibatches ran 2x slower on 2 cores, BENCHMARKS.md). The DE
+    engine no longer needs it: it decodes few, large minibatches (``DECODE_ELEMENTS``)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -1228,7 +1254,6 @@ def one_torch_thread(fn: Callable) -> Callable:
     return wrapper
 
 
-@one_torch_thread
 def differential_expression(
     model,
     adata=None,
@@ -1252,7 +1277,6 @@ def differential_expression(
     pseudocounts: float | None = None,
     n_samples_overall: int = 5000,
     n_samples: int | None = None,
-    n_bootstrap: int = 1000,
     seed: int | None = None,
     use_counts: bool = True,
     center_lfc: bool = True,
@@ -1290,7 +1314,8 @@ def differential_expression(
     delta
         LFC threshold (log2) of the change mode; ``None`` estimates it (:func:`estimate_delta`).
     batch_size
-        Cells decoded at once.
+        Cells decoded at once; ``None``: as many as keep ``DECODE_ELEMENTS`` decoded values in memory (at
+        least 128).
     all_stats
         Add the observed-count statistics (:func:`raw_stats`).
     batch_correction, batchid1, batchid2
@@ -1318,11 +1343,8 @@ def differential_expression(
         Posterior draws decoded per chosen cell (scvi-tools passes it to the expression function).
         ``None``: as many as ``n_samples_overall`` allows over the population's cells, at most
         ``MAX_DRAWS_PER_CELL``.
-    n_bootstrap
-        (cellvi only) Size of the population bootstrap: the number of population-level draws
-        (:func:`population_draws`) behind the probabilities and LFC summaries.
     seed
-        (cellvi only) Seed of the cell subsampling, bootstrap and posterior draws (default
+        (cellvi only) Seed of the cell subsampling and posterior draws (default
         ``cellvi.settings.seed``).
     use_counts
         (cellvi only, on by default) Update the model's LFCs with the observed LFC of the counts
@@ -1374,7 +1396,7 @@ def differential_expression(
     from cellvi.data.setup import get_counts
 
     # 1. options and the functions that decode expression
-    _check_options(mode, weights, fdr_target, n_samples_overall, n_samples, n_bootstrap)
+    _check_options(mode, weights, fdr_target, n_samples_overall, n_samples)
     adata = model.adata if adata is None else adata
     if weights == "importance" and (draws_fn is not None or not _supports_weights(model)):
         raise ValueError(f"weights='importance' is not available for this comparison with {type(model).__name__}; "
@@ -1405,8 +1427,9 @@ def differential_expression(
     sums = count_sums(X, labels, len(units) * n_strata * n_samp, library)
     label_grid = np.arange(len(units) * n_strata * n_samp).reshape(len(units), n_strata, n_samp)
     strata_of_label = np.broadcast_to(np.arange(n_strata)[None, :, None], label_grid.shape).ravel()
-    decoded = _Decoded(draws_fn, units, samples if sample_key else None, n_samp, n_samples_overall=n_samples_overall,
-                       n_samples=n_samples, weights=weights, batch_size=batch_size, n_bootstrap=n_bootstrap, rng=rng,
+    decoded = _Decoded(draws_fn, units, samples if sample_key else None, n_samp, len(names),
+                       n_samples_overall=n_samples_overall,
+                       n_samples=n_samples, weights=weights, batch_size=batch_size, rng=rng,
                        latent_fn=latent_fn if filter_outlier_cells else None)
 
     tables = []
@@ -1421,16 +1444,16 @@ def differential_expression(
             # 5. the observed counts: a precision floor, and (use_counts) an estimate of the LFC of their own
             counts = _count_evidence(sums, lab1, lab2, strata_of_label)
             observed = counts["observed"] if use_counts else None
-            h1, h2 = side1["h"], side2["h"]
+            pop1, pop2 = side1["pop"], side2["pop"]
             # 6. effect sizes and evidence: model error, count update, centring, shrinkage
             pc = pseudocounts if pseudocounts is not None else estimate_pseudocounts(
-                h1.mean(0), h2.mean(0), counts["counts1"] > 0, counts["counts2"] > 0)
+                pop1[0], pop2[0], counts["counts1"] > 0, counts["counts2"] > 0)
             well_observed = (counts["counts1"] >= MIN_COUNTS) & (counts["counts2"] >= MIN_COUNTS)
-            model_lfc = lfc_draws(h1.mean(0), h2.mean(0), pc)
+            model_lfc = lfc_draws(pop1[0], pop2[0], pc)
             reference_lfc = counts["observed"] or counts["pooled"]
             slope = model_slope(model_lfc, *observed, well_observed) if observed is not None else 1.0
             tau = model_error_sd(model_lfc / slope, *reference_lfc, well_observed)
-            table = summarize(h1, h2, mode=mode, delta=delta, pseudocounts=pc, lfc_error_sd=tau,
+            table = summarize(pop1, pop2, mode=mode, delta=delta, pseudocounts=pc, lfc_error_sd=tau,
                               reference=well_observed, center=center_lfc, shrink=shrink_lfc, observed=observed,
                               model_slope=slope, counts=(counts["counts1"], counts["counts2"]))
             table["model_agreement"] = model_agreement(model_lfc, reference_lfc[0], well_observed)
@@ -1497,16 +1520,15 @@ def _order_columns(table: pd.DataFrame, mode: str) -> pd.DataFrame:
     return table[first + middle + [c for c in last if c in table.columns]]
 
 
-def _check_options(mode: str, weights: str, fdr_target: float, n_samples_overall: int, n_samples: int | None,
-                   n_bootstrap: int) -> None:
+def _check_options(mode: str, weights: str, fdr_target: float, n_samples_overall: int,
+                   n_samples: int | None) -> None:
     if weights not in ("uniform", "importance"):
         raise ValueError(f"weights={weights!r} is not one of ('uniform', 'importance').")
     if mode not in ("vanilla", "change"):
         raise ValueError(f"mode={mode!r} is not one of ('vanilla', 'change').")
     if not 0.0 < fdr_target < 1.0:
         raise ValueError(f"fdr_target must be in (0, 1), got {fdr_target}.")
-    for name, value in (("n_samples_overall", n_samples_overall), ("n_samples", n_samples),
-                        ("n_bootstrap", n_bootstrap)):
+    for name, value in (("n_samples_overall", n_samples_overall), ("n_samples", n_samples)):
         if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 

@@ -533,7 +533,7 @@ class ContrastiveVI(Model):
             (``n_samples_overall``, default 5,000, is one of the ``**kwargs``).
         **kwargs
             Keyword-only options of :func:`cellvi.de.differential_expression` (``pseudocounts``,
-            ``n_samples_overall``, ``n_bootstrap``, ``weights``, ``filter_outlier_cells``, ``seed``,
+            ``n_samples_overall``, ``weights``, ``filter_outlier_cells``, ``seed``,
             ``use_counts``, ...). With background expression (see ``target_idx``) ``use_counts`` defaults
             to ``False``: the observed counts of target cells also carry the salient variation that
             background expression leaves out.

@@ -383,7 +383,7 @@ class SCVI(Model):
         with ``pvalue``/``padj`` and donor-level calls; ``condition_key``/``condition1``/``condition2`` compare
         two conditions within each group of ``groupby`` in one call (``docs/de_donors.md``). ``**kwargs`` are
         the engine's other keyword-only options (``pseudocounts``, ``n_samples_overall``, ``n_samples``,
-        ``n_bootstrap``, ``seed``, ``use_counts``, ``center_lfc``, ``shrink_lfc``).
+        ``seed``, ``use_counts``, ``center_lfc``, ``shrink_lfc``).
 
         Returns
         -------
