@@ -33,3 +33,7 @@ def test_onednn_linear_only_for_float32_on_cpu():
     torch.testing.assert_close(out, torch.ones(2, 4, dtype=torch.float64) @ layer.weight.t() + layer.bias)
     with torch.no_grad():  # no graph: the forward alone
         assert cnn.Linear(4, 3)(torch.ones(2, 4)).shape == (2, 3)
+    empty = torch.zeros(0, 4, requires_grad=True)  # an empty minibatch: the mm path
+    layer = cnn.Linear(4, 3)
+    layer(empty).sum().backward()
+    assert layer.weight.grad.abs().sum() == 0

@@ -62,7 +62,7 @@ _ONEDNN = [True]  # switch (tests compare both paths)
 def use_onednn(h: Tensor, weight: Tensor) -> bool:
     """Products of a :class:`Linear` on oneDNN: CPU float32 and available (see :class:`Linear`)."""
     return (_ONEDNN[0] and h.device.type == "cpu" and h.dtype == torch.float32 and weight.dtype == torch.float32
-            and onednn_available())
+            and h.numel() > 0 and weight.numel() > 0 and onednn_available())  # (no empty products: oneDNN refuses)
 
 
 class _OneDNNLinear(torch.autograd.Function):
