@@ -217,24 +217,31 @@ class TotalVIModule(nn.Module):
             library = library.expand(n_samples, *library.shape)
         return {"qz": qz, "z": z, "library": library}
 
-    # p(x, y | z, l, s, c): all inputs 2-D (cells, ...)
-    def generative(self, z: Tensor, library: Tensor, batch: Tensor, cat_covs: Tensor, cont_covs: Tensor,
-                   label: Tensor) -> dict:
-        cfg, G, P = self.config, self.n_genes, self.n_proteins
+    def _decode(self, z: Tensor, batch: Tensor, cat_covs: Tensor, cont_covs: Tensor,
+                label: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The decoder's one output block ``heads`` ``(cells, n_gene_heads * G + 4 P)`` and the inverse
+        dispersions: theta ``(G,)`` or ``(cells, G)``, phi ``(P,)`` or ``(cells, P)``."""
+        cfg = self.config
         h = torch.cat([z, cont_covs], -1) if cont_covs.shape[-1] else z
         h = self.decoder(h, [batch, *cat_covs.unbind(-1)])  # (B, n_hidden)
-        heads = self.heads(h)
-        back_mean, back_log_sd, fore, mixing = heads[:, self.n_gene_heads * G :].split(P, -1)  # (B, P) each
         theta = torch.exp(self.log_theta[0] if cfg.gene_dispersion == "gene" else
                           self.log_theta[batch if cfg.gene_dispersion == "gene-batch" else label])
         phi = torch.exp(self.log_phi[0] if cfg.protein_dispersion == "protein" else
                         self.log_phi[batch if cfg.protein_dispersion == "protein-batch" else label])
+        return self.heads(h), theta, phi
+
+    # p(x, y | z, l, s, c): all inputs 2-D (cells, ...)
+    def generative(self, z: Tensor, library: Tensor, batch: Tensor, cat_covs: Tensor, cont_covs: Tensor,
+                   label: Tensor) -> dict:
+        cfg, G, P = self.config, self.n_genes, self.n_proteins
+        heads, theta, phi = self._decode(z, batch, cat_covs, cont_covs, label)
+        back_mean, back_log_sd, fore, mixing = heads[:, self.n_gene_heads * G :].split(P, -1)  # (B, P) each
         # RNA: mu = exp(library) * softmax(scale logits), computed when read (training fuses it into the likelihood)
         zi = cfg.gene_likelihood == "zinb"
         px = dist.NegativeBinomial.from_logits(heads[:, : (2 if zi else 1) * G], library, theta, zi)
-        q_back = dist.normal(back_mean, F.softplus(back_log_sd) + 1e-4)  # q(log beta | z)
+        q_back = dist.normal(back_mean, F.softplus(back_log_sd) + BACK_SD_EPS)  # q(log beta | z)
         log_back = q_back.rsample()
-        rate_back = torch.exp(log_back.clamp(max=20.0))  # clamp: no overflow from a wild start
+        rate_back = torch.exp(log_back.clamp(max=LOG_BACK_MAX))  # clamp: no overflow from a wild start
         rate_fore = rate_back * (1.0 + F.softplus(fore) + 1e-8)  # alpha >= 1
         py = dist.NegativeBinomialMixture(rate_back, rate_fore, phi, mixing)
         p_back = dist.normal(self.prior_mean.T[batch], torch.exp(self.prior_log_scale.T[batch]))  # (B, P)
@@ -252,7 +259,27 @@ class TotalVIModule(nn.Module):
 
     def terms(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The per-cell terms of the negative ELBO at one posterior draw, each ``(B,)``, with scvi-tools'
-        names, and the draw ``z``."""
+        names, and the draw ``z``.
+
+        With gradients (training), all of the likelihood and the background KL run in one fused autograd
+        function (:class:`_HeadsTerms`); otherwise, and with ``FUSED_TERMS[0] = False``, as written out in
+        :meth:`terms_reference` (same values to float round-off, same random draws)."""
+        if not (FUSED_TERMS[0] and torch.is_grad_enabled()):
+            return self.terms_reference(batch)
+        inf = self.inference(batch)
+        z, library, B = inf["z"], inf["library"], batch["x"].shape[0]
+        heads, theta, phi = self._decode(z, batch["batch"], batch["cat_covs"], batch["cont_covs"], batch["label"])
+        eps = torch.empty(B, self.n_proteins, dtype=heads.dtype, device=heads.device).normal_()  # q(log beta | z)
+        nz = batch.get("nonzeros")
+        nz = dist.nonzeros(batch["x"]) if nz is None else nz
+        rna, rec_protein, kl_back = _HeadsTerms.apply(
+            heads, library, theta, nz.rows, nz.cols, nz.values, eps, phi, self.prior_mean, self.prior_log_scale,
+            batch["batch"], batch["proteins"], batch["protein_mask"], self.config.gene_likelihood == "zinb")
+        return {"reconst_loss_gene": -rna, "reconst_loss_protein": rec_protein,
+                "kl_div_z": dist.kl_standard_normal(inf["qz"]).sum(-1), "kl_div_back_pro": kl_back, "z": z}
+
+    def terms_reference(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """:meth:`terms` from the distributions of :meth:`generative`, each term as its formula reads."""
         inf, gen = self.forward_batch(batch)
         mask = batch["protein_mask"]  # (B, P): unmeasured proteins add nothing
         return {"reconst_loss_gene": -gen["px"].log_prob_sum(batch["x"], batch.get("nonzeros")),
@@ -283,6 +310,120 @@ class TotalVIModule(nn.Module):
         log_back_ratio = ((gen["p_back"].log_prob(log_back) - gen["q_back"].log_prob(log_back)) * mask).sum(-1)
         log_z_ratio = (Normal(0.0, 1.0).log_prob(z_raw) - qz.log_prob(z_raw)).sum(-1)  # (S, B)
         return log_z_ratio + (log_lik + log_back_ratio).reshape(n_samples, B)
+
+
+# --------------------------------------------------------------------------- fused training terms
+
+FUSED_TERMS = [True]  # switch: TotalVIModule.terms through _HeadsTerms (tests compare it with terms_reference)
+BACK_SD_EPS = 1e-4  # added to the sd of q(log beta | z)
+LOG_BACK_MAX = 20.0  # log beta is clamped here before exp (no overflow from a wild start)
+
+
+def protein_terms(block: Tensor, eps: Tensor, phi: Tensor, prior_mean: Tensor, prior_log_scale: Tensor, y: Tensor,
+                  mask: Tensor, need_grad: bool = True, series: bool = False):
+    """The protein part of the negative ELBO per cell, and its derivatives, in one pass over ``(cells, P)``.
+
+    ``block`` is the decoder's protein output ``(cells, 4 P)``: ``[back_mean | back_raw_sd | fore | mixing]``. With
+    ``sd = softplus(back_raw_sd) + 1e-4``, ``log beta = back_mean + eps * sd`` (the reparameterised draw of
+    q(log beta | z), ``eps`` standard normal), ``beta = exp(min(log beta, 20))``, ``alpha = 1 + softplus(fore)``:
+
+    - ``reconst = -sum_t mask * log[pi NB(y; beta, phi) + (1 - pi) NB(y; alpha beta, phi)]``, ``pi = sigmoid(mixing)``
+      (as :func:`cellvi.distributions.nb_mixture_log_prob`, its lgamma terms computed once for both components);
+    - ``kl = sum_t mask * KL(N(back_mean, sd) || N(prior_mean, exp(prior_log_scale)))`` (closed form, as
+      ``torch.distributions.kl_divergence``).
+
+    ``phi`` is ``(P,)`` or ``(cells, P)``; the other arguments ``(cells, P)``. ``series``: lgamma and digamma as
+    plain arithmetic (:func:`cellvi.distributions.lgamma_series`, :func:`~cellvi.distributions.digamma`), for a
+    compiled kernel (:func:`cellvi.distributions.kernel`). Returns ``(reconst, kl, d_block, d_kl, d_phi,
+    d_prior_log_scale)``: the first two ``(cells,)``; then (None unless ``need_grad``) the derivatives of each cell's
+    terms w.r.t. its own entries, masked: of reconst w.r.t. the block ``(cells, 4, P)``; of kl w.r.t. back_mean
+    and back_raw_sd ``(cells, 2, P)`` (w.r.t. prior_mean: minus the first); of reconst w.r.t. phi, of kl w.r.t.
+    prior_log_scale, ``(cells, P)`` each.
+    """
+    lgamma, digamma = (dist.lgamma_series, dist.digamma) if series else (torch.lgamma, torch.digamma)
+    # the four blocks, each contiguous (eager elementwise ops on a strided (cells, P) view take a slow path)
+    back_mean, back_raw_sd, fore, mixing = block.reshape(-1, 4, y.shape[-1]).transpose(0, 1).contiguous().unbind(0)
+    sd = F.softplus(back_raw_sd) + BACK_SD_EPS
+    log_back = back_mean + eps * sd
+    rate_back = torch.exp(log_back.clamp(max=LOG_BACK_MAX))
+    alpha = 1.0 + F.softplus(fore)  # (+ 1e-8 in the formula: below float32's resolution at 1)
+    rate_fore = rate_back * alpha
+    log_phi = torch.log(phi + dist.EPS)
+    common = lgamma(y + phi) - lgamma(phi) - lgamma(y + 1.0)
+    t_back, t_fore = phi + rate_back + dist.EPS, phi + rate_fore + dist.EPS
+    lt_back, lt_fore = torch.log(t_back), torch.log(t_fore)
+    nb_back = phi * (log_phi - lt_back) + y * (torch.log(rate_back + dist.EPS) - lt_back) + common
+    nb_fore = phi * (log_phi - lt_fore) + y * (torch.log(rate_fore + dist.EPS) - lt_fore) + common
+    sp_mixing = F.softplus(mixing)
+    a = nb_back - (sp_mixing - mixing)  # log pi + log NB(y; beta)   (softplus(-l) = softplus(l) - l)
+    b = nb_fore - sp_mixing  # log (1 - pi) + log NB(y; alpha beta)
+    reconst = -(torch.logaddexp(a, b) * mask).sum(-1)
+    sigma_p = torch.exp(prior_log_scale)
+    var_ratio = (sd / sigma_p).pow(2)
+    gap = back_mean - prior_mean
+    t1 = (gap / sigma_p).pow(2)
+    kl = (0.5 * (var_ratio + t1 - 1 - torch.log(var_ratio)) * mask).sum(-1)
+    if not need_grad:
+        return reconst, kl, None, None, None, None
+    # derivatives of the log mixture: p_back = sigmoid(a - b) is the background's posterior share
+    p_back = torch.sigmoid(a - b)
+    p_fore = 1.0 - p_back
+    phi_y = phi + y
+    d_back = p_back * (y / (rate_back + dist.EPS) - phi_y / t_back)  # d/d beta (background component)
+    d_fore = p_fore * (y / (rate_fore + dist.EPS) - phi_y / t_fore)  # d/d (alpha beta)
+    d_phi = (digamma(phi_y) - digamma(phi) + log_phi + phi / (phi + dist.EPS)
+             - p_back * (lt_back + phi_y / t_back) - p_fore * (lt_fore + phi_y / t_fore))
+    neg_mask = -mask  # reconst is minus the masked sum
+    d_mean = (d_back + d_fore * alpha) * rate_back * (log_back <= LOG_BACK_MAX) * neg_mask  # via log beta
+    sig_sd = torch.sigmoid(back_raw_sd)  # d sd / d back_raw_sd
+    d_block = torch.stack([d_mean, d_mean * eps * sig_sd, d_fore * rate_back * torch.sigmoid(fore) * neg_mask,
+                           (p_back - torch.sigmoid(mixing)) * neg_mask], 1)
+    inv_var_p = 1.0 / sigma_p.square()
+    d_kl = torch.stack([gap * inv_var_p * mask, (sd * inv_var_p - 1.0 / sd) * sig_sd * mask], 1)
+    return reconst, kl, d_block, d_kl, d_phi * neg_mask, (1.0 - var_ratio - t1) * mask
+
+
+class _HeadsTerms(torch.autograd.Function):
+    """TotalVI's likelihood and background KL from the decoder's one output block ``heads``
+    ``[RNA logits | back_mean, back_raw_sd, fore, mixing]``, per cell: ``(log p(x), reconst_protein, kl_back)``.
+
+    The RNA part is :func:`cellvi.distributions.nb_logits_forward` on the RNA columns (the fused NB/ZINB kernel
+    SCVI uses), the protein part :func:`protein_terms`, each compiled for long runs
+    (:func:`cellvi.distributions.kernel`); derivatives come from the forward pass, and backward writes both into
+    one gradient of ``heads`` (no slicing, splitting or concatenation in autograd: each of those costs a zero
+    fill and an add of the whole block). The background prior's parameters ``(P, batches)`` are read at each
+    cell's batch here, and their gradient summed back per batch.
+    """
+
+    @staticmethod
+    def forward(ctx, heads, log_library, theta, rows, cols, xv, eps, phi, prior_mean, prior_log_scale, batch, y,
+                mask, zero_inflated):
+        heads, log_library, theta, phi = heads.detach(), log_library.detach(), theta.detach(), phi.detach()
+        n_rna = (2 if zero_inflated else 1) * theta.shape[-1]
+        rna, saved_rna = dist.nb_logits_forward(heads[:, :n_rna], log_library, theta,
+                                                dist.Nonzeros(rows, cols, xv), zero_inflated)
+        prior_m = prior_mean.detach().t().index_select(0, batch)
+        prior_ls = prior_log_scale.detach().t().index_select(0, batch)
+        reconst, kl, d_block, d_kl, d_phi, d_prior_ls = dist.kernel(protein_terms)(
+            heads[:, n_rna:], eps, phi, prior_m, prior_ls, y, mask, True, dist.compiling())
+        ctx.save_for_backward(*saved_rna[:5], d_block, d_kl, d_phi, d_prior_ls, batch)
+        ctx.gene_theta, ctx.phi_per_protein, ctx.n_batches = saved_rna[5], phi.dim() == 1, prior_mean.shape[1]
+        return rna, reconst, kl
+
+    @staticmethod
+    def backward(ctx, g_rna, g_rec, g_kl):
+        *saved_rna, d_block, d_kl, d_phi, d_prior_ls, batch = ctx.saved_tensors
+        B, P = d_block.shape[0], d_block.shape[-1]
+        g_kl_cells = g_kl[:, None]
+        protein = d_block * g_rec[:, None, None]
+        protein[:, :2].addcmul_(d_kl, g_kl_cells[:, None])
+        d_heads, d_lib, d_theta = dist.nb_logits_backward((*saved_rna, ctx.gene_theta), g_rna,
+                                                          extra=protein.view(B, 4 * P))
+        d_phi = torch.mv(d_phi.t(), g_rec) if ctx.phi_per_protein else d_phi * g_rec[:, None]
+        per_batch = lambda d: torch.zeros(ctx.n_batches, P, dtype=d.dtype, device=d.device).index_add_(  # noqa: E731
+            0, batch, d).t().contiguous()
+        return (d_heads, d_lib, d_theta, None, None, None, None, d_phi, per_batch(-d_kl[:, 0] * g_kl_cells),
+                per_batch(d_prior_ls * g_kl_cells), None, None, None, None)
 
 
 def protein_values(py: dist.NegativeBinomialMixture, sample_protein_mixing: bool, include_protein_background: bool,

@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from cellvi import nn as cnn
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 3), (64, 1030, 256), (256, 20, 1120)])
+def test_onednn_linear_equals_mm(shape, monkeypatch):
+    """Linear's oneDNN products (forward, gradients of input, weight and bias) give torch.mm's values."""
+    if not cnn.onednn_available():
+        pytest.skip("this PyTorch has no oneDNN linear")
+    B, n_in, n_out = shape
+    g = torch.Generator().manual_seed(0)
+    layer = cnn.Linear(n_in, n_out)
+    h = torch.randn(B, 2 * n_in, generator=g)[:, ::2]  # a strided input too
+    upstream = torch.randn(B, n_out, generator=g)
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(cnn, "_ONEDNN", [on])
+        assert cnn.use_onednn(h, layer.weight) == on
+        x = h.clone().requires_grad_()
+        out = layer(x)
+        grads = torch.autograd.grad(out, [x, layer.weight, layer.bias], upstream)
+        results.append((out, *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_onednn_linear_only_for_float32_on_cpu():
+    layer = cnn.Linear(4, 3).double()
+    assert not cnn.use_onednn(torch.zeros(2, 4, dtype=torch.float64), layer.weight)
+    out = layer(torch.ones(2, 4, dtype=torch.float64))  # the mm path
+    torch.testing.assert_close(out, torch.ones(2, 4, dtype=torch.float64) @ layer.weight.t() + layer.bias)
+    with torch.no_grad():  # no graph: the forward alone
+        assert cnn.Linear(4, 3)(torch.ones(2, 4)).shape == (2, 3)
+    empty = torch.zeros(0, 4, requires_grad=True)  # an empty minibatch: the mm path
+    layer = cnn.Linear(4, 3)
+    layer(empty).sum().backward()
+    assert layer.weight.grad.abs().sum() == 0
