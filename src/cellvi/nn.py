@@ -26,13 +26,15 @@ class Linear(nn.Linear):
     ``sgemm``, what ``torch.mm`` calls, takes a generic AVX2 path on AMD processors, about half
     oneDNN's speed there. Otherwise ``mm`` then an in-place add of the bias: ``addmm`` (what
     ``nn.Linear`` calls) first copies the broadcast bias into the output with a slow strided copy
-    (about as long as the product itself for a 128 x 4,000 output).
+    (about as long as the product itself for a 128 x 4,000 output). Without gradients (expression,
+    DE, latent) always ``mm``: those calls decode minibatches of many sizes, and oneDNN builds its kernel
+    for each new shape on first use (~5 ms at 2,000 x 128 x 2,000), which cost a first DE call 50 %.
     """
 
     def forward(self, h: Tensor) -> Tensor:
         if h.dim() != 2 or self.bias is None:
             return super().forward(h)
-        if use_onednn(h, self.weight):
+        if torch.is_grad_enabled() and use_onednn(h, self.weight):
             return _OneDNNLinear.apply(h, self.weight, self.bias)
         return torch.mm(h, self.weight.t()).add_(self.bias)
 
