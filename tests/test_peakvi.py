@@ -259,3 +259,72 @@ def test_fused_bernoulli_likelihood_equals_the_dense_formula(with_region_factor,
     torch.testing.assert_close(fused, dense, rtol=1e-9, atol=1e-9)
     for a, b in zip(torch.autograd.grad((fused * w).sum(), params), torch.autograd.grad((dense * w).sum(), params)):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("with_region_factor", [True, False])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_head_and_bernoulli_likelihood_equal_the_dense_formula(with_region_factor, compiled, monkeypatch):
+    """Bernoulli.from_linear (the decoder head's product and bias fused into the likelihood, the upstream weights
+    applied to the small operands in backward) against linear layer + dense formula through autograd."""
+    from cellvi import distributions as dist
+
+    g = torch.Generator().manual_seed(4)
+    y = (torch.rand(9, 13, generator=g) < 0.3).double() * 2  # counts: any non-zero is a one
+    h = torch.randn(9, 5, generator=g, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(13, 5, generator=g, dtype=torch.float64).requires_grad_()
+    bias = torch.randn(13, generator=g, dtype=torch.float64).requires_grad_()
+    d = torch.rand(9, 1, generator=g, dtype=torch.float64).mul(0.8).add(0.1).requires_grad_()  # p stays < 1
+    f = torch.rand(13, generator=g, dtype=torch.float64).mul(0.8).add(0.1).requires_grad_() if with_region_factor else 1.0
+    params = [h, weight, bias, d] + ([f] if with_region_factor else [])
+    w = torch.rand(9, generator=g, dtype=torch.float64)
+    if not compiled:
+        monkeypatch.setattr(dist, "kernel", lambda fn, dynamic=False: fn)
+    with dist.compiled_kernels(True):
+        fused = dist.Bernoulli.from_linear(h, weight, bias, d, f).log_prob_sum(y)
+    dense = dist.bernoulli_log_prob((y > 0).double(), torch.sigmoid(h @ weight.T + bias) * d * f).sum(-1)
+    torch.testing.assert_close(fused, dense, rtol=1e-9, atol=1e-9)
+    for a, b in zip(torch.autograd.grad((fused * w).sum(), params), torch.autograd.grad((dense * w).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+    eager = dist.Bernoulli.from_linear(h, weight, bias, d, f).log_prob_sum(y)  # outside: the autograd path
+    torch.testing.assert_close(eager, dense, rtol=1e-9, atol=1e-9)
+
+
+def test_encoder_input_reads_y_sparsely_or_densely_alike():
+    """The fused first encoder layers give the same outputs and gradients from the minibatch's non-zeros
+    (sparse rule) as from the dense binarised block, and explicit zeros of the CSR read as inaccessible."""
+    from cellvi.data.loader import CountData
+
+    a = cellvi.datasets.simulate_atac(64, 300, seed=2)
+    X = a.X.tocsr().copy()
+    X.data[::7] = 0.0  # explicit zeros stored in the CSR
+    a.X = X
+    cellvi.PeakVI.setup_anndata(a)
+    model = cellvi.PeakVI(a)
+    enc = model.module.encoder_input
+    batch = CountData(a, model.spec).gather(torch.arange(64))
+    assert enc.reads_sparse(batch)
+    out_sparse = torch.cat(enc(batch), 1)
+    (g_sparse,) = torch.autograd.grad(out_sparse.square().sum(), enc.weight_t)
+    out_dense = torch.cat(enc({k: v for k, v in batch.items() if k != "nonzeros"}), 1)  # no non-zeros: dense
+    (g_dense,) = torch.autograd.grad(out_dense.square().sum(), enc.weight_t)
+    torch.testing.assert_close(out_sparse, out_dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_sparse, g_dense, rtol=1e-4, atol=1e-4)
+    y = (torch.as_tensor(X.toarray()) > 0).float()
+    torch.testing.assert_close(out_dense, y @ enc.weight_t + enc.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_saved_before_the_fused_encoder_input_load(tmp_path):
+    """A state dict with each encoder's first layer on its own (saved before EncoderInput) loads into the fused
+    layer exactly; the initial fused weight is the two layers' initial weights, side by side."""
+    a = cellvi.datasets.simulate_atac(50, 120, seed=3)
+    cellvi.PeakVI.setup_anndata(a, batch_key="batch")
+    module = cellvi.PeakVI(a).module
+    state = module.state_dict()
+    H = module.encoder_input.widths[0]
+    w, b = state.pop("encoder_input.weight_t"), state.pop("encoder_input.bias")
+    state["z_encoder.body.layers.0.linear.weight"], state["d_body.layers.0.linear.weight"] = w[:, :H].t(), w[:, H:].t()
+    state["z_encoder.body.layers.0.linear.bias"], state["d_body.layers.0.linear.bias"] = b[:H], b[H:]
+    fresh = cellvi.PeakVI(a, n_hidden=module.encoder_input.widths[0]).module
+    torch.nn.init.zeros_(fresh.encoder_input.weight_t)
+    fresh.load_state_dict(state, strict=True)
+    assert torch.equal(fresh.encoder_input.weight_t, w) and torch.equal(fresh.encoder_input.bias, b)

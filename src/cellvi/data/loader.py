@@ -44,10 +44,16 @@ from cellvi.distributions import Nonzeros
 
 
 def _to_csr(X) -> sp.csr_matrix:
+    """``X`` as float32 CSR without explicit zeros (so that the minibatch ``nonzeros`` are the non-zero counts;
+    the AnnData's own arrays are left alone)."""
     if hasattr(X, "to_memory"):
         X = X.to_memory()
     if sp.issparse(X):
-        return sp.csr_matrix(X, dtype=np.float32)
+        csr = sp.csr_matrix(X, dtype=np.float32)
+        if not csr.data.all():  # stored zeros: drop them from a copy
+            csr = csr.copy()
+            csr.eliminate_zeros()
+        return csr
     return sp.csr_matrix(np.asarray(X, dtype=np.float32))
 
 

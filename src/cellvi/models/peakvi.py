@@ -36,7 +36,7 @@ from cellvi import de, settings
 from cellvi import distributions as dist
 from cellvi.data.setup import get_counts
 from cellvi.models.base import Model, average_over_batches
-from cellvi.nn import MLP, GaussianEncoder, Linear
+from cellvi.nn import MLP, GaussianEncoder, Linear, binary_matmul
 
 CHOICES = {
     "latent_distribution": ("normal", "ln"),
@@ -72,6 +72,62 @@ def accessible(batch: dict[str, Tensor]) -> Tensor:
     return batch["x"].clamp(max=1.0)
 
 
+class _Given(nn.Module):
+    """Stands for an MLP's first layer when its output is computed elsewhere (:class:`EncoderInput`): passes it on."""
+
+    def forward(self, h: Tensor, cats: list[Tensor] = ()) -> Tensor:
+        return h
+
+
+class EncoderInput(nn.Module):
+    """The first layers of PeakVI's encoders (z, and d with ``model_depth``) when they read y alone
+    (``encode_covariates=False``): one weight ``(regions, sum of widths)``, stored transposed so that a
+    region's weights are contiguous, and one bias. Built from the bodies' own first layers (same
+    initialisation, values and all), which it then replaces with :class:`_Given`.
+
+    Rule: y is read sparsely (:func:`cellvi.nn.binary_matmul`, from the minibatch's ``nonzeros``) on the CPU when
+    at most ``SPARSE_MAX_DENSITY`` of the minibatch's entries are accessible (scATAC peak matrices: 1-15 %);
+    otherwise (a GPU, denser data, no ``nonzeros``) as one dense matrix product over the binarised block.
+    """
+
+    SPARSE_MAX_DENSITY = 0.2
+
+    def __init__(self, bodies: list[MLP]):
+        super().__init__()
+        firsts = [body.layers[0].linear for body in bodies]
+        self.widths = [layer.out_features for layer in firsts]
+        self.weight_t = nn.Parameter(torch.cat([layer.weight.detach().t() for layer in firsts], 1).contiguous())
+        self.bias = nn.Parameter(torch.cat([layer.bias.detach() for layer in firsts]))
+        for body in bodies:
+            body.layers[0] = _Given()
+
+    def reads_sparse(self, batch: dict[str, Tensor]) -> bool:
+        nz = batch.get("nonzeros")
+        return (nz is not None and self.weight_t.device.type == "cpu"
+                and nz.rows.numel() <= self.SPARSE_MAX_DENSITY * batch["x"].numel())
+
+    def forward(self, batch: dict[str, Tensor], y: Tensor | None = None) -> list[Tensor]:
+        """The first layers' outputs (before their normalisation and activation), one ``(B, width)`` per body."""
+        if self.reads_sparse(batch):
+            nz = batch["nonzeros"]
+            out = binary_matmul(self.weight_t, nz.rows, nz.cols, batch["x"].shape[0])
+        else:
+            out = torch.mm(accessible(batch) if y is None else y, self.weight_t)
+        return list(out.add_(self.bias).split(self.widths, 1))
+
+
+def _fuse_first_layers(module: PeakVIModule, state_dict: dict, prefix: str, *args) -> None:
+    """Load weights saved before :class:`EncoderInput` (each encoder's first layer on its own): fuse them."""
+    if module.encoder_input is None or prefix + "encoder_input.weight_t" in state_dict:
+        return
+    names = ["z_encoder.body", "d_body"][: len(module.encoder_input.widths)]
+    keys = [f"{prefix}{name}.layers.0.linear." for name in names]
+    if not all(k + "weight" in state_dict for k in keys):
+        return  # let load_state_dict report what is missing
+    state_dict[prefix + "encoder_input.weight_t"] = torch.cat([state_dict.pop(k + "weight").t() for k in keys], 1)
+    state_dict[prefix + "encoder_input.bias"] = torch.cat([state_dict.pop(k + "bias") for k in keys])
+
+
 class PeakVIModule(nn.Module):
     """q(z | y), d(y) and p(y | z, d, f, s, c)."""
 
@@ -97,38 +153,54 @@ class PeakVIModule(nn.Module):
                            inject_all=cfg.deeply_inject_covariates)
         self.head = Linear(n_hidden, n_regions)
         self.region_factors = nn.Parameter(torch.zeros(n_regions)) if cfg.region_factors else None
+        # the encoders' first layers, on y alone, as one (regions x widths) weight that may read y sparsely
+        self.encoder_input = None if cfg.encode_covariates else EncoderInput(self._encoder_bodies())
+        self._register_load_state_dict_pre_hook(_fuse_first_layers, with_module=True)
+
+    def _encoder_bodies(self) -> list[MLP]:
+        return [self.z_encoder.body] + ([self.d_body] if self.config.model_depth else [])
 
     # q(z | y) and the cell factor d(y)
     def inference(self, batch: dict[str, Tensor], n_samples: int = 1, y: Tensor | None = None) -> dict:
         """``y``: the minibatch's binarised counts when already at hand (:func:`accessible`)."""
         cfg = self.config
-        h = accessible(batch) if y is None else y  # binarised accessibility
         cats: list[Tensor] = []
-        if cfg.encode_covariates:
+        if self.encoder_input is not None:  # the first layers' outputs, fused (their bodies start after them)
+            h_z, *h_d = self.encoder_input(batch, y)
+        else:
+            h = accessible(batch) if y is None else y  # binarised accessibility
             cont = batch["cont_covs"]
-            h = torch.cat([h, cont], -1) if cont.shape[-1] else h
+            h_z = h_d = torch.cat([h, cont], -1) if cont.shape[-1] else h
             cats = [batch["batch"], *batch["cat_covs"].unbind(-1)]
-        qz = self.z_encoder(h, cats)
+            h_d = [h_d]
+        qz = self.z_encoder(h_z, cats)
         z = qz.rsample() if n_samples == 1 else qz.rsample((n_samples,))
         if cfg.latent_distribution == "ln":
             z = F.softmax(z, -1)
-        d = torch.sigmoid(self.d_head(self.d_body(h, cats))) if cfg.model_depth else h.new_ones(h.shape[0], 1)
+        d = torch.sigmoid(self.d_head(self.d_body(h_d[0], cats))) if cfg.model_depth else \
+            h_z.new_ones(h_z.shape[0], 1)
         return {"qz": qz, "z": z, "d": d}  # z (B, L), d (B, 1)
 
     # p(y | z, s, c): the logits of the accessibility p before the cell and region factors (p = sigmoid(logits))
     def generative(self, z: Tensor, batch: Tensor, cat_covs: Tensor, cont_covs: Tensor) -> dict:
+        return {"logits": self.head(self.decode_hidden(z, batch, cat_covs, cont_covs))}  # (B, R); p = sigmoid
+
+    def decode_hidden(self, z: Tensor, batch: Tensor, cat_covs: Tensor, cont_covs: Tensor) -> Tensor:
+        """The decoder's last hidden layer ``(B, n_hidden)``, before the head."""
         h = torch.cat([z, cont_covs], -1) if cont_covs.shape[-1] else z
-        return {"logits": self.head(self.decoder(h, [batch, *cat_covs.unbind(-1)]))}  # (B, R); p = sigmoid
+        return self.decoder(h, [batch, *cat_covs.unbind(-1)])
 
     def region_factor(self) -> Tensor | float:
         return 1.0 if self.region_factors is None else torch.sigmoid(self.region_factors)
 
     def loss(self, batch: dict[str, Tensor], kl_weight: float = 1.0) -> dict[str, Tensor]:
-        y = accessible(batch)
+        y = None if self.encoder_input is not None and self.encoder_input.reads_sparse(batch) else accessible(batch)
         inf = self.inference(batch, y=y)
-        gen = self.generative(inf["z"], batch["batch"], batch["cat_covs"], batch["cont_covs"])
+        h = self.decode_hidden(inf["z"], batch["batch"], batch["cat_covs"], batch["cont_covs"])
+        px = dist.Bernoulli.from_linear(h, self.head.weight, self.head.bias, inf["d"], self.region_factor())
         nz = batch.get("nonzeros")  # the accessible entries (their count values are not read)
-        rec = -dist.Bernoulli.from_logits(gen["logits"], inf["d"], self.region_factor()).log_prob_sum(y, nz)  # (B,)
+        # the likelihood reads any count > 0 as accessible: the counts themselves do when y was not needed
+        rec = -px.log_prob_sum(batch["x"] if y is None else y, nz)  # (B,)
         kl_z = dist.kl_standard_normal(inf["qz"]).sum(-1)
         # scvi-tools' PEAKVI minimises sum_cells(rec.sum() + kl_weight * kl): the reconstruction of the whole
         # minibatch once per cell, i.e. the KL weighted 1 / (cells in the minibatch) against it. Without that
