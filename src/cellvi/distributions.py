@@ -651,12 +651,13 @@ def _bernoulli_terms(logits: Tensor, bias: Tensor | float, y: Tensor, cell_facto
 
 
 class _BernoulliHead(torch.autograd.Function):
-    """``sum_r log Bernoulli(y_r | sigmoid(h W^T + b)_r d f_r)`` per cell for 0/1 ``y``: the decoder's last linear
-    layer and the likelihood in one function (PeakVI; ``weight`` None: ``h`` are the logits, ``bias`` optional). The logits ``h W^T`` (one matrix product), then value and
-    derivatives in one compiled pass (:func:`_bernoulli_terms`, which adds the bias). Backward scales the
-    small operands by the upstream per-cell gradient ``w`` instead of the ``(cells, regions)`` block:
-    ``dh = w * (G W)``, ``dW = G^T (w * h)``, ``db = G^T w`` with ``G`` the derivative w.r.t. the logits. No
-    autograd pass over the block at all (scvi-tools: ~20)."""
+    """``sum_r log Bernoulli(y_r | sigmoid(h W^T + b)_r d f_r)`` per cell for 0/1 ``y``: the decoder's last
+    linear layer and the likelihood in one function (PeakVI; ``weight`` None: ``h`` are the logits, ``bias``
+    optional). The logits ``h W^T`` (one matrix product), then value and derivatives in one compiled pass
+    (:func:`_bernoulli_terms`, which adds the bias). Backward scales the small operands by the upstream
+    per-cell gradient ``w`` instead of the ``(cells, regions)`` block: ``dh = w * (G W)``,
+    ``dW = G^T (w * h)``, ``db = G^T w`` with ``G`` the derivative w.r.t. the logits. No autograd pass over
+    the block at all (scvi-tools: ~20)."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, cell_factor, region_factor, y):
