@@ -10,13 +10,13 @@ answers it in five steps (:func:`differential_expression`):
    normalized expression at library size 1 (in its own batch, or averaged over the batches of
    ``batchid1``/``batchid2`` with ``batch_correction=True``). With ``weights="importance"`` the
    draws of each cell are resampled by their importance weights ``p(x, z) / q(z | x)``.
-3. **Population draws** (:func:`population_draws`): ``h_A^(t)`` is the mean expression over a
-   bootstrap resample of the chosen cells, each contributing one posterior draw. Its spread is the
+3. **Population moments** (:func:`population_moments`): a cell's estimate is the mean of its draws,
+   ``h_A`` the mean of the chosen cells' estimates, and its variance their squared standard error: the
    uncertainty about the population mean (finite cells + posterior uncertainty), not the spread of
-   single cells.
-   The LFC's variance is then widened to what the observed counts allow (:func:`count_log_var`):
-   a feature is never known better than its counts say (Poisson).
-4. **Effect and evidence** (:func:`lfc_draws`, :func:`summarize`): ``lfc = log2(h_A + pc) -
+   single cells. The LFC's mean and variance follow by the delta method (:func:`lfc_moments`); its
+   variance is then widened to what the observed counts allow (:func:`count_log_var`): a feature is
+   never known better than its counts say (Poisson).
+4. **Effect and evidence** (:func:`summarize`): ``lfc = log2(h_A + pc) -
    log2(h_B + pc)``; ``mode="change"`` gives ``proba_de = P(|lfc| > delta)``, ``mode="vanilla"``
    gives ``proba_m1 = P(h_A > h_B)``; Bayes factors are their log-odds. The LFCs are first divided by
    the model's shrinkage slope, measured against the observed LFCs (:func:`model_slope`: a VAE shrinks a
@@ -81,8 +81,8 @@ MIN_REFERENCE_FEATURES = 20
 MAX_DRAWS_PER_CELL = 2
 # Posterior draws per cell that importance resampling chooses among.
 IMPORTANCE_DRAWS_PER_CELL = 10
-# Random blocks of cells the population bootstrap resamples (:func:`population_draws`): enough that the
-# bootstrap spread is within ~5 % of the cell bootstrap's, few enough that it costs little.
+# Random blocks of cells the population bootstrap resamples (:func:`population_draws`, PeakVI's DA): enough that
+# the bootstrap spread is within ~5 % of the cell bootstrap's, few enough that it costs little.
 MAX_BOOTSTRAP_BLOCKS = 256
 # A feature with fewer counts than this in each of the two groups is never called: "never seen" is not DE.
 MIN_CALL_COUNTS = 3.0
@@ -1456,7 +1456,7 @@ def differential_expression(
             rows1, rows2 = (np.concatenate([units[u] for u in c[k]]) for k in ("units1", "units2"))
             _warn_if_out_of_distribution(model, adata, rows1, rows2, batch_correction)
             lab1, lab2 = label_grid[c["units1"]].ravel(), label_grid[c["units2"]].ravel()
-            # 4. population draws of normalized expression (decoded once per unit, bootstrapped)
+            # 4. population moments of normalized expression (each unit decoded once)
             side1, side2 = decoded.side(c["units1"], batches1), decoded.side(c["units2"], batches2)
             # 5. the observed counts: a precision floor, and (use_counts) an estimate of the LFC of their own
             counts = _count_evidence(sums, lab1, lab2, strata_of_label)

@@ -733,7 +733,7 @@ class Bernoulli:
         """``log_prob(x).sum(-1)`` for 0/1 ``x`` (any non-zero reads as 1). Training with compiled kernels: one
         fused dense pass (:class:`_BernoulliHead`). Otherwise ``log(1 - p)`` everywhere (dense, the x = 0 term),
         plus ``log p - log(1 - p)`` at the ones only (``nz``: the non-zero entries, values ignored)."""
-        if self._probs is None and torch.is_grad_enabled() and _USE_COMPILED[0] and x.dim() == 2:
+        if self._probs is None and torch.is_grad_enabled() and compiling() and x.dim() == 2:
             # long trainings: one compiled kernel (eager, its ~15 dense ops are slower than autograd's path)
             h, weight, bias = self._linear if self._logits is None else (self._logits, None, None)
             return _BernoulliHead.apply(h, weight, bias, self.cell_factor, self.region_factor, x)
