@@ -77,7 +77,8 @@ MIN_REFERENCE_FEATURES = 20
 # Most posterior draws decoded per cell. A cell's estimate is the mean of its draws and the population's variance
 # is the spread of those estimates over cells (:func:`population_moments`), so the Monte Carlo error of few draws is
 # counted in the variance, never hidden; more draws shrink only that share (at most half of the posterior's with
-# 2 draws) at a decoding cost that grows with them. 2: the same calls across seeds as 3 and 25 (BENCHMARKS.md).
+# 2 draws) at a decoding cost that grows with them. 2: calls across DE seeds as stable as with 3, on designs
+# not used to choose it and on Kang (benchmarks/check_de_draws.py, BENCHMARKS.md).
 MAX_DRAWS_PER_CELL = 2
 # Posterior draws per cell that importance resampling chooses among.
 IMPORTANCE_DRAWS_PER_CELL = 10
