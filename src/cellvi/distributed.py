@@ -88,6 +88,25 @@ def all_sum(values: dict[str, Tensor]) -> dict[str, Tensor]:
     return dict(zip(keys, flat))
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over ranks with plain, blocking ``dist.all_reduce`` (the gradient of a sum over ranks
+    is the sum of the ranks' gradients). ``torch.distributed.nn.functional.all_reduce`` is deprecated and now
+    goes through functional collectives, whose pending work made a process abort at exit now and then
+    ("terminate called without an active exception")."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlobalBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose training statistics are those of the global minibatch (all ranks), on CPU and GPU.
 
@@ -98,10 +117,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or not dist.is_initialized():
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
-        stats = torch.cat([x.sum(0), (x * x).sum(0), x.new_tensor([x.shape[0]])])
-        stats = all_reduce(stats)
+        stats = _AllReduceSum.apply(torch.cat([x.sum(0), (x * x).sum(0), x.new_tensor([x.shape[0]])]))
         c = x.shape[1]
         n = stats[-1]
         mean = stats[:c] / n
