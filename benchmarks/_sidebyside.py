@@ -32,6 +32,40 @@ def parser(default_epochs: int) -> argparse.ArgumentParser:
     return p
 
 
+def steady_mean(epoch_seconds: list[float]) -> float:
+    """Seconds per epoch in the steady state: the mean over the epochs after the first (the first carries
+    one-off work: cellvi's kernel compilation, Lightning's set-up). Both libraries are measured this way."""
+    steady = epoch_seconds[1:] if len(epoch_seconds) > 1 else epoch_seconds
+    return sum(steady) / len(steady)
+
+
+def scvi_epoch_timer():
+    """A Lightning callback for scvi-tools' ``train(callbacks=[...])`` recording each epoch's training time in
+    ``.seconds`` with the validation pass left out, as cellvi's ``history_["epoch_seconds"]``."""
+    import time
+
+    from lightning.pytorch.callbacks import Callback
+
+    class EpochTimer(Callback):
+        def __init__(self):
+            self.seconds, self._start, self._val = [], None, 0.0
+
+        def on_train_epoch_start(self, trainer, module):
+            self._start, self._val = time.perf_counter(), 0.0
+
+        def on_validation_start(self, trainer, module):
+            self._val_start = time.perf_counter()
+
+        def on_validation_end(self, trainer, module):
+            if self._start is not None:  # (not the sanity check before training)
+                self._val += time.perf_counter() - self._val_start
+
+        def on_train_epoch_end(self, trainer, module):
+            self.seconds.append(time.perf_counter() - self._start - self._val)
+
+    return EpochTimer()
+
+
 def worker(args, run_cellvi: Callable, run_scvi: Callable) -> None:
     """In a subprocess: run one library and print its result as a ``RESULT {json}`` line."""
     out = run_cellvi(args) if args.which == "cellvi" else run_scvi(args)
