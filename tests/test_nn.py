@@ -38,3 +38,20 @@ def test_onednn_linear_only_for_float32_on_cpu():
     layer = cnn.Linear(4, 3)
     layer(empty).sum().backward()
     assert layer.weight.grad.abs().sum() == 0
+
+
+def test_small_products_take_addmm_and_large_ones_onednn(monkeypatch):
+    """Below SMALL_PRODUCT multiply-adds a training layer calls addmm (oneDNN's fixed cost per call is larger
+    there); above, oneDNN. Both give the same values."""
+    if not cnn.onednn_available():
+        pytest.skip("this PyTorch has no oneDNN linear")
+    calls = []
+    real = cnn._OneDNNLinear.apply
+    monkeypatch.setattr(cnn._OneDNNLinear, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    small, large = cnn.Linear(128, 10), cnn.Linear(128, 4000)
+    h = torch.randn(128, 128, requires_grad=True)
+    out_small, out_large = small(h), large(h)
+    assert 128 * 128 * 10 < cnn.SMALL_PRODUCT <= 128 * 128 * 4000
+    assert calls == [torch.Size([128, 128])]  # the large layer only
+    torch.testing.assert_close(out_small, h @ small.weight.t() + small.bias)
+    torch.testing.assert_close(out_large, h @ large.weight.t() + large.bias, rtol=1e-5, atol=1e-4)

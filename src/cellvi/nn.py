@@ -30,14 +30,21 @@ class Linear(nn.Linear):
     (about as long as the product itself for a 128 x 4,000 output). Without gradients (expression,
     DE, latent) always ``mm``: those calls decode minibatches of many sizes, and oneDNN builds its kernel
     for each new shape on first use (~5 ms at 2,000 x 128 x 2,000), which cost a first DE call 50 %.
+    Small products (under :data:`SMALL_PRODUCT` multiply-adds) always take ``nn.Linear``'s ``addmm``.
     """
 
     def forward(self, h: Tensor) -> Tensor:
-        if h.dim() != 2 or self.bias is None:
-            return super().forward(h)
+        if h.dim() != 2 or self.bias is None or h.shape[0] * self.weight.numel() < SMALL_PRODUCT:
+            return super().forward(h)  # (small products: addmm has the least overhead per call)
         if torch.is_grad_enabled() and use_onednn(h, self.weight):
             return _OneDNNLinear.apply(h, self.weight, self.bias)
         return torch.mm(h, self.weight.t()).add_(self.bias)
+
+
+# Products of fewer multiply-adds (rows x in x out) than this stay on ``addmm``: oneDNN costs 20-45 us per call
+# whatever the size, ``addmm`` 7-11 us on the small layers of a 128-cell step (128 x 128 x 10, 128 x 10 x 128), and
+# they are level at 128 x 128 x 128 (25 vs 28 us; 2 threads here).
+SMALL_PRODUCT = 2**21
 
 
 def _onednn_mm(a: Tensor, b_t: Tensor, bias: Tensor | None = None) -> Tensor:
