@@ -81,7 +81,7 @@ def test_default_sizes_follow_scvi_tools():
     a = cellvi.datasets.simulate_atac(60, 400, seed=1)
     cellvi.PeakVI.setup_anndata(a)
     model = cellvi.PeakVI(a)
-    assert model.module.head.in_features == 20 and model.module.n_latent == 4  # sqrt(400), sqrt(20)
+    assert model.module.head.weight_t.shape[0] == 20 and model.module.n_latent == 4  # sqrt(400), sqrt(20)
 
 
 # --------------------------------------------------------------------------- results
@@ -263,19 +263,24 @@ def test_fused_bernoulli_likelihood_equals_the_dense_formula(with_region_factor,
 
 @pytest.mark.parametrize("with_region_factor", [True, False])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_fused_head_and_bernoulli_likelihood_equal_the_dense_formula(with_region_factor, compiled, monkeypatch):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fused_head_and_bernoulli_likelihood_equal_the_dense_formula(with_region_factor, compiled, transposed,
+                                                                      monkeypatch):
     """Bernoulli.from_linear (the decoder head's product and bias fused into the likelihood, the upstream weights
-    applied to the small operands in backward) against linear layer + dense formula through autograd."""
+    applied to the small operands in backward) against linear layer + dense formula through autograd; the weight
+    a contiguous (regions, hidden) leaf or the transposed view of a (hidden, regions) one (RegionHead)."""
     from cellvi import distributions as dist
 
     g = torch.Generator().manual_seed(4)
     y = (torch.rand(9, 13, generator=g) < 0.3).double() * 2  # counts: any non-zero is a one
     h = torch.randn(9, 5, generator=g, dtype=torch.float64).requires_grad_()
-    weight = torch.randn(13, 5, generator=g, dtype=torch.float64).requires_grad_()
+    leaf = torch.randn(13, 5, generator=g, dtype=torch.float64)
+    leaf = (leaf.t().contiguous() if transposed else leaf).requires_grad_()
+    weight = leaf.t() if transposed else leaf
     bias = torch.randn(13, generator=g, dtype=torch.float64).requires_grad_()
     d = torch.rand(9, 1, generator=g, dtype=torch.float64).mul(0.8).add(0.1).requires_grad_()  # p stays < 1
     f = torch.rand(13, generator=g, dtype=torch.float64).mul(0.8).add(0.1).requires_grad_() if with_region_factor else 1.0
-    params = [h, weight, bias, d] + ([f] if with_region_factor else [])
+    params = [h, leaf, bias, d] + ([f] if with_region_factor else [])
     w = torch.rand(9, generator=g, dtype=torch.float64)
     if not compiled:
         monkeypatch.setattr(dist, "kernel", lambda fn, dynamic=False: fn)
@@ -287,6 +292,52 @@ def test_fused_head_and_bernoulli_likelihood_equal_the_dense_formula(with_region
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
     eager = dist.Bernoulli.from_linear(h, weight, bias, d, f).log_prob_sum(y)  # outside: the autograd path
     torch.testing.assert_close(eager, dense, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_fused_head_in_float32_matches_float64(onednn, monkeypatch):
+    """The fused head in float32, its products on oneDNN (as in training on a CPU) or torch.mm, with RegionHead's
+    layout: value and gradients equal the float64 formula to float32 round-off."""
+    from cellvi import distributions as dist
+    from cellvi import nn as cnn
+
+    monkeypatch.setattr(cnn, "_ONEDNN", [onednn])
+    monkeypatch.setattr(dist, "kernel", lambda fn, dynamic=False: fn)
+    g = torch.Generator().manual_seed(5)
+    y = (torch.rand(16, 300, generator=g) < 0.1).float()
+    h64, wt64 = torch.randn(16, 12, generator=g, dtype=torch.float64), torch.randn(12, 300, generator=g, dtype=torch.float64) / 4
+    b64, d64 = torch.randn(300, generator=g, dtype=torch.float64), torch.rand(16, 1, generator=g, dtype=torch.float64) * 0.9
+    f64 = torch.rand(300, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    grads = {}
+    for dtype in (torch.float64, torch.float32):
+        params = [t.to(dtype).requires_grad_() for t in (h64, wt64, b64, d64, f64)]
+        h, wt, b, d, f = params
+        with dist.compiled_kernels(True):
+            out = dist.Bernoulli.from_linear(h, wt.t(), b, d, f).log_prob_sum(y.to(dtype))
+        grads[dtype] = [out.detach().double()] + [t.double() for t in torch.autograd.grad(out.sum(), params)]
+    for a, b in zip(grads[torch.float32], grads[torch.float64]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_region_head_initialises_as_a_linear_layer_and_loads_its_weights():
+    """RegionHead starts from the weights nn.Linear(n_hidden, n_regions) draws with the same seed (stored
+    transposed), computes h W^T + b, and a state dict with the old ``head.weight`` loads into it."""
+    from cellvi.models.peakvi import RegionHead
+
+    torch.manual_seed(0)
+    head = RegionHead(7, 30)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(7, 30)
+    assert torch.equal(head.weight, lin.weight) and torch.equal(head.bias, lin.bias)
+    h = torch.randn(4, 7)
+    torch.testing.assert_close(head(h), lin(h))
+    a = cellvi.datasets.simulate_atac(40, 100, seed=3)
+    cellvi.PeakVI.setup_anndata(a)
+    module = cellvi.PeakVI(a).module
+    state = module.state_dict()
+    state["head.weight"] = state.pop("head.weight_t").t() + 1.0  # as saved by nn.Linear, changed
+    module.load_state_dict(state, strict=True)
+    torch.testing.assert_close(module.head.weight, state["head.weight"])
 
 
 def test_encoder_input_reads_y_sparsely_or_densely_alike():

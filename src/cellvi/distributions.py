@@ -650,11 +650,22 @@ def _bernoulli_terms(logits: Tensor, bias: Tensor | float, y: Tensor, cell_facto
     return torch.log(q).sum(-1), g * p * (1.0 - s), (g * sf).sum(-1, keepdim=True), g * s * cell_factor
 
 
+def _mm_t(a: Tensor, b_t: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``a @ b_t.T (+ bias)`` where :class:`cellvi.nn.Linear` computes its products: oneDNN on the CPU (AVX-512
+    on AMD processors, where ``torch.mm``'s MKL takes an AVX2 path at half the speed), else ``torch.mm``."""
+    from cellvi.nn import _onednn_mm, use_onednn  # (cellvi.nn imports this module)
+
+    if use_onednn(a, b_t):
+        return _onednn_mm(a, b_t, bias)
+    out = torch.mm(a, b_t.t())
+    return out if bias is None else out.add_(bias)
+
+
 class _BernoulliHead(torch.autograd.Function):
     """``sum_r log Bernoulli(y_r | sigmoid(h W^T + b)_r d f_r)`` per cell for 0/1 ``y``: the decoder's last
     linear layer and the likelihood in one function (PeakVI; ``weight`` None: ``h`` are the logits, ``bias``
-    optional). The logits ``h W^T`` (one matrix product), then value and derivatives in one compiled pass
-    (:func:`_bernoulli_terms`, which adds the bias). Backward scales the small operands by the upstream
+    optional). The logits ``h W^T + b`` (one matrix product, on oneDNN where :class:`cellvi.nn.Linear` uses it),
+    then value and derivatives in one compiled pass (:func:`_bernoulli_terms`). Backward scales the small operands by the upstream
     per-cell gradient ``w`` instead of the ``(cells, regions)`` block: ``dh = w * (G W)``,
     ``dW = G^T (w * h)``, ``db = G^T w`` with ``G`` the derivative w.r.t. the logits. No autograd pass over
     the block at all (scvi-tools: ~20)."""
@@ -664,7 +675,10 @@ class _BernoulliHead(torch.autograd.Function):
         f_is_tensor = isinstance(region_factor, Tensor)
         f = region_factor.detach() if f_is_tensor else 1.0
         b = bias.detach() if isinstance(bias, Tensor) else 0.0
-        logits = h.detach() if weight is None else torch.mm(h.detach(), weight.detach().t())
+        if weight is None:
+            logits = h.detach()
+        else:  # the bias goes into the product (oneDNN adds it as it writes the output)
+            logits, b = _mm_t(h.detach(), weight.detach(), bias.detach() if isinstance(bias, Tensor) else None), 0.0
         out, g_logits, g_d, g_f = kernel(_bernoulli_terms)(logits, b, y, cell_factor.detach(), f)
         ctx.save_for_backward(h, weight, g_logits, g_d, g_f if f_is_tensor else None)
         ctx.f_is_tensor, ctx.has_bias = f_is_tensor, isinstance(bias, Tensor)
@@ -678,8 +692,11 @@ class _BernoulliHead(torch.autograd.Function):
         if weight is None:  # h was the logits
             d_h, d_weight = (g_logits * w if need[0] else None), None
         else:
-            d_h = torch.mm(g_logits, weight).mul_(w) if need[0] else None
-            d_weight = torch.mm(g_logits.t(), h * w) if need[1] else None
+            # both products as their transposes, (W^T G^T)^T and ((h w)^T G)^T: oneDNN's fast layouts when the
+            # weight is the transposed view of a contiguous (hidden, regions) parameter (PeakVI's RegionHead),
+            # whose gradient is then written in place with no transposing copy
+            d_h = _mm_t(weight.t(), g_logits).t().mul(w) if need[0] else None
+            d_weight = _mm_t((h * w).t(), g_logits.t()).t() if need[1] else None
         d_bias = torch.mv(g_logits.t(), grad) if ctx.has_bias and need[2] else None
         d_f = torch.mv(g_f.t(), grad) if ctx.f_is_tensor and need[4] else None
         return d_h, d_weight, d_bias, g_d * w, d_f, None
