@@ -15,19 +15,9 @@ ms per step (best of 5 runs of ``--steps``), the parts alone, then the top ops b
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-
-
-def ms_per_step(fn, n: int, repeats: int = 5) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for i in range(n):
-            fn(i)
-        best = min(best, (time.perf_counter() - t0) / n * 1e3)
-    return best
+from profile_totalvi_step import ms_per_step, print_op_profile  # (this script's folder is on sys.path)
 
 
 def cellvi_setup():
@@ -118,12 +108,7 @@ def main() -> None:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
             for i in range(args.steps):
                 step(i)
-    events = sorted(prof.key_averages(group_by_input_shape=args.shapes), key=lambda e: -e.self_cpu_time_total)
-    total = sum(e.self_cpu_time_total for e in events) / args.steps
-    print(f"profiled self CPU per step: {total / 1e3:.2f} ms")
-    for e in events[: args.top]:
-        shapes = str(e.input_shapes)[:90] if args.shapes else ""
-        print(f"{e.key[:44]:44s} {e.self_cpu_time_total / args.steps:8.1f} us {e.count / args.steps:5.1f}x  {shapes}")
+    print_op_profile(prof, args.steps, args.top, args.shapes)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,16 @@ def ms_per_step(fn, n: int, repeats: int = 5) -> float:
     return best
 
 
+def print_op_profile(prof, steps: int, top: int, shapes: bool) -> None:
+    """The ``top`` ops of a ``torch.profiler`` run of ``steps`` steps by self CPU time: us and calls per step."""
+    events = sorted(prof.key_averages(group_by_input_shape=shapes), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) / steps
+    print(f"profiled self CPU per step: {total / 1e3:.2f} ms")
+    for e in events[:top]:
+        shape = str(e.input_shapes)[:90] if shapes else ""
+        print(f"{e.key[:44]:44s} {e.self_cpu_time_total / steps:8.1f} us {e.count / steps:5.1f}x  {shape}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
@@ -108,12 +118,7 @@ def main() -> None:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
             for i in range(args.steps):
                 step(i)
-    events = sorted(prof.key_averages(group_by_input_shape=args.shapes), key=lambda e: -e.self_cpu_time_total)
-    total = sum(e.self_cpu_time_total for e in events) / args.steps
-    print(f"profiled self CPU per step: {total / 1e3:.2f} ms")
-    for e in events[: args.top]:
-        shapes = str(e.input_shapes)[:90] if args.shapes else ""
-        print(f"{e.key[:44]:44s} {e.self_cpu_time_total / args.steps:8.1f} us {e.count / args.steps:5.1f}x  {shapes}")
+    print_op_profile(prof, args.steps, args.top, args.shapes)
 
 
 if __name__ == "__main__":

@@ -674,11 +674,11 @@ class _BernoulliHead(torch.autograd.Function):
     def forward(ctx, h, weight, bias, cell_factor, region_factor, y):
         f_is_tensor = isinstance(region_factor, Tensor)
         f = region_factor.detach() if f_is_tensor else 1.0
-        b = bias.detach() if isinstance(bias, Tensor) else 0.0
+        b = bias.detach() if isinstance(bias, Tensor) else None
         if weight is None:
-            logits = h.detach()
+            logits, b = h.detach(), 0.0 if b is None else b
         else:  # the bias goes into the product (oneDNN adds it as it writes the output)
-            logits, b = _mm_t(h.detach(), weight.detach(), bias.detach() if isinstance(bias, Tensor) else None), 0.0
+            logits, b = _mm_t(h.detach(), weight.detach(), b), 0.0
         out, g_logits, g_d, g_f = kernel(_bernoulli_terms)(logits, b, y, cell_factor.detach(), f)
         ctx.save_for_backward(h, weight, g_logits, g_d, g_f if f_is_tensor else None)
         ctx.f_is_tensor, ctx.has_bias = f_is_tensor, isinstance(bias, Tensor)
