@@ -105,28 +105,62 @@ def test_validation_loss_uses_the_current_kl_weight():
     np.testing.assert_allclose(np.subtract(h["elbo_validation"], h["reconstruction_loss_validation"]), 1.0, atol=1e-6)
 
 
-def test_gradient_clipping_bounds_the_gradient_norm(monkeypatch):
+def test_adam_clipping_inside_the_kernel_matches_clip_grad_norm_then_torch_adam():
+    """``Adam.step(max_grad_norm=c)`` gives the parameters of ``clip_grad_norm_(c)`` + ``torch.optim.Adam``, with
+    the norm above the bound (clipped) and below it (untouched); eps is large so that the scale matters."""
+    for scale, clipped in ((50.0, True), (0.01, False)):
+        torch.manual_seed(0)
+        a = [torch.randn(5, 3, requires_grad=True), torch.randn(4, requires_grad=True)]
+        b, c = ([t.detach().clone().requires_grad_() for t in a] for _ in range(2))
+        ours, ref = Adam(a, lr=1e-2, eps=1.0, weight_decay=1e-3), torch.optim.Adam(b, lr=1e-2, eps=1.0, weight_decay=1e-3)
+        unclipped = Adam(c, lr=1e-2, eps=1.0, weight_decay=1e-3)
+        for step in range(4):
+            for params, opt in ((a, ours), (b, ref), (c, unclipped)):
+                opt.zero_grad()
+                (scale * ((params[0] ** 2).sum() * (step + 1) + params[1].sin().sum())).backward()
+                if opt is ours:
+                    opt.step(max_grad_norm=1.0)
+                else:
+                    if opt is ref:
+                        torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    opt.step()
+        for x, y, z in zip(a, b, c):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+            assert (not torch.allclose(x, z, rtol=1e-4, atol=1e-5)) == clipped
+
+
+def test_gradient_clipping_in_fit_reaches_both_optimizers(monkeypatch):
+    """fit passes gradient_clip_val to the fused Adam; with torch.optim's Adam (no fused kernel) the gradients
+    it steps on have norm <= gradient_clip_val."""
     import cellvi.train as train_mod
 
-    seen = []
+    seen, passed = [], []
     real = train_mod.make_optimizer
 
     def recording(params, config):
+        params = list(params)
         opt = real(params, config)
         step = opt.step
 
-        def step_and_record():
-            seen.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in opt.params]))))
-            step()
+        def step_and_record(**kwargs):
+            passed.append(kwargs.get("max_grad_norm"))
+            seen.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))))
+            step(**kwargs)
 
         opt.step = step_and_record
         return opt
 
     monkeypatch.setattr(train_mod, "make_optimizer", recording)
     for clip in (None, 0.5):
+        passed.clear()
+        fit(_Recorder(scale=100.0), _batches, None, TrainConfig(max_epochs=2, lr=1e-3, gradient_clip_val=clip,
+                                                                enable_progress_bar=False), n_obs_train=20)
+        assert passed and set(passed) == {clip}
+    monkeypatch.setattr(train_mod, "_fused_adam_runs_on", lambda device_type: False)
+    for clip in (None, 0.5):
         seen.clear()
-        cfg = TrainConfig(max_epochs=2, lr=1e-3, gradient_clip_val=clip, enable_progress_bar=False)
-        fit(_Recorder(scale=100.0), _batches, None, cfg, n_obs_train=20)
+        fit(_Recorder(scale=100.0), _batches, None, TrainConfig(max_epochs=2, lr=1e-3, gradient_clip_val=clip,
+                                                                enable_progress_bar=False), n_obs_train=20)
         if clip is None:
             assert max(seen) > 100  # gradient of 100 * (w - 1)^2 at w ~ 0 is ~200 per coordinate
         else:
@@ -224,6 +258,15 @@ def test_epoch_totals_fold_in_blocks_and_match_direct_sums():
     torch.testing.assert_close(sums["kl_local"], torch.cat(kl_all).sum())
     torch.testing.assert_close(float(sums["loss"]), loss_cells, rtol=1e-5, atol=1e-4)
     assert totals.n_steps == _Totals.FOLD_EVERY * 2 + 5 and totals.n_cells == sum(r.numel() for r in rec_all)
+
+
+def test_adam_state_of_other_parameters_is_refused():
+    a = Adam([torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)], lr=0.1, eps=1e-8, weight_decay=0)
+    b = Adam([torch.zeros(3, requires_grad=True), torch.zeros(4, requires_grad=True)], lr=0.1, eps=1e-8, weight_decay=0)
+    with pytest.raises(ValueError, match="does not match this model's parameters"):
+        b.load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="does not match"):
+        Adam([torch.zeros(3, requires_grad=True)], lr=0.1, eps=1e-8, weight_decay=0).load_state_dict(a.state_dict())
 
 
 def test_adam_leaves_parameters_without_a_gradient_untouched_as_torch_optim_does():

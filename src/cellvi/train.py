@@ -180,7 +180,10 @@ class Adam:
         self.lr, self.eps, self.weight_decay, self.betas = lr, eps, weight_decay, betas
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
+        # step counts: one tensor (one add per step), handed to the kernel as per-parameter views
+        self.step_counts = torch.zeros(len(self.params), dtype=torch.float32,
+                                       device=self.params[0].device if self.params else None)
+        self.steps = list(self.step_counts.unbind(0))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -194,12 +197,19 @@ class Adam:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`state_dict`, in place (the learning rate is set separately)."""
         named = {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "step": self.steps}
+        expected = {key: t.shape for key, t in self.state_dict().items()}
+        if {key: t.shape for key, t in state.items()} != expected:
+            raise ValueError("The saved optimizer state does not match this model's parameters (a checkpoint of "
+                             "another model configuration or of an earlier cellvi version); start a new training.")
         for key, t in state.items():
             i, name = key.split(".", 1)
             named[name][int(i)].copy_(t)
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, max_grad_norm: float | None = None) -> None:
+        """One Adam step; with ``max_grad_norm``, the gradients are first scaled as
+        ``torch.nn.utils.clip_grad_norm_`` does (by ``max_norm / (norm + 1e-6)`` when below 1), inside the
+        fused kernel (its ``grad_scale``): one norm over all gradients and no separate multiply."""
         grads = [p.grad for p in self.params]
         params, exp_avg, exp_avg_sq, steps = self.params, self.exp_avg, self.exp_avg_sq, self.steps
         if any(g is None for g in grads):  # parameters that got no gradient this step are left as they are
@@ -208,9 +218,16 @@ class Adam:
                 return
             params, grads, exp_avg, exp_avg_sq, steps = ([seq[i] for i in idx] for seq in
                                                          (params, grads, exp_avg, exp_avg_sq, steps))
-        torch._foreach_add_(steps, 1.0)
+            self.step_counts[idx] += 1.0
+        else:
+            self.step_counts.add_(1.0)
+        scale = None
+        if max_grad_norm is not None:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            scale = torch.clamp((norm + 1e-6) / max_grad_norm, min=1.0)  # the kernel divides gradients by it
         self._kernel()(params, grads, exp_avg, exp_avg_sq, [], steps, lr=self.lr, beta1=self.betas[0],
-                       beta2=self.betas[1], weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False)
+                       beta2=self.betas[1], weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False,
+                       grad_scale=scale)
 
     @staticmethod
     def _kernel():
@@ -630,9 +647,12 @@ def fit(
                 loss.backward()
                 if n_ranks > 1:
                     distributed.average_gradients(params, n_ranks)
-                if config.gradient_clip_val is not None:
-                    torch.nn.utils.clip_grad_norm_(params, config.gradient_clip_val, foreach=True)
-                optimizer.step()
+                if isinstance(optimizer, Adam):  # (clipping inside its fused kernel)
+                    optimizer.step(max_grad_norm=config.gradient_clip_val)
+                else:
+                    if config.gradient_clip_val is not None:
+                        torch.nn.utils.clip_grad_norm_(params, config.gradient_clip_val, foreach=True)
+                    optimizer.step()
                 if adversary is not None:  # then the classifier learns from the detached z
                     out["adversarial_classifier_loss"] = adversary.step(z, labels, kappa, n_ranks)
                 totals.add(out)

@@ -80,17 +80,22 @@ class MrVIConfig:
 
 
 class ResBlock(nn.Module):
-    """``act(LN(W2 (act(LN(W1 x)) + skip(x))))``: skip is x, or a linear map when widths differ."""
+    """``act(LN(W2 (act(LN(W1 x)) + skip(x))))``: skip is x, or a linear map when widths differ.
+
+    With a linear skip, ``W1`` and the skip's weight are one ``(2 n_hidden, n_in)`` layer ``fc1`` (one
+    product for both; files that stored them apart are read by :func:`_upgrade_state_dict`).
+    """
 
     def __init__(self, n_in: int, n_out: int, n_hidden: int, act=F.relu):
         super().__init__()
-        self.fc1, self.ln1 = Linear(n_in, n_hidden), nn.LayerNorm(n_hidden)
-        self.skip = Linear(n_in, n_hidden) if n_in != n_hidden else nn.Identity()
+        self.linear_skip = n_in != n_hidden
+        self.fc1, self.ln1 = Linear(n_in, n_hidden * (2 if self.linear_skip else 1)), nn.LayerNorm(n_hidden)
         self.fc2, self.ln2 = Linear(n_hidden, n_out), nn.LayerNorm(n_out)
         self.act = act
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.act(self.ln1(self.fc1(x))) + self.skip(x)
+        h, skip = self.fc1(x).chunk(2, -1) if self.linear_skip else (self.fc1(x), x)
+        h = self.act(self.ln1(h)) + skip
         return self.act(self.ln2(self.fc2(h)))
 
 
@@ -145,8 +150,8 @@ class TokenAttention(nn.Module):
         """Key tokens ``(N, tokens)`` of key vectors ``(N, kv_dim)`` (scalars: see :meth:`forward`)."""
         return self.kv_proj(kv)
 
-    def forward(self, query: Tensor, kv: Tensor | None = None, keys: Tensor | None = None) -> Tensor:
-        """``query`` ``(N, query_dim)``; either ``kv`` ``(N, kv_dim)`` or precomputed :meth:`kv_tokens`.
+    def forward(self, query: Tensor, keys: Tensor) -> Tensor:
+        """``query`` ``(N, query_dim)`` attending to its own key tokens ``keys`` ``(N, T)`` (:meth:`kv_tokens`).
 
         With scalar tokens, attention reduces to scalar arithmetic. Per head h, query token t is
         ``q_t a + c``, key token t' is ``k_t' b + e`` and its value ``k_t' v + f``, so the score is
@@ -154,39 +159,60 @@ class TokenAttention(nn.Module):
         ``lam_t = (q_t a.b + c.b) / sqrt(d)``; the constant terms cancel in the softmax over t'. With
         weights ``w = softmax_t'(lam_t k_t')``, the attended value is ``v sum_t' w k_t' + f sum_t' w``.
         Exactly multi-head attention on these tokens, with ``(N, heads, T, T)`` scalars instead of
-        ``(N, heads, T, d)`` matrix products. The two sums over t' are one matrix product with
-        ``[k, 1]``; the value vectors and the output projection ``W_o`` fold into one ``(2 heads, E)``
-        matrix of rows ``W_o^h v_h`` and ``W_o^h f_h`` (``W_o^h``: the columns of ``W_o`` for head h).
+        ``(N, heads, T, d)`` matrix products (see :meth:`_attended`).
         """
-        k = self.kv_tokens(kv) if keys is None else keys  # (N, T)
-        q_in = query.detach() if self.stop_gradients_mlp else query
-        q = self.query_proj(q_in)  # (N, T)
-        N, T = q.shape
+        return self.mlp_out(torch.cat([query, self._attended(self._scores(query), keys)], -1))
+
+    def attend_all(self, query: Tensor, keys: Tensor) -> Tensor:
+        """:meth:`forward` of every query ``(N, query_dim)`` on every key ``(S, T)``: ``(N, S, n_out)``.
+
+        The query's projection is computed once per query, not once per (query, key) pair.
+        """
+        N, S = query.shape[0], keys.shape[0]
+        tokens = self._attended(self._scores(query)[:, None], keys).view(N, S, -1)  # (N, S, T)
+        return self.mlp_out(torch.cat([query[:, None].expand(N, S, -1), tokens], -1))
+
+    def _scores(self, query: Tensor) -> Tensor:
+        """``lam`` ``(N, heads, T)``: the slope of each query token's score in the key token."""
+        q = self.query_proj(query.detach() if self.stop_gradients_mlp else query)  # (N, T)
         H = self.n_heads
-        (a, b, v), (c, e, f) = (w.view(3, H, -1).unbind(0) for w in (self.token_weight, self.token_bias))
+        a, b = self.token_weight.view(3, H, -1)[:2]
+        c = self.token_bias.view(3, H, -1)[0]
         slope, shift = ((torch.stack([a, c]) * b).sum(-1) * a.shape[-1] ** -0.5).unbind(0)  # (H,) each
-        lam = torch.addcmul(shift[:, None], q[:, None, :], slope[:, None])  # (N, H, T)
-        w = torch.softmax(lam[..., None] * k[:, None, None, :], -1)  # (N, H, T, T')
-        if self.training and self.dropout_rate > 0:
-            w = dropout(w, self.dropout_rate)
-        sums = w @ torch.stack([k, torch.ones_like(k)], -1)[:, None]  # (N, H, T, 2): sum_t' w k_t', sum_t' w
-        W_o = self.out_proj.weight.view(-1, H, a.shape[-1])  # (E, H, d)
-        rows = torch.einsum("ehd,hcd->hce", W_o, torch.stack([v, f], 1)).reshape(2 * H, -1)  # (2H, E)
-        att = torch.addmm(self.out_proj.bias, sums.transpose(1, 2).reshape(N * T, 2 * H), rows)  # (N T, E)
-        return self.mlp_out(torch.cat([query, self.mlp_tokens(att.view(N, -1))], -1))
+        return torch.addcmul(shift[:, None], q[:, None, :], slope[:, None])
 
+    def _attended(self, lam: Tensor, k: Tensor) -> Tensor:
+        """Attention of scores ``lam`` ``(..., heads, T)`` on key tokens ``k`` ``(..., T')`` (leading dims
+        broadcast), through the output projection and ``mlp_tokens``: ``(rows, T)``.
 
-class SampleNorm(nn.Module):
-    """LayerNorm without affine parameters, then a per-sample scale and shift (``gamma_s * h + beta_s``)."""
-
-    def __init__(self, n_features: int, n_samples: int):
-        super().__init__()
-        self.gamma = nn.Parameter(1.0 + 0.02 * torch.randn(n_samples, n_features))
-        self.beta = nn.Parameter(torch.zeros(n_samples, n_features))
-        self.n_features = n_features
-
-    def forward(self, h: Tensor, sample: Tensor) -> Tensor:
-        return torch.addcmul(self.beta[sample], self.gamma[sample], F.layer_norm(h, (self.n_features,)))
+        The attended token is ``bias + sum_h A_h R_v[h] + B_h R_f[h]`` with ``A = sum_t' w k_t'``, ``B = sum_t' w``
+        and ``R_v[h] = W_o^h v_h``, ``R_f[h] = W_o^h f_h`` (the value and output projections folded; ``W_o^h``:
+        the columns of ``W_o`` for head h). In training (or with gradients), ``w`` is a softmax (dropout on it)
+        and ``[A, B]`` one matrix product with ``[k, 1]``: the fewest ops backward. In evaluation, ``B = 1`` and
+        ``A = sum_t' e k_t' / sum_t' e`` with ``e = 2^((lam k_t' - m) / ln 2)`` (``m = max_t' lam k_t'``: ``lam max(k)``
+        or ``lam min(k)`` by the sign of ``lam``), the key axis first so that the sums add contiguous blocks;
+        ``exp2`` is several times faster than ``exp`` on CPU. That path serves the counterfactual analyses,
+        where the rows are cells x samples.
+        """
+        H, T = self.n_heads, lam.shape[-1]
+        v, f = self.token_weight.view(3, H, -1)[2], self.token_bias.view(3, H, -1)[2]
+        W_o = self.out_proj.weight.view(-1, H, v.shape[-1])  # (E, H, d)
+        rows = torch.einsum("ehd,hcd->hce", W_o, torch.stack([v, f], 1)).reshape(2 * H, -1)  # (2H, E): R_v, R_f
+        if self.training or torch.is_grad_enabled():
+            w = torch.softmax(lam[..., None] * k[..., None, None, :], -1)  # (..., H, T, T')
+            if self.training and self.dropout_rate > 0:
+                w = dropout(w, self.dropout_rate)
+            sums = w @ torch.stack([k, torch.ones_like(k)], -1)[..., None, :, :]  # (..., H, T, 2): A, B
+            att = torch.addmm(self.out_proj.bias, sums.transpose(-3, -2).reshape(-1, 2 * H), rows)  # (rows T, E)
+        else:
+            lam2 = lam * (1 / math.log(2))
+            kb = k[..., :, None, None]  # (..., T', 1, 1)
+            m = torch.where(lam2 >= 0, lam2 * k.amax(-1)[..., None, None], lam2 * k.amin(-1)[..., None, None])
+            e = torch.mul(kb, lam2[..., None, :, :]).sub_(m[..., None, :, :]).exp2_()  # (..., T', H, T)
+            A = torch.mul(e, kb).sum(-3).div_(e.sum(-3))  # (..., H, T)
+            R_v, R_f = rows.view(H, 2, -1).unbind(1)
+            att = torch.addmm(self.out_proj.bias + R_f.sum(0), A.transpose(-1, -2).reshape(-1, H), R_v)
+        return self.mlp_tokens(att.view(-1, T * att.shape[-1]))
 
 
 # --------------------------------------------------------------------------- module
@@ -203,12 +229,15 @@ class MrVIModule(nn.Module):
         px, qz = _merged("px_kwargs", PX_DEFAULTS, cfg.px_kwargs), _merged("qz_kwargs", QZ_DEFAULTS, cfg.qz_kwargs)
         self.px_options, self.qz_options = px, qz
         L, Lu, H = cfg.n_latent, cfg.n_latent_u, cfg.encoder_n_hidden
-        # q(u | x, s): two layers normalised per sample, a sample offset, a residual Gaussian head
-        self.qu_fc1, self.qu_norm1 = Linear(n_genes, H), SampleNorm(H, n_samples)
-        self.qu_fc2, self.qu_norm2 = Linear(H, H), SampleNorm(H, n_samples)
-        self.qu_sample = nn.Parameter(0.1 * torch.randn(n_samples, H))
+        # q(u | x, s): two layers normalised per sample (LayerNorm without affine parameters, then a scale
+        # and shift per sample), a sample offset, a residual Gaussian head. The per-sample parameters are
+        # the columns of one table, [gamma_1, beta_1, gamma_2, beta_2, offset] (one gather per step)
+        self.qu_fc1, self.qu_fc2 = Linear(n_genes, H), Linear(H, H)
+        gammas = [1.0 + 0.02 * torch.randn(n_samples, H) for _ in range(2)]
+        self.qu_per_sample = nn.Parameter(torch.cat([gammas[0], torch.zeros(n_samples, H), gammas[1],
+                                                     torch.zeros(n_samples, H), 0.1 * torch.randn(n_samples, H)], 1))
         self.qu_body = nn.Sequential(*[ResBlock(H, H, H) for _ in range(cfg.encoder_n_layers)])
-        self.qu_mean, self.qu_scale = Linear(H, Lu), Linear(H, Lu)
+        self.qu_head = Linear(H, 2 * Lu)  # [mean, raw scale]
         # z = u' + g(u, s)
         self.qz_embed = nn.Parameter(0.1 * torch.randn(n_samples, qz["n_latent_sample"]))
         self.qz_ln_u, self.qz_ln_embed = nn.LayerNorm(Lu), nn.LayerNorm(qz["n_latent_sample"])
@@ -236,31 +265,39 @@ class MrVIModule(nn.Module):
         self.z_u_log_scale = nn.Parameter(torch.zeros(L) + cfg.z_u_prior_scale,
                                           requires_grad=cfg.learn_z_u_prior_scale)
         self.register_buffer("n_obs_per_sample", n_obs_per_sample.float())
+        self._register_load_state_dict_pre_hook(_upgrade_state_dict)
 
     # q(u | x, s)
     def qu(self, x: Tensor, sample: Tensor, nz: dist.Nonzeros | None = None) -> torch.distributions.Normal:
         h = torch.log1p(x) if nz is None else dist.log1p_dense(x, nz)
-        h = F.gelu(self.qu_norm1(self.qu_fc1(h), sample))
-        h = F.gelu(self.qu_norm2(self.qu_fc2(h), sample))
-        h = self.qu_body(h + self.qu_sample[sample])
-        return dist.normal(self.qu_mean(h), F.softplus(self.qu_scale(h)) + 1e-5)
+        H = self.qu_fc2.weight.shape[0]
+        gamma1, beta1, gamma2, beta2, offset = F.embedding(sample, self.qu_per_sample).chunk(5, -1)
+        h = F.gelu(torch.addcmul(beta1, gamma1, F.layer_norm(self.qu_fc1(h), (H,))))
+        h = F.gelu(torch.addcmul(beta2, gamma2, F.layer_norm(self.qu_fc2(h), (H,))))
+        mean, raw = self.qu_head(self.qu_body(h + offset)).chunk(2, -1)
+        return dist.normal(mean, F.softplus(raw) + 1e-5)
 
-    def sample_keys(self, samples: Tensor) -> Tensor:
-        """Attention key tokens ``(S, T)`` of the embeddings of ``samples`` (computed once per sample)."""
-        return self.qz_attention.kv_tokens(self.qz_ln_embed(self.qz_embed[samples]))
+    def sample_keys(self, samples: Tensor | None = None) -> Tensor:
+        """Attention key tokens ``(S, T)`` of the embeddings of ``samples`` (default: every sample)."""
+        embed = self.qz_embed if samples is None else self.qz_embed[samples]
+        return self.qz_attention.kv_tokens(self.qz_ln_embed(embed))
 
     # z = u' + g(u, s); u is (N, Lu), s is (N,)
-    def z_from_u(self, u: Tensor, sample: Tensor, use_mean: bool = True, keys: Tensor | None = None
-                 ) -> tuple[Tensor, Tensor]:
+    def z_from_u(self, u: Tensor, sample: Tensor, use_mean: bool = True) -> tuple[Tensor, Tensor]:
         """``(z, g)``: the sample-aware state ``z = u' + g`` and the sample effect ``g = g(u, s)``."""
         u_in = u.detach() if self.qz_options["stop_gradients"] else u
-        g = self.qz_attention(self.qz_ln_u(u_in), keys=self.sample_keys(sample) if keys is None else keys)
+        g = self.qz_attention(self.qz_ln_u(u_in), self.sample_keys()[sample])  # keys: once per sample, gathered
+        return self._add_effect(u_in, g, use_mean)
+
+    def _add_effect(self, u_in: Tensor, g: Tensor, use_mean: bool) -> tuple[Tensor, Tensor]:
+        """``(u' + g, g)`` from the attention's output (a draw of g when ``use_map`` is off); ``g`` may have
+        a sample axis before the last (broadcast against u)."""
         if not self.qz_options["use_map"]:
             loc, raw = g.chunk(2, -1)
             q_eps = dist.normal(loc, F.softplus(raw) + 1e-3)
             g = q_eps.mean if use_mean else q_eps.rsample()
         z_base = u_in if self.qz_base is None else self.qz_base(u_in)
-        return z_base + g, g
+        return (z_base.unsqueeze(-2) if g.dim() > u_in.dim() else z_base) + g, g
 
     # h = softmax(A z + gamma + g(z, b)); z is (N, L), b is (N,)
     def decode_logits(self, z: Tensor, batch: Tensor) -> Tensor:
@@ -268,8 +305,8 @@ class MrVIModule(nn.Module):
         z_in = z.detach() if self.px_options["stop_gradients"] else z
         if self.px_attention is None:
             return self.px_fc(self.px_ln_z(z_in))
-        e = self.px_ln_embed(self.px_embed[batch])
-        g = self.px_attention(self.px_ln_z(z_in), e)
+        keys = self.px_attention.kv_tokens(self.px_ln_embed(self.px_embed))[batch]  # once per batch, gathered
+        g = self.px_attention(self.px_ln_z(z_in), keys)
         return self.px_fc(z + g) if self.px_options["low_dim_batch"] else self.px_fc(z) + g
 
     def decode(self, z: Tensor, batch: Tensor) -> Tensor:
@@ -317,12 +354,28 @@ class MrVIModule(nn.Module):
 
     def counterfactual_z(self, u: Tensor, samples: Tensor, use_mean: bool = True) -> Tensor:
         """z of each cell had it come from each of ``samples``: ``u`` ``(..., N, Lu)`` -> ``(..., N, S, L)``."""
-        lead, S = u.shape[:-1], samples.numel()
-        keys = self.sample_keys(samples)  # (S, T)
-        n = int(np.prod(lead))
-        uu = u.reshape(n, 1, -1).expand(n, S, u.shape[-1]).reshape(n * S, -1)
-        z, _ = self.z_from_u(uu, samples.repeat(n), use_mean=use_mean, keys=keys.repeat(n, 1))
-        return z.reshape(*lead, S, -1)
+        lead = u.shape[:-1]
+        u_in = u.reshape(-1, u.shape[-1])
+        g = self.qz_attention.attend_all(self.qz_ln_u(u_in), self.sample_keys(samples))  # (n, S, out)
+        z, _ = self._add_effect(u_in, g, use_mean)
+        return z.reshape(*lead, samples.numel(), -1)
+
+
+def _upgrade_state_dict(state_dict: dict, prefix: str, *args) -> None:
+    """Load weights saved before the fused layers: a :class:`ResBlock`'s ``fc1`` and ``skip`` become one
+    ``fc1``; q(u)'s per-sample norms and offset one table ``qu_per_sample``; its two heads one ``qu_head``."""
+    for key in [k for k in state_dict if k.startswith(prefix) and k.endswith(".skip.weight")]:
+        block = key[: -len("skip.weight")]
+        for part in ("weight", "bias"):
+            state_dict[block + "fc1." + part] = torch.cat([state_dict[block + "fc1." + part],
+                                                           state_dict.pop(block + "skip." + part)])
+    old = [prefix + k for k in ("qu_norm1.gamma", "qu_norm1.beta", "qu_norm2.gamma", "qu_norm2.beta", "qu_sample")]
+    if all(k in state_dict for k in old):
+        state_dict[prefix + "qu_per_sample"] = torch.cat([state_dict.pop(k) for k in old], 1)
+    if prefix + "qu_mean.weight" in state_dict and prefix + "qu_scale.weight" in state_dict:
+        for part in ("weight", "bias"):
+            state_dict[prefix + "qu_head." + part] = torch.cat([state_dict.pop(prefix + "qu_mean." + part),
+                                                                state_dict.pop(prefix + "qu_scale." + part)])
 
 
 # --------------------------------------------------------------------------- user class
