@@ -78,7 +78,7 @@ def main() -> None:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from profile_totalvi_step import ms_per_step, print_op_profile
+    from profile_totalvi_step import ms_per_step, profile_steps
 
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=1)
@@ -107,10 +107,7 @@ def main() -> None:
         return
     print(f"threads={args.threads}: step {ms_per_step(step, args.steps):.2f} ms | counterfactual z of 256 cells x "
           f"16 samples {ms_per_step(counterfactual, 5):.2f} ms")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
-        for i in range(args.steps):
-            step(i)
-    print_op_profile(prof, args.steps, args.top, args.shapes)
+    profile_steps(step, args.steps, args.top, args.shapes)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from profile_totalvi_step import ms_per_step, print_op_profile  # (this script's folder is on sys.path)
+from profile_totalvi_step import ms_per_step, profile_steps  # (this script's folder is on sys.path)
 
 
 def cellvi_setup():
@@ -105,10 +105,7 @@ def main() -> None:
               f"{ms_per_step(get, args.steps):.2f} | forward (no grad) {ms_per_step(forward, args.steps):.2f} | "
               f"forward + backward {ms_per_step(forward_backward, args.steps):.2f} | Adam "
               f"{ms_per_step(lambda i: opt.step(), args.steps):.2f}")
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
-            for i in range(args.steps):
-                step(i)
-    print_op_profile(prof, args.steps, args.top, args.shapes)
+        profile_steps(step, args.steps, args.top, args.shapes)
 
 
 if __name__ == "__main__":

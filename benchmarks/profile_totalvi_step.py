@@ -70,6 +70,14 @@ def print_op_profile(prof, steps: int, top: int, shapes: bool) -> None:
         print(f"{e.key[:44]:44s} {e.self_cpu_time_total / steps:8.1f} us {e.count / steps:5.1f}x  {shape}")
 
 
+def profile_steps(step, steps: int, top: int, shapes: bool) -> None:
+    """Run ``step(i)`` for ``i < steps`` under ``torch.profiler`` and print the op table (:func:`print_op_profile`)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=shapes) as prof:
+        for i in range(steps):
+            step(i)
+    print_op_profile(prof, steps, top, shapes)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
@@ -115,10 +123,7 @@ def main() -> None:
               f"{ms_per_step(step, args.steps):.2f} ms | gather {ms_per_step(lambda i: data.gather(rows(i)), args.steps):.2f}"
               f" | forward (no grad) {ms_per_step(forward, args.steps):.2f} | forward + backward "
               f"{ms_per_step(forward_backward, args.steps):.2f} | Adam {ms_per_step(lambda i: opt.step(), args.steps):.2f}")
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
-            for i in range(args.steps):
-                step(i)
-    print_op_profile(prof, args.steps, args.top, args.shapes)
+        profile_steps(step, args.steps, args.top, args.shapes)
 
 
 if __name__ == "__main__":
