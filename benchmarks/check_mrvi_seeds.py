@@ -6,7 +6,9 @@ Usage (from the repo root; one seed per process, run them one after the other):
     git show <rev>:src/cellvi/models/mrvi.py > /tmp/mrvi_before.py
     PYTHONPATH=src python benchmarks/check_mrvi_seeds.py --seed 0 --module-file /tmp/mrvi_before.py
 
-Trains 100 epochs (``cellvi.settings.seed`` = ``--seed``: initialisation, split, training draws) and prints, per
+    /work/venv-scvi/bin/python benchmarks/check_mrvi_seeds.py --seed 0 --library scvi   # scvi-tools' torch MRVI
+
+Trains 100 epochs (``--seed``: cellvi's ``settings.seed``, or ``scvi.settings.seed``) and prints, per
 cell type, the mean sample distance between conditions over that within a condition (the stimulation as a
 sample effect, in z) and the mean DA log ratio stim vs ctrl (the samples were subsampled evenly, so a large
 ratio over a whole cell type means u itself separates the conditions: the effect went into u), and the final
@@ -36,6 +38,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--module-file", default=None)
     p.add_argument("--data", default=str(DATA))
+    p.add_argument("--library", choices=["cellvi", "scvi"], default="cellvi")
     args = p.parse_args()
     if args.module_file:
         spec = importlib.util.spec_from_file_location("mrvi_before", args.module_file)
@@ -46,18 +49,30 @@ def main() -> None:
     cellvi.settings.progress_bar = False
     cellvi.settings.seed = args.seed
     adata = cellvi.datasets.read_h5ad(args.data)
-    cellvi.MrVI.setup_anndata(adata, sample_key="sample")
-    model = cellvi.MrVI(adata)
-    model.train(max_epochs=args.epochs)
+    if args.library == "scvi":
+        import warnings
+
+        import scvi
+
+        warnings.filterwarnings("ignore")
+        scvi.settings.seed = args.seed
+        scvi.external.MRVI.setup_anndata(adata, sample_key="sample", backend="torch")
+        model = scvi.external.MRVI(adata)
+        model.train(max_epochs=args.epochs, accelerator="cpu", enable_progress_bar=False)
+    else:
+        cellvi.MrVI.setup_anndata(adata, sample_key="sample")
+        model = cellvi.MrVI(adata)
+        model.train(max_epochs=args.epochs)
     ct = adata.obs["predicted_cell_type"].astype(str).to_numpy()
     dists = model.get_local_sample_distances(groupby="predicted_cell_type", keep_cell=False)["predicted_cell_type"]
-    cond = model.sample_info["condition"].astype(str).to_numpy()
+    condition_of = adata.obs.groupby("sample", observed=True)["condition"].first().astype(str)
+    cond = condition_of.loc[dists.sample_x.values].to_numpy()
     same, off = cond[:, None] == cond[None, :], ~np.eye(len(cond), dtype=bool)
     da = model.differential_abundance(sample_cov_keys=["condition"])
     ratio = (da["condition_log_probs"].sel(condition="stim") - da["condition_log_probs"].sel(condition="ctrl")).values
-    out = {"module": args.module_file or "current", "seed": args.seed,
+    out = {"library": args.library, "module": args.module_file or "current", "seed": args.seed,
            "distance_between_over_within": {}, "da_log_ratio_mean": {},
-           "validation_loss": round(float(model.history["elbo_validation"].iloc[-1, 0]), 1)}
+           "validation_loss": round(float(model.history["elbo_validation"].to_numpy().ravel()[-1]), 1)}
     for t in TYPES:
         d = dists.sel(predicted_cell_type_name=t).values
         out["distance_between_over_within"][t] = round(float(d[~same].mean() / d[same & off].mean()), 2)
