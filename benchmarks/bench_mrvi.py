@@ -14,11 +14,11 @@ runs in its own subprocess, one after the other (never at the same time).
 Reported per library: seconds per epoch (``s_per_epoch``: the mean of the epochs after the first, validation
 left out, measured the same way for both libraries; ``s_total_per_epoch``: ``train()``'s wall time / epochs);
 wall time and peak RSS growth (sampled from /proc every 2 ms) of
-``get_local_sample_distances(groupby="cell_type")``, ``differential_abundance(["cov2"])`` and
-``differential_expression(["cov1", "cov2"], store_lfc=True)``; recovery: Spearman correlation of the DE
-subset's averaged distance matrix with the simulated one, mean distance in the other subsets relative to the
-DE subset, AUPRC of |DA log ratio| for the DA cells, and the Pearson correlation of the DE subset's mean
-per-gene LFC (cov1) with the simulated LFC.
+``get_local_sample_distances(groupby="cell_type")``, ``differential_abundance(["cov2"])``,
+``get_outlier_cell_sample_pairs()`` and ``differential_expression(["cov1", "cov2"], store_lfc=True)``;
+recovery: Spearman correlation of the DE subset's averaged distance matrix with the simulated one, mean
+distance in the other subsets relative to the DE subset, AUPRC of |DA log ratio| for the DA cells, and the
+Pearson correlation of the DE subset's mean per-gene LFC (cov1) with the simulated LFC.
 """
 
 from __future__ import annotations
@@ -132,6 +132,7 @@ def run(which: str, epochs: int) -> dict:
            "s_total_per_epoch": round((time.perf_counter() - t) / epochs, 3)}
     dists, out["distances"] = timed(lambda: model.get_local_sample_distances(groupby="cell_type"))
     da, out["differential_abundance"] = timed(lambda: model.differential_abundance(sample_cov_keys=["cov2"]))
+    _, out["outlier_cell_sample_pairs"] = timed(lambda: model.get_outlier_cell_sample_pairs())
     de, out["differential_expression"] = timed(
         lambda: model.differential_expression(sample_cov_keys=["cov1", "cov2"], store_lfc=True))
     out["recovery"] = recovery(adata, dists, da, de)
@@ -188,7 +189,8 @@ def main() -> None:
     c, s = results["cellvi"], results["scvi"]
     print(f"speed-up (scvi-tools / cellvi): training {s['s_per_epoch'] / c['s_per_epoch']:.2f}x, "
           + ", ".join(f"{k} {s[k]['s'] / max(c[k]['s'], 1e-9):.2f}x"
-                      for k in ("distances", "differential_abundance", "differential_expression")))
+                      for k in ("distances", "differential_abundance", "outlier_cell_sample_pairs",
+                                "differential_expression")))
 
 
 if __name__ == "__main__":
