@@ -98,7 +98,7 @@ def recovery(adata, dists, da, de) -> dict:
     }
 
 
-def run(which: str, epochs: int) -> dict:
+def run(which: str, epochs: int, seed: int = 0) -> dict:
     import anndata
     import torch
 
@@ -108,6 +108,7 @@ def run(which: str, epochs: int) -> dict:
         import cellvi
 
         cellvi.settings.progress_bar = False
+        cellvi.settings.seed = seed
         cls = cellvi.MrVI
         cls.setup_anndata(adata, sample_key="sample")
         model = cls(adata)
@@ -120,7 +121,7 @@ def run(which: str, epochs: int) -> dict:
         import scvi
 
         warnings.filterwarnings("ignore")
-        scvi.settings.seed = 0
+        scvi.settings.seed = seed
         cls = scvi.external.MRVI
         cls.setup_anndata(adata, sample_key="sample", backend="torch")
         model = cls(adata)
@@ -165,6 +166,7 @@ def main() -> None:
     p.add_argument("--n-genes", type=int, default=500)
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--which", choices=["both", "cellvi", "scvi"], default="both")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated cohort and of both libraries")
     p.add_argument("--scvi-python", default="/work/venv-scvi/bin/python")
     p.add_argument("--memory-only", action="store_true")
     args = p.parse_args()
@@ -172,14 +174,14 @@ def main() -> None:
         memory_scaling()
         return
     if args.which != "both":
-        print("RESULT " + json.dumps(run(args.which, args.epochs)))
+        print("RESULT " + json.dumps(run(args.which, args.epochs, args.seed)))
         return
     import cellvi
 
-    cellvi.datasets.simulate_cohort(args.n_cells, args.n_genes, seed=0).write_h5ad(DATA)
+    cellvi.datasets.simulate_cohort(args.n_cells, args.n_genes, seed=args.seed).write_h5ad(DATA)
     results = {}
     for which, python in (("cellvi", sys.executable), ("scvi", args.scvi_python)):
-        proc = subprocess.run([python, __file__, "--which", which, "--epochs", str(args.epochs)],
+        proc = subprocess.run([python, __file__, "--which", which, "--epochs", str(args.epochs), "--seed", str(args.seed)],
                               capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:

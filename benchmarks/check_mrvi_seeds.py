@@ -18,7 +18,6 @@ validation loss. ``--module-file``: an older ``models/mrvi.py`` whose ``MrVIModu
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -27,6 +26,9 @@ import numpy as np
 
 import cellvi
 from cellvi.models import mrvi
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_mrvi_step import load_module_file  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "kang_ifnb_pbmc_small.h5ad"
 TYPES = ("CD14+ Monocytes", "B cells", "CD4 T cells", "NK cells")
@@ -41,11 +43,7 @@ def main() -> None:
     p.add_argument("--library", choices=["cellvi", "scvi"], default="cellvi")
     args = p.parse_args()
     if args.module_file:
-        spec = importlib.util.spec_from_file_location("mrvi_before", args.module_file)
-        old = importlib.util.module_from_spec(spec)
-        sys.modules["mrvi_before"] = old  # (its dataclasses look their module up)
-        spec.loader.exec_module(old)
-        mrvi.MrVIModule = old.MrVIModule
+        mrvi.MrVIModule = load_module_file(args.module_file).MrVIModule
     cellvi.settings.progress_bar = False
     cellvi.settings.seed = args.seed
     adata = cellvi.datasets.read_h5ad(args.data)
