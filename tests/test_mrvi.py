@@ -175,7 +175,9 @@ def test_latent_shapes_and_save_load_round_trip(trained, tmp_path):
 def test_weights_saved_before_the_fused_layers_load_to_the_same_function(trained):
     """A state dict in the layout of earlier versions (ResBlock fc1 and skip apart, q(u)'s per-sample norms,
     offset and two heads apart) loads into the fused layers and gives the same latent and distances."""
-    m = trained
+    import copy
+
+    m = copy.deepcopy(trained)  # (its parameters are zeroed below; the fixture is shared)
     state = {k: v.clone() for k, v in m.module.state_dict().items()}
     H = m.module.qu_fc2.weight.shape[0]
     old = {}
