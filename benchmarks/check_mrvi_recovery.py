@@ -5,6 +5,10 @@ Usage (from the repo root):
     PYTHONPATH=src python benchmarks/check_mrvi_recovery.py --seeds 0-7 --n-cells 1200 --n-genes 100 --de-lfc 2.5
     PYTHONPATH=src python benchmarks/check_mrvi_recovery.py --seeds 2,3 --n-cells 4000 --n-genes 500 \
         --module-file /tmp/mrvi_before.py      # an older models/mrvi.py (git show <rev>:src/cellvi/models/mrvi.py)
+    PYTHONPATH=src python benchmarks/check_mrvi_recovery.py --seeds 0-5 --n-cells 4000 --n-genes 500 \
+        --model-kwargs '{"mlp_inner_width": 32}'  # MrVIConfig fields
+    /work/venv-scvi/bin/python benchmarks/check_mrvi_recovery.py --seeds 0-5 --n-cells 4000 --n-genes 500 \
+        --library scvi                                # scvi-tools' torch MRVI, same data, seeds and metrics
 
 For each seed: ``simulate_cohort(n_cells, n_genes, de_lfc=..., seed=seed)``, ``cellvi.settings.seed = seed``,
 ``--epochs`` of training, then one line with the Spearman correlation of the DE subset's averaged distances with
@@ -16,6 +20,7 @@ BENCHMARKS.md quote it.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -45,16 +50,30 @@ def main() -> None:
     p.add_argument("--de-lfc", type=float, default=1.5)
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--module-file", default=None)
+    p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"mlp_inner_width": 32}\'')
+    p.add_argument("--library", choices=["cellvi", "scvi"], default="cellvi")
     args = p.parse_args()
+    if args.library == "scvi":
+        import warnings
+
+        import scvi
+
+        warnings.filterwarnings("ignore")
     if args.module_file:
         mrvi.MrVIModule = load_module_file(args.module_file).MrVIModule
     cellvi.settings.progress_bar = False
     for seed in args.seeds:
         a = cellvi.datasets.simulate_cohort(args.n_cells, args.n_genes, de_lfc=args.de_lfc, seed=seed)
-        cellvi.settings.seed = seed
-        cellvi.MrVI.setup_anndata(a, sample_key="sample")
-        m = cellvi.MrVI(a)
-        m.train(max_epochs=args.epochs)
+        if args.library == "scvi":
+            scvi.settings.seed = seed
+            scvi.external.MRVI.setup_anndata(a, sample_key="sample", backend="torch")
+            m = scvi.external.MRVI(a, **args.model_kwargs)
+            m.train(max_epochs=args.epochs, accelerator="cpu", enable_progress_bar=False)
+        else:
+            cellvi.settings.seed = seed
+            cellvi.MrVI.setup_anndata(a, sample_key="sample")
+            m = cellvi.MrVI(a, **args.model_kwargs)
+            m.train(max_epochs=args.epochs)
         avg = m.get_local_sample_distances(groupby="cell_type", keep_cell=False)["cell_type"]
         truth = a.uns["truth"]["sample_distances"]
         iu = np.triu_indices(truth.shape[0], 1)
@@ -64,7 +83,8 @@ def main() -> None:
         ratio = (da["cov2_log_probs"].sel(cov2="high") - da["cov2_log_probs"].sel(cov2="low")).values
         ct = a.obs["cell_type"].astype(str).to_numpy()
         auprc = average_precision_score(np.isin(ct, ["type_1", "type_2"]), np.abs(ratio))
-        print(f"{args.module_file or 'current'} seed {seed}: spearman {scipy.stats.spearmanr(de, truth[iu])[0]:.3f} "
+        rho = scipy.stats.spearmanr(de, truth[iu])[0]
+        print(f"{args.library} {args.module_file or 'current'} {json.dumps(args.model_kwargs)} seed {seed}: spearman {rho:.3f} "
               f"max_other/de {other / de.mean():.3f} da_auprc {auprc:.3f} type_1 {ratio[ct == 'type_1'].mean():.2f} "
               f"type_2 {ratio[ct == 'type_2'].mean():.2f}", flush=True)
 

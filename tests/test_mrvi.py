@@ -205,6 +205,27 @@ def test_weights_saved_before_the_fused_layers_load_to_the_same_function(trained
     np.testing.assert_array_equal(m.get_local_sample_distances()["cell"].values, expected)
 
 
+def test_file_saved_before_mlp_inner_width_loads_with_the_width_it_was_trained_with(tmp_path):
+    """Files of earlier versions lack ``mlp_inner_width`` (their attention MLPs were 32 wide inside): they load
+    with that width, not the current default, and give the same latents."""
+    import json
+
+    a = _cohort(n=120, g=20)
+    cellvi.MrVI.setup_anndata(a, sample_key="sample")
+    m = cellvi.MrVI(a, n_latent=6, n_latent_u=4, mlp_inner_width=32)
+    m.train(max_epochs=1, seed=0)
+    assert m.module.qz_attention.mlp_tokens.blocks[0].fc2.weight.shape[1] == 32
+    m.save(tmp_path / "m")
+    meta_file = tmp_path / "m" / "model.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["config"]["mlp_inner_width"]
+    meta_file.write_text(json.dumps(meta))
+    m2 = cellvi.MrVI.load(tmp_path / "m", adata=a)
+    assert m2.config.mlp_inner_width == 32
+    np.testing.assert_array_equal(m2.get_latent_representation(give_z=True), m.get_latent_representation(give_z=True))
+    assert cellvi.MrVI(a).module.qz_attention.mlp_tokens.blocks[0].fc2.weight.shape[1] == 128  # today's default
+
+
 @pytest.mark.parametrize("kwargs", [
     {"u_prior_mixture": False, "z_u_prior": False},
     {"qz_kwargs": {"use_map": False}, "px_kwargs": {"low_dim_batch": False}, "learn_z_u_prior_scale": True},

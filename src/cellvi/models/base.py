@@ -634,7 +634,8 @@ class Model:
             adata = anndata.read_h5ad(path / names[ADATA])
         _adopt_spec(adata, spec)
         config_fields = {f.name for f in fields(cls.config_class)}
-        model = cls(adata, **{k: v for k, v in meta["config"].items() if k in config_fields})
+        saved = {**getattr(cls.config_class, "SAVED_BEFORE", {}), **meta["config"]}  # older files lack new fields
+        model = cls(adata, **{k: v for k, v in saved.items() if k in config_fields})
         model.module.load_state_dict(_read_weights(path / names[WEIGHTS]), strict=True)
         model.module.to(resolve_device(accelerator, device))
         model.module.eval()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -69,6 +70,9 @@ class MrVIConfig:
     px_kwargs: dict | None = None  # decoder attention: keys of PX_DEFAULTS
     qz_kwargs: dict | None = None  # u -> z attention: keys of QZ_DEFAULTS
     qu_kwargs: dict | None = None  # q(u | x): no options yet
+    mlp_inner_width: int = 128  # width inside the residual blocks of the attention MLPs (see MrVI's Notes)
+    # fields that files of earlier versions lack, with the values those versions used (read by Model.load)
+    SAVED_BEFORE: ClassVar[dict] = {"mlp_inner_width": 32}
 
     def __post_init__(self):
         _merged("px_kwargs", PX_DEFAULTS, self.px_kwargs)
@@ -100,11 +104,11 @@ class ResBlock(nn.Module):
 
 
 class ResMLP(nn.Module):
-    """``n_layers`` :class:`ResBlock` then a linear output layer."""
+    """``n_layers`` :class:`ResBlock` (width ``n_inner`` inside, ``n_hidden`` out) then a linear output layer."""
 
-    def __init__(self, n_in: int, n_out: int, n_hidden: int, n_layers: int, act=F.gelu):
+    def __init__(self, n_in: int, n_out: int, n_hidden: int, n_layers: int, n_inner: int, act=F.gelu):
         super().__init__()
-        self.blocks = nn.Sequential(*[ResBlock(n_in if i == 0 else n_hidden, n_hidden, n_hidden, act)
+        self.blocks = nn.Sequential(*[ResBlock(n_in if i == 0 else n_hidden, n_hidden, n_inner, act)
                                       for i in range(n_layers)])
         self.out = Linear(n_hidden if n_layers else n_in, n_out)
 
@@ -129,7 +133,7 @@ class TokenAttention(nn.Module):
 
     def __init__(self, query_dim: int, kv_dim: int, n_out: int, *, n_tokens: int = 16, n_channels: int = 4,
                  n_heads: int = 2, dropout_rate: float = 0.0, n_hidden: int = 32, n_layers: int = 1,
-                 stop_gradients_mlp: bool = False):
+                 n_inner: int = 128, stop_gradients_mlp: bool = False):
         super().__init__()
         E = n_channels * n_heads
         self.n_heads, self.dropout_rate, self.stop_gradients_mlp = n_heads, dropout_rate, stop_gradients_mlp
@@ -143,8 +147,8 @@ class TokenAttention(nn.Module):
         self.token_bias = nn.Parameter(torch.zeros(3, E))
         self.out_proj = Linear(E, E)
         nn.init.zeros_(self.out_proj.bias)
-        self.mlp_tokens = ResMLP(n_tokens * E, n_tokens, n_hidden, n_layers)
-        self.mlp_out = ResMLP(n_tokens + query_dim, n_out, n_hidden, n_layers)
+        self.mlp_tokens = ResMLP(n_tokens * E, n_tokens, n_hidden, n_layers, n_inner)
+        self.mlp_out = ResMLP(n_tokens + query_dim, n_out, n_hidden, n_layers, n_inner)
 
     def kv_tokens(self, kv: Tensor) -> Tensor:
         """Key tokens ``(N, tokens)`` of key vectors ``(N, kv_dim)`` (scalars: see :meth:`forward`)."""
@@ -244,7 +248,8 @@ class MrVIModule(nn.Module):
         self.qz_attention = TokenAttention(
             Lu, qz["n_latent_sample"], L * (1 if qz["use_map"] else 2), n_tokens=qz["n_latent_sample"],
             n_channels=qz["n_channels"], n_heads=qz["n_heads"], dropout_rate=qz["dropout_rate"],
-            n_hidden=qz["n_hidden"], n_layers=qz["n_layers"], stop_gradients_mlp=qz["stop_gradients_mlp"])
+            n_hidden=qz["n_hidden"], n_layers=qz["n_layers"], n_inner=cfg.mlp_inner_width,
+            stop_gradients_mlp=qz["stop_gradients_mlp"])
         self.qz_base = Linear(Lu, L) if Lu != L else None
         # p(x | z, b): h = softmax(A (z + g(z, b)) + gamma)
         self.px_embed = nn.Parameter(0.1 * torch.randn(n_batches, px["n_latent_sample"]))
@@ -253,7 +258,8 @@ class MrVIModule(nn.Module):
         self.px_attention = TokenAttention(
             L, px["n_latent_sample"], n_res, n_tokens=px["n_latent_sample"], n_channels=px["n_channels"],
             n_heads=px["n_heads"], dropout_rate=px["dropout_rate"], n_hidden=px["n_hidden"],
-            n_layers=px["n_layers"], stop_gradients_mlp=px["stop_gradients_mlp"]) if n_batches >= 2 else None
+            n_layers=px["n_layers"], n_inner=cfg.mlp_inner_width,
+            stop_gradients_mlp=px["stop_gradients_mlp"]) if n_batches >= 2 else None
         self.px_fc = Linear(L, n_genes)
         self.log_theta = nn.Parameter(torch.randn(n_genes))
         # p(u)
@@ -399,7 +405,8 @@ class MrVI(Model):
     **model_kwargs
         Other fields of :class:`MrVIConfig`: ``encoder_n_hidden``, ``encoder_n_layers``, ``z_u_prior``,
         ``z_u_prior_scale``, ``u_prior_scale``, ``u_prior_mixture``, ``u_prior_mixture_k``,
-        ``learn_z_u_prior_scale``, ``scale_observations``, ``px_kwargs``, ``qz_kwargs``, ``qu_kwargs``.
+        ``learn_z_u_prior_scale``, ``scale_observations``, ``px_kwargs``, ``qz_kwargs``, ``qu_kwargs``,
+        and cellvi's ``mlp_inner_width``.
 
     Notes
     -----
@@ -407,6 +414,12 @@ class MrVI(Model):
     (the paper's ``z = u + g(u, s)``) rather than a learned linear map; token embeddings of the
     attention are folded into one vector per projection (the same function, see
     :class:`TokenAttention`).
+
+    The MLPs of both attention blocks are residual blocks 128 wide inside (``mlp_inner_width``) with
+    outputs of ``n_hidden`` (32) units, as scvi-tools' (and the paper's JAX code's) blocks are.
+    Earlier cellvi made them ``n_hidden`` wide inside; that narrower g(u, s) recovered the simulated
+    sample hierarchy worse on some seeds (BENCHMARKS.md). Files saved then (their config lacks
+    ``mlp_inner_width``) load with the width they were trained with.
     """
 
     config_class = MrVIConfig
