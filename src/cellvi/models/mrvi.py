@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from cellvi import distributions as dist
 from cellvi.analysis import density, distances, regression
 from cellvi.models.base import Model, as_indices
-from cellvi.nn import Linear, dropout
+from cellvi.nn import SMALL_PRODUCT, Linear, dropout
 
 PX_DEFAULTS = dict(n_latent_sample=16, n_channels=4, n_heads=2, dropout_rate=0.03, stop_gradients=False,
                    stop_gradients_mlp=True, n_hidden=32, n_layers=1, low_dim_batch=True)
@@ -102,6 +102,27 @@ class ResBlock(nn.Module):
         h = self.act(self.ln1(h)) + skip
         return self.act(self.ln2(self.fc2(h)))
 
+    def forward_folded(self, coef: Tensor, fold) -> Tensor:
+        """:meth:`forward` of an input ``x`` that is linear in ``coef`` and never formed: ``fold(W)`` gives
+        ``(M, c)`` with ``x @ W.T = coef @ M + c``. The products that read ``x`` (``fc1``, and ``fc2`` on an
+        identity skip: ``fc2(a + x) = fc2(a) + W2 x``) become one product with ``coef``."""
+        if self.linear_skip:
+            M, c = fold(self.fc1.weight)
+            h, skip = _addmm(c + self.fc1.bias, coef, M).chunk(2, -1)
+            return self.act(self.ln2(self.fc2(self.act(self.ln1(h)) + skip)))
+        M, c = fold(torch.cat([self.fc1.weight, self.fc2.weight]))
+        h, out = _addmm(c + torch.cat([self.fc1.bias, self.fc2.bias]), coef, M).split(
+            [self.fc1.out_features, self.fc2.out_features], -1)  # out: fc2's bias + W2 x
+        return self.act(self.ln2(_addmm(out, self.act(self.ln1(h)), self.fc2.weight.t())))
+
+
+def _addmm(bias: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``bias + a @ b``: ``addmm`` for small products, else ``mm`` then an in-place add (``addmm`` first copies a
+    broadcast bias into its output, as slow as a large product; see :class:`cellvi.nn.Linear`)."""
+    if a.shape[0] * b.numel() < SMALL_PRODUCT:
+        return torch.addmm(bias, a, b)
+    return torch.mm(a, b).add_(bias)
+
 
 class ResMLP(nn.Module):
     """``n_layers`` :class:`ResBlock` (width ``n_inner`` inside, ``n_hidden`` out) then a linear output layer."""
@@ -114,6 +135,13 @@ class ResMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(self.blocks(x))
+
+    def forward_folded(self, coef: Tensor, fold) -> Tensor:
+        """:meth:`forward` of an input linear in ``coef`` (see :meth:`ResBlock.forward_folded`)."""
+        if not len(self.blocks):
+            M, c = fold(self.out.weight)
+            return _addmm(c + self.out.bias, coef, M)
+        return self.out(self.blocks[1:](self.blocks[0].forward_folded(coef, fold)))
 
 
 class TokenAttention(nn.Module):
@@ -173,8 +201,31 @@ class TokenAttention(nn.Module):
         The query's projection is computed once per query, not once per (query, key) pair.
         """
         N, S = query.shape[0], keys.shape[0]
-        tokens = self._attended(self._scores(query)[:, None], keys).view(N, S, -1)  # (N, S, T)
-        return self.mlp_out(torch.cat([query[:, None].expand(N, S, -1), tokens], -1))
+        lam = self._scores(query)
+        if self.training or torch.is_grad_enabled():
+            tokens = self._attended(lam[:, None], keys)
+        else:
+            tokens = self._mlp_tokens(self._mean_keys_all(lam, keys), weights_sum=False)
+        rows = torch.cat([query[:, None].expand(N, S, -1), tokens.view(N, S, -1)], -1).view(N * S, -1)
+        return self.mlp_out(rows).view(N, S, -1)  # (2-D: cellvi.nn.Linear's fast path)
+
+    @staticmethod
+    def _mean_keys_all(lam: Tensor, k: Tensor) -> Tensor:
+        """``A`` of :meth:`_attended`'s evaluation path for every query row ``lam`` ``(N, H, T)`` on every key set
+        ``k`` ``(S, T')``, as ``(N S, T H)`` (rows query-major, columns token-major).
+
+        Laid out ``(S, T', N H T)``: the shifted scores ``lam k_t' - m`` are one ``addcmul`` whose long inner axis is
+        contiguous, and the two sums over ``t'`` one product ``[k; 1] @ e`` per key set (batched). Broadcasting over
+        ``(N, S, T', H, T)`` took ~2x longer.
+        """
+        (N, H, T), S = lam.shape, k.shape[0]
+        lam2 = (lam * (1 / math.log(2))).reshape(1, -1)  # (1, N H T)
+        m = torch.maximum(lam2 * k.amax(-1)[:, None], lam2 * k.amin(-1)[:, None])  # (S, NHT): max over t'
+        k1 = torch.stack([k, torch.ones_like(k)], 1)  # (S, 2, T')
+        e = torch.addcmul(m.neg_()[:, None], k[:, :, None], lam2[None]).exp2_()  # (S, T', NHT)
+        sums = torch.bmm(k1, e)  # (S, 2, NHT)
+        A = sums[:, 0].div_(sums[:, 1])
+        return A.view(S, N, H, T).permute(1, 0, 3, 2).reshape(N * S, T * H)
 
     def _scores(self, query: Tensor) -> Tensor:
         """``lam`` ``(N, heads, T)``: the slope of each query token's score in the key token."""
@@ -195,28 +246,46 @@ class TokenAttention(nn.Module):
         and ``[A, B]`` one matrix product with ``[k, 1]``: the fewest ops backward. In evaluation, ``B = 1`` and
         ``A = sum_t' e k_t' / sum_t' e`` with ``e = 2^((lam k_t' - m) / ln 2)`` (``m = max_t' lam k_t'``: ``lam max(k)``
         or ``lam min(k)`` by the sign of ``lam``), the key axis first so that the sums add contiguous blocks;
-        ``exp2`` is several times faster than ``exp`` on CPU. That path serves the counterfactual analyses,
-        where the rows are cells x samples.
+        ``exp2`` is several times faster than ``exp`` on CPU. (The counterfactual analyses, every cell on every
+        sample's keys, take :meth:`_mean_keys_all` instead.)
+
+        So token t of a row is ``offset + coef_t @ basis`` (``coef_t``: that row's ``[A, B]`` or ``A`` per head); the
+        flattened tokens (``T x E`` per row) are never formed: the products of ``mlp_tokens`` that read them are
+        folded with ``basis`` (:meth:`ResMLP.forward_folded`), one product with ``coef`` (``T x 2H`` or ``T x H``).
         """
         H, T = self.n_heads, lam.shape[-1]
-        v, f = self.token_weight.view(3, H, -1)[2], self.token_bias.view(3, H, -1)[2]
-        W_o = self.out_proj.weight.view(-1, H, v.shape[-1])  # (E, H, d)
-        rows = torch.einsum("ehd,hcd->hce", W_o, torch.stack([v, f], 1)).reshape(2 * H, -1)  # (2H, E): R_v, R_f
         if self.training or torch.is_grad_enabled():
             w = torch.softmax(lam[..., None] * k[..., None, None, :], -1)  # (..., H, T, T')
             if self.training and self.dropout_rate > 0:
                 w = dropout(w, self.dropout_rate)
             sums = w @ torch.stack([k, torch.ones_like(k)], -1)[..., None, :, :]  # (..., H, T, 2): A, B
-            att = torch.addmm(self.out_proj.bias, sums.transpose(-3, -2).reshape(-1, 2 * H), rows)  # (rows T, E)
+            return self._mlp_tokens(sums.transpose(-3, -2).reshape(-1, T * 2 * H), weights_sum=True)
+        lam2 = lam * (1 / math.log(2))
+        kb = k[..., :, None, None]  # (..., T', 1, 1)
+        m = torch.where(lam2 >= 0, lam2 * k.amax(-1)[..., None, None], lam2 * k.amin(-1)[..., None, None])
+        e = torch.mul(kb, lam2[..., None, :, :]).sub_(m[..., None, :, :]).exp2_()  # (..., T', H, T)
+        A = torch.mul(e, kb).sum(-3).div_(e.sum(-3))  # (..., H, T)
+        return self._mlp_tokens(A.transpose(-1, -2).reshape(-1, T * H), weights_sum=False)
+
+    def _mlp_tokens(self, coef: Tensor, weights_sum: bool) -> Tensor:
+        """``mlp_tokens`` of the attended tokens ``offset + coef_t @ basis``: ``coef`` ``(rows, T K)`` holds, per token,
+        ``[A, B]`` per head (``weights_sum``, K = 2H) or ``A`` per head (``B = 1``, K = H)."""
+        H = self.n_heads
+        T = coef.shape[-1] // (2 * H if weights_sum else H)
+        v, f = self.token_weight.view(3, H, -1)[2], self.token_bias.view(3, H, -1)[2]
+        W_o = self.out_proj.weight.view(-1, H, v.shape[-1])  # (E, H, d)
+        rows = torch.einsum("ehd,hcd->hce", W_o, torch.stack([v, f], 1)).reshape(2 * H, -1)  # (2H, E): R_v, R_f
+        if weights_sum:
+            basis, offset = rows, self.out_proj.bias
         else:
-            lam2 = lam * (1 / math.log(2))
-            kb = k[..., :, None, None]  # (..., T', 1, 1)
-            m = torch.where(lam2 >= 0, lam2 * k.amax(-1)[..., None, None], lam2 * k.amin(-1)[..., None, None])
-            e = torch.mul(kb, lam2[..., None, :, :]).sub_(m[..., None, :, :]).exp2_()  # (..., T', H, T)
-            A = torch.mul(e, kb).sum(-3).div_(e.sum(-3))  # (..., H, T)
             R_v, R_f = rows.view(H, 2, -1).unbind(1)
-            att = torch.addmm(self.out_proj.bias + R_f.sum(0), A.transpose(-1, -2).reshape(-1, H), R_v)
-        return self.mlp_tokens(att.view(-1, T * att.shape[-1]))
+            basis, offset = R_v, self.out_proj.bias + R_f.sum(0)
+
+        def fold(W: Tensor) -> tuple[Tensor, Tensor]:  # x @ W.T = coef @ M + c for the flattened tokens x
+            W3 = W.view(W.shape[0], T, -1)  # (n, T, E)
+            return torch.einsum("ke,nte->tkn", basis, W3).reshape(-1, W.shape[0]), W3.sum(1) @ offset
+
+        return self.mlp_tokens.forward_folded(coef, fold)
 
 
 # --------------------------------------------------------------------------- module
