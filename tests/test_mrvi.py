@@ -255,14 +255,17 @@ def test_label_informed_prior_has_one_component_per_label():
     torch.testing.assert_close(p[0], torch.logsumexp(w + comp, 0))
 
 
-def test_token_attention_is_multi_head_attention_on_scalar_tokens():
-    """The scalar reduction in TokenAttention.forward equals plain multi-head attention on the tokens."""
+@pytest.mark.parametrize("n_inner, n_layers", [(128, 1), (32, 1), (64, 2), (128, 0)])
+def test_token_attention_is_multi_head_attention_on_scalar_tokens(n_inner, n_layers):
+    """The scalar reduction in TokenAttention.forward equals plain multi-head attention on the tokens, and the
+    folded products of mlp_tokens (identity skip at 128 = tokens x channels, linear skip otherwise, no block)
+    equal its plain forward on the formed tokens."""
     import torch.nn.functional as F
 
     from cellvi.models.mrvi import TokenAttention
 
     torch.manual_seed(0)
-    att = TokenAttention(10, 16, 30, n_tokens=16, n_channels=4, n_heads=2).eval()
+    att = TokenAttention(10, 16, 30, n_tokens=16, n_channels=4, n_heads=2, n_inner=n_inner, n_layers=n_layers).eval()
     with torch.no_grad():
         att.token_bias.normal_()  # non-zero biases, so every term of the reduction is exercised
     query, kv = torch.randn(64, 10), torch.randn(64, 16)
