@@ -249,9 +249,9 @@ class TokenAttention(nn.Module):
         ``exp2`` is several times faster than ``exp`` on CPU. (The counterfactual analyses, every cell on every
         sample's keys, take :meth:`_mean_keys_all` instead.)
 
-        So token t of a row is ``offset + coef_t @ basis`` (``coef_t``: that row's ``[A, B]`` or ``A`` per head); the
-        flattened tokens (``T x E`` per row) are never formed: the products of ``mlp_tokens`` that read them are
-        folded with ``basis`` (:meth:`ResMLP.forward_folded`), one product with ``coef`` (``T x 2H`` or ``T x H``).
+        So token t of a row is ``offset + coef_t @ basis`` (``coef_t``: that row's ``[A, B]`` or ``A`` per head). In
+        evaluation the flattened tokens (``T x E`` per row) are never formed: the products of ``mlp_tokens`` that
+        read them are folded with ``basis`` (:meth:`ResMLP.forward_folded`), one product with ``coef`` (``T x H``).
         """
         H, T = self.n_heads, lam.shape[-1]
         if self.training or torch.is_grad_enabled():
@@ -269,7 +269,8 @@ class TokenAttention(nn.Module):
 
     def _mlp_tokens(self, coef: Tensor, weights_sum: bool) -> Tensor:
         """``mlp_tokens`` of the attended tokens ``offset + coef_t @ basis``: ``coef`` ``(rows, T K)`` holds, per token,
-        ``[A, B]`` per head (``weights_sum``, K = 2H) or ``A`` per head (``B = 1``, K = H)."""
+        ``[A, B]`` per head (``weights_sum``, K = 2H) or ``A`` per head (``B = 1``, K = H). Without gradients (the
+        analyses: cells x samples rows) the tokens are not formed (:meth:`ResMLP.forward_folded`)."""
         H = self.n_heads
         T = coef.shape[-1] // (2 * H if weights_sum else H)
         v, f = self.token_weight.view(3, H, -1)[2], self.token_bias.view(3, H, -1)[2]
@@ -280,6 +281,9 @@ class TokenAttention(nn.Module):
         else:
             R_v, R_f = rows.view(H, 2, -1).unbind(1)
             basis, offset = R_v, self.out_proj.bias + R_f.sum(0)
+
+        if torch.is_grad_enabled():  # training (128 rows): forming the tokens takes fewer ops forward and backward
+            return self.mlp_tokens(torch.addmm(offset, coef.reshape(-1, basis.shape[0]), basis).view(coef.shape[0], -1))
 
         def fold(W: Tensor) -> tuple[Tensor, Tensor]:  # x @ W.T = coef @ M + c for the flattened tokens x
             W3 = W.view(W.shape[0], T, -1)  # (n, T, E)
