@@ -279,8 +279,8 @@ def test_token_attention_is_multi_head_attention_on_scalar_tokens(n_inner, n_lay
     o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
     o = att.out_proj(o.transpose(1, 2).flatten(2))
     expected = att.mlp_out(torch.cat([query, att.mlp_tokens(o.flatten(1))], -1))
-    keys = att.kv_tokens(kv[:5])
-    pairs = att(query.repeat_interleave(5, 0), keys.repeat(64, 1)).view(64, 5, -1)
+    keys = att.kv_tokens(kv[:40])  # 64 x 40 rows: the analyses' large products (mm + add) as well as small ones
+    pairs = att(query.repeat_interleave(40, 0), keys.repeat(64, 1)).view(64, 40, -1)
     for grad in (True, False):  # the training path (softmax) and the evaluation one (exp2, key axis first)
         with torch.set_grad_enabled(grad):
             torch.testing.assert_close(att(query, att.kv_tokens(kv)), expected, rtol=1e-5, atol=1e-5)

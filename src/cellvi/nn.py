@@ -34,17 +34,25 @@ class Linear(nn.Linear):
     """
 
     def forward(self, h: Tensor) -> Tensor:
-        if h.dim() != 2 or self.bias is None or h.shape[0] * self.weight.numel() < SMALL_PRODUCT:
-            return super().forward(h)  # (small products: addmm has the least overhead per call)
-        if torch.is_grad_enabled() and use_onednn(h, self.weight):
+        if h.dim() != 2 or self.bias is None:
+            return super().forward(h)
+        if torch.is_grad_enabled() and h.shape[0] * self.weight.numel() >= SMALL_PRODUCT and use_onednn(h, self.weight):
             return _OneDNNLinear.apply(h, self.weight, self.bias)
-        return torch.mm(h, self.weight.t()).add_(self.bias)
+        return bias_mm(self.bias, h, self.weight.t())
 
 
 # Products of fewer multiply-adds (rows x in x out) than this stay on ``addmm``: oneDNN costs 20-45 us per call
 # whatever the size, ``addmm`` 7-11 us on the small layers of a 128-cell step (128 x 128 x 10, 128 x 10 x 128), and
 # they are level at 128 x 128 x 128 (25 vs 28 us; 2 threads here).
 SMALL_PRODUCT = 2**21
+
+
+def bias_mm(bias: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``bias + a @ b``: ``addmm`` for small products (the least overhead per call), else ``mm`` then an in-place
+    add (``addmm`` first copies the broadcast bias into its output; see :class:`Linear`)."""
+    if a.shape[0] * b.numel() < SMALL_PRODUCT:
+        return torch.addmm(bias, a, b)
+    return torch.mm(a, b).add_(bias)
 
 
 def _onednn_mm(a: Tensor, b_t: Tensor, bias: Tensor | None = None) -> Tensor:

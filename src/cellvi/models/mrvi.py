@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from cellvi import distributions as dist
 from cellvi.analysis import density, distances, regression
 from cellvi.models.base import Model, as_indices
-from cellvi.nn import SMALL_PRODUCT, Linear, dropout
+from cellvi.nn import Linear, bias_mm, dropout
 
 PX_DEFAULTS = dict(n_latent_sample=16, n_channels=4, n_heads=2, dropout_rate=0.03, stop_gradients=False,
                    stop_gradients_mlp=True, n_hidden=32, n_layers=1, low_dim_batch=True)
@@ -108,20 +108,12 @@ class ResBlock(nn.Module):
         identity skip: ``fc2(a + x) = fc2(a) + W2 x``) become one product with ``coef``."""
         if self.linear_skip:
             M, c = fold(self.fc1.weight)
-            h, skip = _addmm(c + self.fc1.bias, coef, M).chunk(2, -1)
+            h, skip = bias_mm(c + self.fc1.bias, coef, M).chunk(2, -1)
             return self.act(self.ln2(self.fc2(self.act(self.ln1(h)) + skip)))
         M, c = fold(torch.cat([self.fc1.weight, self.fc2.weight]))
-        h, out = _addmm(c + torch.cat([self.fc1.bias, self.fc2.bias]), coef, M).split(
+        h, out = bias_mm(c + torch.cat([self.fc1.bias, self.fc2.bias]), coef, M).split(
             [self.fc1.out_features, self.fc2.out_features], -1)  # out: fc2's bias + W2 x
-        return self.act(self.ln2(_addmm(out, self.act(self.ln1(h)), self.fc2.weight.t())))
-
-
-def _addmm(bias: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``bias + a @ b``: ``addmm`` for small products, else ``mm`` then an in-place add (``addmm`` first copies a
-    broadcast bias into its output, as slow as a large product; see :class:`cellvi.nn.Linear`)."""
-    if a.shape[0] * b.numel() < SMALL_PRODUCT:
-        return torch.addmm(bias, a, b)
-    return torch.mm(a, b).add_(bias)
+        return self.act(self.ln2(bias_mm(out, self.act(self.ln1(h)), self.fc2.weight.t())))
 
 
 class ResMLP(nn.Module):
@@ -140,7 +132,7 @@ class ResMLP(nn.Module):
         """:meth:`forward` of an input linear in ``coef`` (see :meth:`ResBlock.forward_folded`)."""
         if not len(self.blocks):
             M, c = fold(self.out.weight)
-            return _addmm(c + self.out.bias, coef, M)
+            return bias_mm(c + self.out.bias, coef, M)
         return self.out(self.blocks[1:](self.blocks[0].forward_folded(coef, fold)))
 
 
