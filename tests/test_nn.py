@@ -55,3 +55,24 @@ def test_small_products_take_addmm_and_large_ones_onednn(monkeypatch):
     assert calls == [torch.Size([128, 128])]  # the large layer only
     torch.testing.assert_close(out_small, h @ small.weight.t() + small.bias)
     torch.testing.assert_close(out_large, h @ large.weight.t() + large.bias, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("n_cols, width, block_bytes", [(300, 7, 2**21), (300, 7, 7 * 4 * 16), (3000, 4, 16)])
+def test_binary_matmul_equals_the_dense_product(n_cols, width, block_bytes, monkeypatch):
+    """``binary_matmul`` gives ``Y @ W`` and ``W``'s gradient ``Y^T @ grad`` from Y's ones alone: W read whole
+    (fits the block size), by blocks of 16 rows, and by blocks of one row with more (block, row) keys than int16
+    holds (the sort's wider key type); rows without ones give zeros."""
+    monkeypatch.setattr(cnn, "BINARY_MATMUL_WHOLE_BYTES", block_bytes)
+    monkeypatch.setattr(cnn, "BINARY_MATMUL_BLOCK_BYTES", block_bytes)
+    gen = torch.Generator().manual_seed(n_cols)
+    n_rows = 20
+    y = (torch.rand(n_rows, n_cols, generator=gen) < 0.1).float()
+    y[3] = 0.0
+    rows, cols = y.nonzero(as_tuple=True)
+    w = torch.randn(n_cols, width, generator=gen, requires_grad=True)
+    out = cnn.binary_matmul(w, rows, cols, n_rows)
+    grad_out = torch.randn(n_rows, width, generator=gen)
+    (grad_w,) = torch.autograd.grad(out, w, grad_out)
+    torch.testing.assert_close(out, y @ w.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_w, y.t() @ grad_out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[3], torch.zeros(width))
