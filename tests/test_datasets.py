@@ -80,3 +80,12 @@ def test_scvi_on_kang_small_integrates_donors():
     from conftest import silhouette
 
     assert silhouette(z, a.obs["predicted_cell_type"]) > silhouette(z, a.obs["donor"])
+
+
+def test_simulate_atac_by_blocks_of_cells_is_the_same_draw(monkeypatch):
+    """The matrix drawn block by block (bounded memory at 50,000+ regions) is the one drawn whole, for a seed."""
+    whole = cellvi.datasets.simulate_atac(300, 400, seed=4)
+    monkeypatch.setattr(cellvi.datasets, "SIMULATE_BLOCK_ENTRIES", 1000)  # 2 cells per block
+    blocks = cellvi.datasets.simulate_atac(300, 400, seed=4)
+    assert (whole.X != blocks.X).nnz == 0 and whole.X.nnz > 0
+    assert whole.var.equals(blocks.var) and whole.obs.equals(blocks.obs)

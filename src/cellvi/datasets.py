@@ -222,6 +222,10 @@ def simulate_citeseq(
     return adata
 
 
+# simulate_atac draws its matrix by blocks of about this many entries (cells x regions)
+SIMULATE_BLOCK_ENTRIES = 2**22
+
+
 def simulate_atac(
     n_cells: int = 1000,
     n_regions: int = 2000,
@@ -262,12 +266,19 @@ def simulate_atac(
         acc[k, da[k]] = rng.uniform(*da_accessibility, da[k].sum())
     cell_factor = rng.uniform(0.4, 1.0, n_cells)
     region_factor = rng.uniform(0.5, 1.0, n_regions)
-    q = acc[ct] * cell_factor[:, None] * region_factor[None]
-    logit = np.log(q) - np.log1p(-q) + rng.normal(0.0, batch_noise, (n_batches, n_regions))[batch]
-    open_ = rng.random((n_cells, n_regions)) < 1.0 / (1.0 + np.exp(-logit))
+    shift = rng.normal(0.0, batch_noise, (n_batches, n_regions))
+    # by blocks of cells (the same random stream as whole arrays): float arrays of one block, not of the matrix
+    blocks = [slice(i, i + max(1, SIMULATE_BLOCK_ENTRIES // n_regions))
+              for i in range(0, n_cells, max(1, SIMULATE_BLOCK_ENTRIES // n_regions))]
+    open_ = np.empty((n_cells, n_regions), bool)
+    for rows in blocks:
+        q = acc[ct[rows]] * cell_factor[rows, None] * region_factor[None]
+        logit = np.log(q) - np.log1p(-q) + shift[batch[rows]]
+        open_[rows] = rng.random(q.shape) < 1.0 / (1.0 + np.exp(-logit))
     empty = ~open_.any(1)
     open_[empty, rng.integers(n_regions, size=empty.sum())] = True  # no empty cells
-    counts = open_ * (1 + rng.poisson(0.3, open_.shape))
+    counts = sp.vstack([sp.csr_matrix((open_[rows] * (1 + rng.poisson(0.3, open_[rows].shape))).astype(np.float32))
+                        for rows in blocks], format="csr") if n_cells else sp.csr_matrix((0, n_regions), dtype=np.float32)
     obs = pd.DataFrame({"cell_type": pd.Categorical(np.array(types)[ct], categories=types),
                         "batch": pd.Categorical(np.array(batches)[batch], categories=batches),
                         "cell_factor": cell_factor}, index=pd.Index([f"cell_{i}" for i in range(n_cells)]))
@@ -276,7 +287,7 @@ def simulate_atac(
         var[f"da_{t}"] = da[k]
         var[f"accessibility_{t}"] = acc[k]
     var["region_factor"] = region_factor
-    return AnnData(sp.csr_matrix(counts.astype(np.float32)), obs=obs, var=var)
+    return AnnData(counts, obs=obs, var=var)
 
 
 def simulate_contrastive(n_cells: int = 1500, n_genes: int = 200, *, n_program: int = 15, lfc: float = 2.0,
