@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -82,9 +82,6 @@ MIN_REFERENCE_FEATURES = 20
 MAX_DRAWS_PER_CELL = 2
 # Posterior draws per cell that importance resampling chooses among.
 IMPORTANCE_DRAWS_PER_CELL = 10
-# Random blocks of cells the population bootstrap resamples (:func:`population_draws`, PeakVI's DA): enough that
-# the bootstrap spread is within ~5 % of the cell bootstrap's, few enough that it costs little.
-MAX_BOOTSTRAP_BLOCKS = 256
 # A feature with fewer counts than this in each of the two groups is never called: "never seen" is not DE.
 MIN_CALL_COUNTS = 3.0
 # Smallest shrinkage slope of the model's LFCs that is corrected (:func:`model_slope`): below it the model
@@ -201,46 +198,6 @@ def outlier_cells(z: np.ndarray, quantile: float = 0.999) -> np.ndarray:
     return dist2 > chi2.ppf(quantile, df=z.shape[1])
 
 
-def population_draws(draws: np.ndarray, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
-    """Population-mean expression draws from per-cell posterior draws.
-
-    Parameters
-    ----------
-    draws
-        ``(n_draws, n_cells, n_features)`` posterior draws of each cell's expression.
-    n_bootstrap
-        Number of population-level draws ``T``.
-
-    Returns
-    -------
-    ``(T, n_features)``: for each ``t``, the mean over a bootstrap resample of the cells (with
-    replacement), each cell contributing its posterior draw number ``t mod n_draws``. Beyond
-    ``MAX_BOOTSTRAP_BLOCKS`` cells, the cells are first split at random into that many blocks of (nearly)
-    equal size and the blocks are resampled: the mean of resampled random blocks has the variance of the
-    cell bootstrap's, at a fraction of the cost (``T x blocks`` instead of ``T x cells`` per feature).
-    """
-    n_draws, n_cells, _ = draws.shape
-    if n_cells > MAX_BOOTSTRAP_BLOCKS:  # random blocks: sums (n_draws, B, features) and sizes (B,)
-        block = np.empty(n_cells, dtype=np.int64)
-        block[rng.permutation(n_cells)] = np.arange(n_cells) % MAX_BOOTSTRAP_BLOCKS
-        onehot = sp.csr_matrix((np.ones(n_cells, np.float32), (block, np.arange(n_cells))),
-                               shape=(MAX_BOOTSTRAP_BLOCKS, n_cells))
-        sums = np.stack([onehot @ d for d in draws])  # a sparse product: faster than np.add.reduceat here
-        sizes = np.bincount(block, minlength=MAX_BOOTSTRAP_BLOCKS).astype(np.float64)
-    else:
-        sums, sizes = draws, np.ones(n_cells)
-    n_units = sizes.size
-    # bootstrap counts (T, n_units): how often each unit is drawn, from T * n_units uniform picks
-    picks = rng.integers(n_units, size=(n_bootstrap, n_units)) + n_units * np.arange(n_bootstrap)[:, None]
-    counts = np.bincount(picks.ravel(), minlength=n_bootstrap * n_units).reshape(n_bootstrap, n_units)
-    counts = counts.astype(np.float32)
-    out = np.empty((n_bootstrap, draws.shape[2]), dtype=np.float32)  # float32: half the memory traffic
-    for s in range(n_draws):
-        rows = np.arange(s, n_bootstrap, n_draws)
-        out[rows] = (counts[rows] @ sums[s]) / (counts[rows] @ sizes)[:, None]
-    return out
-
-
 def population_moments(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean expression of a population and the variance of that mean, from per-cell posterior draws.
 
@@ -258,11 +215,30 @@ def population_moments(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     (its centre's error is as large as its spread) and the Monte Carlo error of its ``n_draws`` draws. In
     closed form: no resampling, no Monte Carlo error of its own.
     """
-    n_draws, n_cells, n_features = draws.shape
-    cells = draws.mean(0, dtype=np.float64)
-    if n_cells < 2:  # one cell: no spread to measure (the counts' floor on the variance still applies)
-        return cells.mean(0), np.zeros(n_features)
-    return cells.mean(0), cells.var(0, ddof=1) / n_cells
+    return population_moments_of([draws])
+
+
+def population_moments_of(chunks: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`population_moments` of the draws of a population given in chunks of cells (each
+    ``(n_draws, cells, n_features)``), holding one chunk at a time: sums of the cells' estimates and of
+    their squares, shifted by the first chunk's mean (float64: no cancellation for bounded values)."""
+    n, total, total_sq, shift, n_features = 0, None, None, None, 0
+    for draws in chunks:
+        n_features = draws.shape[-1]
+        if not draws.shape[1]:
+            continue
+        cells = draws.mean(0, dtype=np.float64)
+        if shift is None:
+            shift = cells.mean(0)
+            total, total_sq = np.zeros_like(shift), np.zeros_like(shift)
+        d = cells - shift
+        n, total, total_sq = n + cells.shape[0], total + d.sum(0), total_sq + np.square(d).sum(0)
+    if n == 0:  # no cells: an unknown mean
+        return np.full(n_features, np.nan), np.zeros(n_features)
+    mean = total / n
+    if n < 2:  # one cell: no spread to measure (the counts' floor on the variance still applies)
+        return shift + mean, np.zeros_like(mean)
+    return shift + mean, np.maximum(total_sq - n * np.square(mean), 0.0) / (n - 1) / n
 
 
 def mix_populations(parts: list[tuple[np.ndarray, np.ndarray]], sizes) -> tuple[np.ndarray, np.ndarray]:
@@ -270,17 +246,6 @@ def mix_populations(parts: list[tuple[np.ndarray, np.ndarray]], sizes) -> tuple[
     cell-weighted mean of their means, and the sum of their variances times the squared weights."""
     w = np.asarray(sizes, dtype=np.float64) / float(np.sum(sizes))
     return sum(wi * m for wi, (m, _) in zip(w, parts)), sum(wi**2 * v for wi, (_, v) in zip(w, parts))
-
-
-def add_count_noise(h: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Population draws ``h`` ``(T, n_features)`` widened to the precision the observed counts allow.
-
-    Each draw is multiplied by ``exp(eps)``, ``eps ~ N(0, count_log_var(C_g))`` (:func:`count_log_var`). The
-    engine adds the same variance to the LFC's moments instead (:func:`summarize`, ``counts``), which needs no
-    draws; this is the draw-wise form, for code that works on population draws.
-    """
-    eps = rng.standard_normal(h.shape, dtype=np.float32) * np.sqrt(count_log_var(counts)).astype(np.float32)
-    return h * np.exp(eps)
 
 
 def count_log_var(counts: np.ndarray) -> np.ndarray:

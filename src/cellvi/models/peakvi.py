@@ -30,6 +30,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from anndata import AnnData
+from scipy.special import ndtr
 from torch import Tensor, nn
 
 from cellvi import de, settings
@@ -417,30 +418,25 @@ class PeakVI(Model):
     # ------------------------------------------------------------------ differential accessibility
 
     @torch.no_grad()
-    def _da_draws(self, adata: AnnData, rows: np.ndarray, n_draws: int, codes: list[int | None],
-                  batch_size: int | None) -> np.ndarray:
-        """``(n_draws, cells, regions)`` accessibility draws, z from its posterior (as scvi-tools' DA)."""
-        return self._decode(adata, rows, batch_size, None, lambda b: {"p": self._accessibility(
-            b, n_draws, codes, False, False, False)}, ("p",), n_draws)["p"]
-
     @de.one_torch_thread
     def differential_accessibility(self, adata: AnnData | None = None, groupby: str | None = None, group1=None,
                                    group2: str | None = None, idx1=None, idx2=None, mode: str = "change",
                                    delta: float = 0.05, batch_size: int | None = None, all_stats: bool = True,
                                    batch_correction: bool = False, batchid1=None, batchid2=None,
                                    fdr_target: float = 0.05, silent: bool = False, n_samples: int = 5000,
-                                   n_bootstrap: int = 1000, seed: int | None = None) -> pd.DataFrame:
+                                   seed: int | None = None) -> pd.DataFrame:
         """Bayesian differential accessibility between two groups of cells.
 
         The steps of :mod:`cellvi.de`, with the effect of the DE guide for accessibility, a difference:
 
-        1. population accessibilities ``h1``, ``h2``: bootstrap means over each group's cells of posterior
-           draws, widened to the binomial precision of the group's observed accessibility;
-        2. effect draws ``h2 - h1``, divided by the decoder's shrinkage of effects (:func:`cellvi.de.model_slope`),
-           plus its remaining error (:func:`cellvi.de.model_error_sd`), then weighed with the observed effect by precision
-           (:func:`cellvi.de.combine_with_counts`: where the model learned little, the observed effect decides);
-        3. empirical-Bayes spike-and-slab shrinkage of the effects (:func:`cellvi.de.shrink_lfc`), so that a
-           region the data say little about keeps the prior's null weight;
+        1. population accessibilities ``h1``, ``h2``: the mean over each group's cells of posterior draws, as a
+           mean and variance per region (:func:`cellvi.de.population_moments`), widened to the binomial precision
+           of the group's observed accessibility;
+        2. the effect ``h2 - h1``, divided by the decoder's shrinkage of effects (:func:`cellvi.de.model_slope`),
+           plus its remaining error (:func:`cellvi.de.model_error_sd`), then weighed with the observed effect by
+           precision (:func:`cellvi.de.combine_moments`: where the model learned little, the observed effect decides);
+        3. empirical-Bayes spike-and-slab shrinkage of the effects (:func:`cellvi.de.spike_slab_posterior`), so
+           that a region the data say little about keeps the prior's null weight;
         4. ``mode="change"``: ``prob_da = P(|h2 - h1| > delta)``; ``mode="vanilla"``: ``prob_da = P(h1 > h2)``
            (as scvi-tools, which then leaves ``is_da_fdr`` empty); calls at posterior expected FDR
            ``fdr_target`` (:func:`cellvi.de.expected_fdr_calls`).
@@ -457,8 +453,10 @@ class PeakVI(Model):
             Posterior expected FDR of the ``is_da_fdr`` calls.
         silent
             Accepted for scvi-tools compatibility.
-        n_samples, n_bootstrap, seed
-            Decoded draws per population, population-level draws, and their seed (cellvi only).
+        n_samples, seed
+            Decoded draws per population and their seed (cellvi only). The probabilities are computed in closed
+            form from the effect's mean and variance (Gaussian), as :func:`cellvi.de.differential_expression`'s:
+            no resampling, and memory of one minibatch's draws whatever the number of cells.
 
         Returns
         -------
@@ -487,27 +485,30 @@ class PeakVI(Model):
             torch.manual_seed(seed)
             for name1, name2, rows1, rows2 in de.comparisons(adata_, groupby, group1, group2, idx1, idx2):
                 emp1, emp2 = (np.asarray(Y[r].mean(0)).ravel() for r in (rows1, rows2))
-                h1, v1 = self._population(adata_, rows1, codes1, emp1, f, n_samples, n_bootstrap, batch_size, rng)
-                h2, v2 = self._population(adata_, rows2, codes2, emp2, f, n_samples, n_bootstrap, batch_size, rng)
-                observed, observed_var = v2[1] - v1[1], v1[0] + v2[0]
+                (mean1, var1), (obs1, obs_var1) = self._population(adata_, rows1, codes1, emp1, f, n_samples,
+                                                                   batch_size, rng)
+                (mean2, var2), (obs2, obs_var2) = self._population(adata_, rows2, codes2, emp2, f, n_samples,
+                                                                   batch_size, rng)
+                observed, observed_var = obs2 - obs1, obs_var1 + obs_var2
+                finite = np.isfinite(observed)
                 # the decoder shrinks effects it learned only partly: put them on the observed scale first
                 # (:func:`cellvi.de.model_slope`), then measure what remains of its error
-                effect = (h2 - h1) / de.model_slope((h2 - h1).mean(0), observed, observed_var,
-                                                    np.isfinite(observed))
-                tau = de.model_error_sd(effect.mean(0), observed, observed_var, np.isfinite(observed))
-                effect = effect + rng.standard_normal(effect.shape) * tau
-                # where the model learned little of the contrast (its error tau is large), the observed one decides
-                effect, _ = de.combine_with_counts(effect, observed, np.maximum(observed_var, 1e-12))
-                slab, w = de.shrink_lfc(effect)  # spike-and-slab: P(non-null) w, effect given non-null
+                slope = de.model_slope(mean2 - mean1, observed, observed_var, finite)
+                m, v = (mean2 - mean1) / slope, (var1 + var2) / slope**2
+                v = v + de.model_error_sd(m, observed, observed_var, finite) ** 2
+                # where the model learned little of the contrast (its error is large), the observed one decides
+                m, v, _ = de.combine_moments(m, np.maximum(v, 1e-12), observed, np.maximum(observed_var, 1e-12))
+                w, a = de.spike_slab_posterior(m, v)  # P(non-null) w; given non-null the effect is N(a m, a v)
+                slab_mean, slab_sd = a * m, np.sqrt(a * v)
                 if mode == "change":
-                    prob = w * (np.abs(slab) > delta).mean(0)
+                    prob = w * de.tail_probability(slab_mean, slab_sd, delta)
                     calls = de.expected_fdr_calls(prob, fdr_target)
                 else:  # P(h1 > h2); an effect of exactly 0 counts half
-                    prob, calls = w * (slab < 0).mean(0) + 0.5 * (1.0 - w), None
+                    prob, calls = w * ndtr(-slab_mean / slab_sd) + 0.5 * (1.0 - w), None
                 table = pd.DataFrame({
                     "prob_da": prob, "is_da_fdr": calls, "bayes_factor": de.bayes_factor(prob),
-                    "effect_size": h2.mean(0) - h1.mean(0), "emp_effect": emp2 - emp1,
-                    "est_prob1": h1.mean(0), "est_prob2": h2.mean(0), "emp_prob1": emp1, "emp_prob2": emp2,
+                    "effect_size": mean2 - mean1, "emp_effect": emp2 - emp1,
+                    "est_prob1": mean1, "est_prob2": mean2, "emp_prob1": emp1, "emp_prob2": emp2,
                     "comparison": f"{name1} vs {name2}", "group1": name1, "group2": name2,
                 }, index=pd.Index(self.spec.var_names))
                 if not all_stats:
@@ -523,30 +524,34 @@ class PeakVI(Model):
         return self._batch_codes(list(self.spec.batch_categories) if batchid is None else batchid)
 
     def _population(self, adata: AnnData, rows: np.ndarray, codes: list[int | None], emp: np.ndarray,
-                    region_factor: np.ndarray, n_samples: int, n_bootstrap: int, batch_size: int | None,
-                    rng: np.random.Generator) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-        """Draws ``(n_bootstrap, regions)`` of a population's mean accessibility ``p``, and the observed
+                    region_factor: np.ndarray, n_samples: int, batch_size: int | None, rng: np.random.Generator
+                    ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        """A population's mean accessibility ``p``, as moments ``(mean, var)`` per region, and the observed
         accessibility on the same scale with its sampling variance.
 
-        A bounded subsample of cells (``n_samples`` decoded draws in all) gives bootstrap means
-        (:func:`cellvi.de.population_draws`). The observed fraction ``e`` of accessible cells estimates
-        ``c * p`` with ``c = mean(d) * f`` (cell and region factors), so ``e / c`` is an observed ``p`` with
-        variance ``e (1 - e) / (n c^2)``; each draw is widened by that much (a region is never known better
-        than its cells say; the decoder's smooth estimates carry no such floor).
+        A bounded subsample of cells (``n_samples`` decoded draws in all) gives the moments of the population
+        mean (:func:`cellvi.de.population_moments`, accumulated over minibatches: memory of one minibatch's
+        draws, not of the population's). The observed fraction ``e`` of accessible cells estimates ``c * p`` with
+        ``c = mean(d) * f`` (cell and region factors), so ``e / c`` is an observed ``p`` with variance
+        ``e (1 - e) / (n c^2)``, which is added to the model's (a region is never known better than its cells
+        say; the decoder's smooth estimates carry no such floor).
 
         Returns
         -------
-        ``(h, (sampling_var, observed_p))``.
+        ``((mean, var), (observed_p, sampling_var))``, each ``(regions,)``.
         """
         n_draws = max(1, min(25, -(-n_samples // rows.size)))
         n_cells = max(1, min(rows.size, n_samples // n_draws))
         chosen = np.sort(rng.choice(rows, n_cells, replace=False)) if n_cells < rows.size else rows
-        h = de.population_draws(self._da_draws(adata, chosen, n_draws, codes, batch_size), n_bootstrap, rng)
+        self.module.eval()
+        with torch.no_grad():
+            mean, var = de.population_moments_of(
+                self._accessibility(b, n_draws, codes, False, False, False).cpu().numpy()
+                for b in self._minibatches(adata, chosen, batch_size))
         c = float(self.get_library_size_factors(adata, chosen, batch_size or 128).mean()) * region_factor
         e = np.clip(emp, 0.5 / (rows.size + 1), 1.0 - 0.5 / (rows.size + 1))
-        var = e * (1.0 - e) / (rows.size + 1) / c**2
-        h = h + rng.standard_normal(h.shape) * np.sqrt(var)
-        return h, (var, emp / c)
+        sampling_var = e * (1.0 - e) / (rows.size + 1) / c**2
+        return (mean, var + sampling_var), (emp / c, sampling_var)
 
 
 PEAKVI = PeakVI  # scvi-tools' spelling
