@@ -504,7 +504,7 @@ class PeakVI(Model):
                     prob = w * de.tail_probability(slab_mean, slab_sd, delta)
                     calls = de.expected_fdr_calls(prob, fdr_target)
                 else:  # P(h1 > h2); an effect of exactly 0 counts half
-                    prob, calls = w * ndtr(-slab_mean / slab_sd) + 0.5 * (1.0 - w), None
+                    prob, calls = w * ndtr(-slab_mean / np.maximum(slab_sd, 1e-300)) + 0.5 * (1.0 - w), None
                 table = pd.DataFrame({
                     "prob_da": prob, "is_da_fdr": calls, "bayes_factor": de.bayes_factor(prob),
                     "effect_size": mean2 - mean1, "emp_effect": emp2 - emp1,
@@ -544,10 +544,8 @@ class PeakVI(Model):
         n_cells = max(1, min(rows.size, n_samples // n_draws))
         chosen = np.sort(rng.choice(rows, n_cells, replace=False)) if n_cells < rows.size else rows
         self.module.eval()
-        with torch.no_grad():
-            mean, var = de.population_moments_of(
-                self._accessibility(b, n_draws, codes, False, False, False).cpu().numpy()
-                for b in self._minibatches(adata, chosen, batch_size))
+        mean, var = de.population_moments_of(self._accessibility(b, n_draws, codes, False, False, False).cpu().numpy()
+                                             for b in self._minibatches(adata, chosen, batch_size))
         c = float(self.get_library_size_factors(adata, chosen, batch_size or 128).mean()) * region_factor
         e = np.clip(emp, 0.5 / (rows.size + 1), 1.0 - 0.5 / (rows.size + 1))
         sampling_var = e * (1.0 - e) / (rows.size + 1) / c**2
