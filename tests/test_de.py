@@ -121,13 +121,15 @@ def test_observed_lfc_combines_strata_by_precision():
     assert de.observed_lfc([s2[0]], [None]) is None
 
 
-def test_center_lfc_removes_a_compositional_shift():
+def test_compositional_shift_is_the_reference_features_median():
     rng = np.random.default_rng(4)
-    lfc = rng.normal(-2.0, 0.05, (100, 50))  # every feature's share dropped by 2 log2 ...
-    lfc[:, :5] += 6.0  # ... because 5 features took over
-    centred, shift = de.center_lfc(lfc, np.ones(50, bool))
-    assert abs(shift + 2.0) < 0.05
-    assert abs(np.median(centred.mean(0))) < 0.05 and (centred.mean(0)[:5] > 3.5).all()
+    lfc = rng.normal(-2.0, 0.05, 50)  # every feature's share dropped by 2 log2 ...
+    lfc[:5] += 6.0  # ... because 5 features took over
+    assert abs(de.compositional_shift(lfc, np.ones(50, bool)) + 2.0) < 0.05
+    assert abs(np.median((lfc - de.compositional_shift(lfc, np.ones(50, bool)))[5:])) < 0.05
+    few = np.zeros(50, bool)
+    few[:3] = True  # fewer reference features than MIN_REFERENCE_FEATURES: all features are the reference
+    assert de.compositional_shift(lfc, few) == float(np.median(lfc))
 
 
 def test_spike_slab_shrinkage_stops_uninformative_features_from_scoring_as_de():
@@ -149,21 +151,19 @@ def test_spike_slab_shrinkage_stops_uninformative_features_from_scoring_as_de():
     assert 0.85 < pi0 < 0.95 and 2.0 < s2 < 6.0
 
 
-def test_combine_with_counts_follows_counts_where_they_are_precise():
-    rng = np.random.default_rng(5)
-    model = rng.normal(1.0, 0.2, (4000, 2))  # the model says log2 FC = 1 +- 0.2 for both features
+def test_combine_moments_follows_counts_where_they_are_precise():
+    m, v = np.array([1.0, 1.0]), np.array([0.04, 0.04])  # the model says log2 FC = 1 +- 0.2 for both features
     observed, observed_var = np.zeros(2), np.array([1e-6, 100.0])  # the counts say 0: precisely, then barely
-    post, share = de.combine_with_counts(model, observed, observed_var)
-    assert abs(post[:, 0].mean()) < 0.01 and post[:, 0].std() < 0.01  # precise counts win
-    assert abs(post[:, 1].mean() - 1.0) < 0.05  # vague counts: the model's estimate stands
-    np.testing.assert_allclose(post[:, 1].std(), model[:, 1].std(), rtol=1e-6)  # ... and its precision
+    mean, var, share = de.combine_moments(m, v, observed, observed_var)
+    assert abs(mean[0]) < 0.01 and var[0] <= 1e-6  # precise counts win
+    assert abs(mean[1] - 1.0) < 0.01 and var[1] == 0.04  # vague counts: the model's estimate and precision stand
     assert share[0] < 1e-3 and share[1] > 0.99
     # equal precisions: the mean halfway, each source half of the evidence, but the variance is not
     # halved, since the model learned from the same counts (it would be for independent measurements)
-    post, share = de.combine_with_counts(model, observed, np.full(2, model.var(0).mean()))
-    np.testing.assert_allclose(post.mean(0), 0.5, atol=0.02)
-    np.testing.assert_allclose(post.var(0), model.var(0), rtol=0.05)
-    np.testing.assert_allclose(share, 0.5, atol=0.03)
+    mean, var, share = de.combine_moments(m, v, observed, v.copy())
+    np.testing.assert_allclose(mean, 0.5)
+    np.testing.assert_allclose(var, v)
+    np.testing.assert_allclose(share, 0.5)
 
 
 def test_importance_resample_by_hand():

@@ -22,11 +22,11 @@ answers it in five steps (:func:`differential_expression`):
    the model's shrinkage slope, measured against the observed LFCs (:func:`model_slope`: a VAE shrinks a
    contrast it learned only partly), then carry the model's remaining error, measured on well-observed
    features (:func:`model_error_sd`), are centred on the
-   well-observed features to remove compositional shifts (:func:`center_lfc`), and are shrunk by an
-   empirical-Bayes spike-and-slab prior (:func:`shrink_lfc`), so that a feature the data say little
+   well-observed features to remove compositional shifts (:func:`compositional_shift`), and are shrunk by an
+   empirical-Bayes spike-and-slab prior (:func:`spike_slab_posterior`), so that a feature the data say little
    about keeps the prior's null weight. Before centring, the observed LFC of the counts (within
    batches with ``batch_correction=True``, :func:`observed_lfc`) pulls the model's LFCs towards it in
-   proportion to their precisions (:func:`combine_with_counts`, ``use_counts=True``): where the model
+   proportion to their precisions (:func:`combine_moments`, ``use_counts=True``): where the model
    has learned little of the contrast (its measured error is large), the counts decide, so a weakly
    trained model gives a weaker answer rather than none; ``model_agreement`` in the table says how
    much of the observed contrast the model carries (:func:`model_agreement`). These steps act on each
@@ -326,35 +326,20 @@ def observed_lfc(stats1: list[tuple], stats2: list[tuple]) -> tuple[np.ndarray, 
     return num / prec, 1.0 / prec
 
 
-def combine_with_counts(lfc: np.ndarray, observed: np.ndarray, observed_var: np.ndarray
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """Pull the model's LFC draws ``(T, n_features)`` towards the observed LFC ``N(o_g, u_g)``.
-
-    The model's draws have mean ``m_g`` and variance ``v_g`` (its posterior uncertainty, its own error
-    :func:`model_error_sd` and the counts' precision floor :func:`count_log_var`); the observed LFC
-    (:func:`observed_lfc`) has variance ``u_g``. The two are weighed by precision,
-    ``mean = (m / v + o / u) / (1 / v + 1 / u)``, but the variance is that of the better source,
-    ``min(v, u)``, not the smaller variance of two independent measurements: the model learned its
-    LFCs from the same counts, so adding their precisions would count the counts twice (it made
-    false calls of low-count genes on a well-trained model). Where the model is precise and accurate
-    it dominates (it shares strength across genes and cells); where it has learned little of the
-    contrast (``v`` large through its error), the counts do, so a weakly trained model gives a weaker
-    answer, not an empty one.
-
-    Returns
-    -------
-    ``(draws, model_share)``: draws ``(T, n_features)`` and the weight ``(1/v) / (1/v + 1/u)`` of the
-    model in each feature's mean.
-    """
-    m, v = lfc.mean(0, dtype=np.float64), np.maximum(lfc.var(0, dtype=np.float64), 1e-12)
-    mean, var, share = combine_moments(m, v, observed, observed_var)
-    scale = np.sqrt(var / v)
-    return (mean.astype(lfc.dtype) + scale.astype(lfc.dtype) * (lfc - m.astype(lfc.dtype))), share
-
-
 def combine_moments(m: np.ndarray, v: np.ndarray, observed: np.ndarray, observed_var: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(mean, variance, model_share)`` of :func:`combine_with_counts` from the model's mean ``m`` and variance ``v``."""
+    """Pull the model's LFC ``N(m_g, v_g)`` towards the observed LFC ``N(o_g, u_g)``: ``(mean, variance, model_share)``.
+
+    The model's variance ``v_g`` holds its posterior uncertainty, its own error :func:`model_error_sd` and the
+    counts' precision floor :func:`count_log_var`; the observed LFC (:func:`observed_lfc`) has variance ``u_g``.
+    The two are weighed by precision, ``mean = (m / v + o / u) / (1 / v + 1 / u)``, but the variance is that of
+    the better source, ``min(v, u)``, not the smaller variance of two independent measurements: the model
+    learned its LFCs from the same counts, so adding their precisions would count the counts twice (it made
+    false calls of low-count genes on a well-trained model). Where the model is precise and accurate it
+    dominates (it shares strength across genes and cells); where it has learned little of the contrast (``v``
+    large through its error), the counts do, so a weakly trained model gives a weaker answer, not an empty
+    one. ``model_share`` is the weight ``(1/v) / (1/v + 1/u)`` of the model in each feature's mean.
+    """
     share = (1.0 / v) / (1.0 / v + 1.0 / observed_var)
     return share * m + (1.0 - share) * observed, np.minimum(v, observed_var), share
 
@@ -387,7 +372,7 @@ def model_slope(model_lfc: np.ndarray, observed: np.ndarray, observed_var: np.nd
     for the noise of ``o`` (errors in variables). A VAE decoder shrinks a contrast it learned only partly
     (briefly trained, a small population, a weak effect; measured ``b`` 0.1-0.5 on such designs, about 1 on
     well-trained ones), and shrunk LFCs pulled the count-based estimates towards 0 in
-    :func:`combine_with_counts`, losing power. Dividing the model's LFCs by ``b`` puts them on the counts' scale;
+    :func:`combine_moments`, losing power. Dividing the model's LFCs by ``b`` puts them on the counts' scale;
     what remains of their error is measured after that (:func:`model_error_sd`). 1 (no correction) when fewer
     than ``MIN_REFERENCE_FEATURES`` features qualify or when the counts show no contrast beyond their noise;
     clipped to ``[MIN_MODEL_SLOPE, 1 / MIN_MODEL_SLOPE]``.
@@ -407,7 +392,7 @@ def model_agreement(model_lfc: np.ndarray, observed: np.ndarray, well_observed: 
 
     How much of the observed contrast the model carries: near 1 when it learned the contrast, near 0
     when it learned little of it (a briefly trained model, a small population, a weak effect) and the
-    observed counts decide (:func:`combine_with_counts`), or when there is no contrast to learn. NaN
+    observed counts decide (:func:`combine_moments`), or when there is no contrast to learn. NaN
     when fewer than ``MIN_REFERENCE_FEATURES`` features are well observed.
     """
     ok = well_observed & np.isfinite(model_lfc) & np.isfinite(observed)
@@ -432,21 +417,15 @@ def lfc_moments(mean1: np.ndarray, var1: np.ndarray, mean2: np.ndarray, var2: np
     return np.log2(a1) - np.log2(a2), (var1 / a1**2 + var2 / a2**2) / np.log(2) ** 2
 
 
-def center_lfc(lfc: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, float]:
-    """Subtract the median mean-LFC of the ``reference`` features (boolean mask) from LFC draws.
+def compositional_shift(lfc_mean: np.ndarray, reference: np.ndarray) -> float:
+    """Median of the mean LFCs over the ``reference`` features (boolean mask; all of them when fewer than
+    ``MIN_REFERENCE_FEATURES``): the compositional shift the engine subtracts.
 
     Normalized expression is a composition: when a few genes take a large share of a population's
     counts (interferon genes in stimulated cells), every other gene's share drops although its
     absolute expression did not change. Assuming most well-observed features do not change, their
     median LFC is that compositional shift (as DESeq2's median-of-ratios size factors assume).
     """
-    shift = compositional_shift(lfc.mean(0), reference)
-    return lfc - shift, shift
-
-
-def compositional_shift(lfc_mean: np.ndarray, reference: np.ndarray) -> float:
-    """Median of the mean LFCs over the ``reference`` features (all of them when fewer than
-    ``MIN_REFERENCE_FEATURES``): the shift :func:`center_lfc` removes."""
     ref = reference if reference.sum() >= MIN_REFERENCE_FEATURES else np.ones_like(reference)
     return float(np.median(lfc_mean[ref]))
 
@@ -507,28 +486,16 @@ def spike_slab_posterior(m: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.n
     """``(w, a)`` of each feature under the prior of :func:`fit_spike_slab` fitted to estimates ``m``, variances ``v``.
 
     ``w_g`` is the posterior probability that the feature is non-null (prior odds times the ratio of the two
-    marginal likelihoods); given non-null, its LFC is ``N(a_g m_g, a_g v_g)`` with ``a_g = s2 / (s2 + v_g)``.
+    marginal likelihoods); given non-null, its LFC is ``N(a_g m_g, a_g v_g)`` with ``a_g = s2 / (s2 + v_g)``;
+    with probability ``1 - w_g`` it is exactly 0. A feature the data say little about keeps the prior's null
+    weight instead of scoring as DE because its wide posterior crosses ``delta`` (which it did without this
+    step), and well-measured effects keep their size.
     """
     pi0, s2 = fit_spike_slab(m, v)
     with np.errstate(divide="ignore"):
         log_odds = np.log1p(-pi0) - np.log(pi0) + _log_normal(m, v + s2) - _log_normal(m, v) if pi0 > 0 else np.inf
     w = 1.0 / (1.0 + np.exp(-np.clip(log_odds, -700, 700)))  # P(non-null | data)
     return w, s2 / (s2 + v)
-
-
-def shrink_lfc(lfc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Posterior under the spike-and-slab prior of :func:`fit_spike_slab`: ``(slab_draws, w)``.
-
-    The model's draws (mean ``m_g``, variance ``v_g``) act as each feature's likelihood. A feature is
-    non-null with posterior probability ``w_g`` (:func:`spike_slab_posterior`); given non-null, its LFC is
-    ``N(a_g m_g, a_g v_g)`` (``slab_draws``, shape ``(T, n_features)``, the draws moved and narrowed to it);
-    with probability ``1 - w_g`` it is exactly 0. A feature the data say little about keeps the prior's null
-    weight instead of scoring as DE because its wide posterior crosses ``delta`` (which it did without
-    this step), and well-measured effects keep their size.
-    """
-    m, v = lfc.mean(0, dtype=np.float64), np.maximum(lfc.var(0, dtype=np.float64), 1e-12)
-    w, a = spike_slab_posterior(m, v)
-    return (a * m + np.sqrt(a) * (lfc - m)).astype(lfc.dtype, copy=False), w
 
 
 def tail_probability(mean: np.ndarray, sd: np.ndarray, delta: float) -> np.ndarray:
@@ -792,7 +759,7 @@ def combine_sample_values(y: np.ndarray, v: np.ndarray, o: np.ndarray, u: np.nda
     ``y - o`` (around its median) beyond the counts' noise on the ``reference`` (well-observed) features;
     the two sources are then weighed by precision, ``1 / (v + tau^2)`` against ``1 / u``, and the result
     keeps the variance of the better source, ``min(v + tau^2, u)`` (both come from the same counts, as in
-    :func:`combine_with_counts`). Where counts are plentiful they decide (a generative model smooths the
+    :func:`combine_moments`). Where counts are plentiful they decide (a generative model smooths the
     differences between samples and shrinks effects, which made a test of its values alone lose power
     and, without a floor, call null features); where they are scarce, the model's denoised value does.
 
@@ -1331,17 +1298,17 @@ def differential_expression(
         ``cellvi.settings.seed``).
     use_counts
         (cellvi only, on by default) Update the model's LFCs with the observed LFC of the counts
-        (:func:`observed_lfc`, within batches with ``batch_correction=True``; :func:`combine_with_counts`).
+        (:func:`observed_lfc`, within batches with ``batch_correction=True``; :func:`combine_moments`).
         Each source is weighted by its precision, the model's including its measured error
         (:func:`model_error_sd`), so the counts decide where the model has learned little of the contrast;
         the column ``model_share`` says how much of each feature's evidence came from the model. ``False``:
         the counts only bound the precision (:func:`count_log_var`).
     center_lfc
         (cellvi only) Remove the compositional shift: subtract the median LFC of well-observed features
-        (:func:`center_lfc`). ``False`` compares the raw proportions, as scvi-tools does.
+        (:func:`compositional_shift`). ``False`` compares the raw proportions, as scvi-tools does.
     shrink_lfc
         (cellvi only, on by default) Empirical-Bayes spike-and-slab shrinkage of the LFCs
-        (:func:`shrink_lfc`): features the data say little about are not called. ``False`` keeps the
+        (:func:`spike_slab_posterior`): features the data say little about are not called. ``False`` keeps the
         unshrunk LFCs, at the cost of false calls on wide posteriors.
     sample_key
         (cellvi only) ``.obs`` column naming each cell's sample (donor). The model's decoded expression is
@@ -1369,7 +1336,7 @@ def differential_expression(
     ``scale1``, ``lfc_mean``, ..., ``is_de_fdr_<target>`` in change mode, ``comparison``, ``group1``,
     ``group2``), plus cellvi's ``model_agreement`` (one value per comparison, :func:`model_agreement`:
     low when the model carries little of the contrast and the counts decide) and, with ``use_counts``,
-    ``model_share`` (per feature, :func:`combine_with_counts`); with ``sample_key`` also ``lfc_samples``,
+    ``model_share`` (per feature, :func:`combine_moments`); with ``sample_key`` also ``lfc_samples``,
     ``lfc_samples_se``, ``pvalue``, ``padj``, ``n_samples1``, ``n_samples2`` and ``paired``. One block per
     comparison, each sorted as scvi-tools sorts (``mode`` above), or by ``pvalue`` with ``sample_key``.
     Features with fewer than ``MIN_CALL_COUNTS`` counts in each group are never called (``padj`` NaN).
