@@ -268,8 +268,8 @@ def simulate_atac(
     region_factor = rng.uniform(0.5, 1.0, n_regions)
     shift = rng.normal(0.0, batch_noise, (n_batches, n_regions))
     # by blocks of cells (the same random stream as whole arrays): float arrays of one block, not of the matrix
-    blocks = [slice(i, i + max(1, SIMULATE_BLOCK_ENTRIES // n_regions))
-              for i in range(0, n_cells, max(1, SIMULATE_BLOCK_ENTRIES // n_regions))]
+    step = max(1, SIMULATE_BLOCK_ENTRIES // n_regions)
+    blocks = [slice(i, i + step) for i in range(0, n_cells, step)]
     open_ = np.empty((n_cells, n_regions), bool)
     for rows in blocks:
         q = acc[ct[rows]] * cell_factor[rows, None] * region_factor[None]
@@ -277,8 +277,9 @@ def simulate_atac(
         open_[rows] = rng.random(q.shape) < 1.0 / (1.0 + np.exp(-logit))
     empty = ~open_.any(1)
     open_[empty, rng.integers(n_regions, size=empty.sum())] = True  # no empty cells
-    counts = sp.vstack([sp.csr_matrix((open_[rows] * (1 + rng.poisson(0.3, open_[rows].shape))).astype(np.float32))
-                        for rows in blocks], format="csr") if n_cells else sp.csr_matrix((0, n_regions), dtype=np.float32)
+    counts = sp.vstack([sp.csr_matrix((0, n_regions), dtype=np.float32)]  # (0 rows: no cells, no blocks)
+                       + [sp.csr_matrix((open_[rows] * (1 + rng.poisson(0.3, open_[rows].shape))).astype(np.float32))
+                          for rows in blocks], format="csr")
     obs = pd.DataFrame({"cell_type": pd.Categorical(np.array(types)[ct], categories=types),
                         "batch": pd.Categorical(np.array(batches)[batch], categories=batches),
                         "cell_factor": cell_factor}, index=pd.Index([f"cell_{i}" for i in range(n_cells)]))
