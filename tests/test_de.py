@@ -60,6 +60,28 @@ def test_model_slope_recovers_the_shrinkage_and_stays_1_without_a_contrast():
     assert de.model_slope(1e-4 * true, observed, u, ok) == de.MIN_MODEL_SLOPE  # clipped
 
 
+def test_prob_positive_by_hand_and_for_a_zero_width_slab():
+    w, mean, sd = np.array([1.0, 0.5, 0.8, 0.8, 0.0]), np.array([1.0, 0.0, 0.0, -2.0, 3.0]), np.array([1.0, 1.0, 0.0, 0.0, 1.0])
+    np.testing.assert_allclose(de.prob_positive(w, mean, sd), [0.841345, 0.5, 0.5, 0.1, 0.5], rtol=1e-5)
+
+
+def test_effect_posterior_chains_the_update_centring_and_shrinkage():
+    rng = np.random.default_rng(9)
+    m, v = np.r_[rng.normal(0.3, 0.05, 180), np.full(20, 3.3)], np.full(200, 0.01)
+    o, u = np.zeros(200), np.full(200, 0.01)
+    w, mean, var, share = de.effect_posterior(m, v, observed=(o, u), center=True)
+    c_mean, c_var, c_share = de.combine_moments(m, v, o, u)
+    c_mean = c_mean - de.compositional_shift(c_mean, np.ones(200, bool))
+    w2, a = de.spike_slab_posterior(c_mean, c_var)
+    np.testing.assert_allclose(share, c_share)
+    np.testing.assert_allclose(w, w2)
+    np.testing.assert_allclose(mean, a * c_mean)
+    np.testing.assert_allclose(var, a * c_var)
+    assert (w[180:] > 0.99).all() and np.median(w[:180]) < 0.5  # the 20 real effects stand out
+    w0, mean0, var0, share0 = de.effect_posterior(m, v, shrink=False)
+    assert share0 is None and (w0 == 1).all() and np.array_equal(mean0, m) and np.array_equal(var0, v)
+
+
 def test_tail_probability_by_hand():
     np.testing.assert_allclose(de.tail_probability(np.array([0.0, 1.0]), np.array([1.0, 1.0]), 1.0),
                                [2 * 0.158655, 0.5 + 0.0227501], rtol=1e-5)
@@ -300,6 +322,9 @@ def test_population_moments_give_the_standard_error_of_the_population_mean():
     # given in chunks of cells (and an empty chunk), the same moments
     chunks = [one[:, :7], one[:, 7:7], one[:, 7:300], one[:, 300:]]
     np.testing.assert_allclose(de.population_moments_of(chunks), de.population_moments(one), rtol=1e-10)
+    cells = draws[0].astype(np.float64)  # (k draws, n cells): the cells' estimates are the means over draws
+    np.testing.assert_allclose(de.population_moments_of([draws[0][:, :50, None], draws[0][:, 50:, None]]),
+                               ([cells.mean(0).mean()], [cells.mean(0).var(ddof=1) / n]), rtol=1e-10)
     mean_empty, var_empty = de.population_moments_of([one[:, :0]])
     assert np.isnan(mean_empty).all() and (var_empty == 0).all()
     # a population of parts: cell-weighted means, variances by squared weights

@@ -498,6 +498,39 @@ def spike_slab_posterior(m: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.n
     return w, s2 / (s2 + v)
 
 
+def effect_posterior(mean: np.ndarray, var: np.ndarray, *, observed: tuple[np.ndarray, np.ndarray] | None = None,
+                     center: bool = False, reference: np.ndarray | None = None, shrink: bool = True
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The steps a comparison's effect ``N(mean, var)`` per feature goes through once it is on the observed scale
+    (slope and model error included), for LFCs (:func:`summarize`) and PeakVI's differences of accessibility:
+    the update with the ``observed`` effect ``(o, u)`` (:func:`combine_moments`), centring on the ``reference``
+    features (:func:`compositional_shift`; default all), spike-and-slab shrinkage (:func:`spike_slab_posterior`).
+
+    Returns
+    -------
+    ``(w, mean, var, model_share)``: the effect is 0 with probability ``1 - w`` and ``N(mean, var)`` otherwise
+    (``w = 1`` without shrinkage); ``model_share`` is None without ``observed``.
+    """
+    share = None
+    if observed is not None:
+        mean, var, share = combine_moments(mean, var, *observed)
+    if center:
+        mean = mean - compositional_shift(mean, np.ones(mean.size, bool) if reference is None else reference)
+    w = np.ones(mean.size)  # P(non-null)
+    if shrink:
+        w, a = spike_slab_posterior(mean, var)
+        mean, var = a * mean, a * var
+    return w, mean, var, share
+
+
+def prob_positive(w: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """``P(X > 0)`` for an effect ``X`` that is 0 with probability ``1 - w`` and ``N(mean, sd^2)`` otherwise; an
+    effect of exactly 0 counts half (also a zero-width slab: spike-and-slab can shrink one to a point)."""
+    from scipy.special import ndtr
+
+    return w * ndtr(mean / np.maximum(sd, np.finfo(np.float64).tiny)) + 0.5 * (1.0 - w)
+
+
 def tail_probability(mean: np.ndarray, sd: np.ndarray, delta: float) -> np.ndarray:
     """``P(|X| > delta)`` for ``X ~ N(mean, sd^2)``, elementwise (``delta = 0``: 1 unless ``sd`` is 0)."""
     from scipy.special import ndtr
@@ -528,8 +561,6 @@ def summarize(pop1: tuple[np.ndarray, np.ndarray], pop2: tuple[np.ndarray, np.nd
     ``model_share`` with ``observed``). With shrinkage, ``lfc_mean`` is the posterior mean (null mass
     included) and the other LFC summaries describe the LFC given that the feature changes.
     """
-    from scipy.special import ndtr
-
     if mode not in ("vanilla", "change"):
         raise ValueError(f"mode={mode!r} is not one of ('vanilla', 'change').")
     m, v0 = lfc_moments(*pop1, *pop2, pseudocounts)
@@ -537,19 +568,13 @@ def summarize(pop1: tuple[np.ndarray, np.ndarray], pop2: tuple[np.ndarray, np.nd
     if counts is not None:  # the model's LFC is never more precise than the counts allow ...
         v0 = v0 + (count_log_var(counts[0]) + count_log_var(counts[1])) / np.log(2) ** 2
     mean, var = m / model_slope, v0 / model_slope**2 + lfc_error_sd**2  # ... nor once divided by its slope
-    extra = {}
-    if observed is not None:
-        mean, var, extra["model_share"] = combine_moments(mean, var, *observed)
-    if center:
-        mean = mean - compositional_shift(mean, np.ones(mean.size, bool) if reference is None else reference)
-    w = np.ones(mean.size)  # P(non-null)
-    if shrink:
-        w, a = spike_slab_posterior(mean, var)
-        mean, var = a * mean, a * var
+    w, mean, var, share = effect_posterior(mean, var, observed=observed, center=center, reference=reference,
+                                           shrink=shrink)
+    extra = {} if share is None else {"model_share": share}
     sd = np.sqrt(var)
     lfc_mean = w * mean
     if mode == "vanilla":
-        p1 = w * ndtr(mean / sd) + 0.5 * (1.0 - w)  # P(lfc > 0); an LFC of exactly 0 counts half
+        p1 = prob_positive(w, mean, sd)  # P(lfc > 0)
         extra.update(proba_m1=p1, proba_m2=1.0 - p1)
         proba_de = np.maximum(p1, 1.0 - p1)  # probability of the more likely direction
         bf = bayes_factor(p1)

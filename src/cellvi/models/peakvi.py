@@ -30,7 +30,6 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from anndata import AnnData
-from scipy.special import ndtr
 from torch import Tensor, nn
 
 from cellvi import de, settings
@@ -495,16 +494,15 @@ class PeakVI(Model):
                 # (:func:`cellvi.de.model_slope`), then measure what remains of its error
                 slope = de.model_slope(mean2 - mean1, observed, observed_var, finite)
                 m, v = (mean2 - mean1) / slope, (var1 + var2) / slope**2
-                v = v + de.model_error_sd(m, observed, observed_var, finite) ** 2
-                # where the model learned little of the contrast (its error is large), the observed one decides
-                m, v, _ = de.combine_moments(m, np.maximum(v, 1e-12), observed, np.maximum(observed_var, 1e-12))
-                w, a = de.spike_slab_posterior(m, v)  # P(non-null) w; given non-null the effect is N(a m, a v)
-                slab_mean, slab_sd = a * m, np.sqrt(a * v)
+                v = np.maximum(v + de.model_error_sd(m, observed, observed_var, finite) ** 2, 1e-12)
+                # where the model learned little of the contrast (its error is large), the observed one decides;
+                # then spike-and-slab: the effect is 0 with probability 1 - w, else N(m, v)
+                w, m, v, _ = de.effect_posterior(m, v, observed=(observed, np.maximum(observed_var, 1e-12)))
                 if mode == "change":
-                    prob = w * de.tail_probability(slab_mean, slab_sd, delta)
+                    prob = w * de.tail_probability(m, np.sqrt(v), delta)
                     calls = de.expected_fdr_calls(prob, fdr_target)
-                else:  # P(h1 > h2); an effect of exactly 0 counts half
-                    prob, calls = w * ndtr(-slab_mean / np.maximum(slab_sd, 1e-300)) + 0.5 * (1.0 - w), None
+                else:  # P(h1 > h2)
+                    prob, calls = de.prob_positive(w, -m, np.sqrt(v)), None
                 table = pd.DataFrame({
                     "prob_da": prob, "is_da_fdr": calls, "bayes_factor": de.bayes_factor(prob),
                     "effect_size": mean2 - mean1, "emp_effect": emp2 - emp1,
