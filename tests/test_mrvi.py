@@ -149,6 +149,7 @@ def test_train_defaults_match_a_bare_scvi_tools_call(monkeypatch):
     assert (c.lr, c.eps, c.weight_decay, c.optimizer) == (2e-3, 1e-8, 1e-8, "Adam")
     assert (c.n_epochs_kl_warmup, c.gradient_clip_val, c.check_val_every_n_epoch) == (20, 40.0, 1)
     assert not c.early_stopping and c.early_stopping_patience == 15 and seen["batch"] == 128
+    assert c.compile_kernels is None and c.compile_cell_passes == 2_000_000  # cellvi: when to compile the network
     assert len(m.history["elbo_validation"]) == 2 and len(m.validation_indices_) == 30
     m.train(max_epochs=1, plan_kwargs={"lr": 1e-3, "optimizer": "AdamW"}, early_stopping_patience=3)
     assert (seen["config"].lr, seen["config"].optimizer, seen["config"].early_stopping_patience) == (1e-3, "AdamW", 3)
@@ -316,6 +317,35 @@ def test_training_loss_is_the_textbook_objective_draw_for_draw():
     torch.testing.assert_close(out["reconstruction_loss"], rec, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(out["kl_local"], kl, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(out["loss"], (rec + 0.7 * kl).mean(), rtol=1e-5, atol=0.0)
+
+
+def test_compiled_networks_equal_eager_ones_and_train():
+    """Long trainings compile the loss's networks (:func:`network_terms`, one graph forward and backward): the same
+    loss and gradients as eager (dropout off, the draw of u the same), and a training run with them."""
+    from cellvi import distributions as dist
+
+    a = _cohort(n=64, g=40)
+    a.obs["site"] = pd.Categorical(np.where(a.obs["cov1"] == "group_0", "s0", "s1"))
+    cellvi.MrVI.setup_anndata(a, sample_key="sample", batch_key="site", labels_key="cell_type")
+    m = cellvi.MrVI(a, n_latent=6, n_latent_u=4)
+    mod = m.module.eval()  # no dropout: the compiled graph draws its own masks
+    b = next(iter(m._data().batches(torch.arange(64), 64)))
+    results = []
+    for on in (False, True):
+        mod.zero_grad()
+        torch.manual_seed(0)
+        with dist.compiled_kernels(on):
+            loss = mod.loss(b, kl_weight=0.7)["loss"]
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in mod.parameters() if p.grad is not None]))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-3)
+    assert len(compiled_grads) == len(eager_grads) > 20
+    for c, e in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(c, e, rtol=1e-3, atol=1e-3)
+    m.train(max_epochs=3, compile_kernels=True, seed=0)
+    elbo = m.history["elbo_train"].to_numpy().ravel()
+    assert np.isfinite(elbo).all() and elbo[-1] < elbo[0]
 
 
 # --------------------------------------------------------------------------- sample distances

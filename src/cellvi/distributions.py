@@ -29,20 +29,21 @@ _COMPILED: dict = {}  # function -> its torch.compile'd version (or the function
 _USE_COMPILED = [False]
 
 
-def kernel(fn, dynamic: bool = False):
+def kernel(fn, dynamic: bool = False, options: dict | None = None):
     """``fn`` itself, or its ``torch.compile``'d version inside :func:`compiled_kernels` (``True``).
 
-    Only large elementwise kernels go through here: compiling fuses their passes over the
-    ``(cells, genes)`` arrays (or over the non-zeros: ``dynamic=True``, their number changes every
-    minibatch) into one. Where compilation fails (no C++ compiler, an old PyTorch) the eager function
-    is used, once and for all, with a warning.
+    Large elementwise kernels go through here: compiling fuses their passes over the ``(cells, genes)``
+    arrays (or over the non-zeros: ``dynamic=True``, their number changes every minibatch) into one; so
+    does a model's whole network of many small ops (MrVI). ``options``: inductor's, as ``torch.compile``
+    takes them. Where compilation fails (no C++ compiler, an old PyTorch) the eager function is used,
+    once and for all, with a warning.
     """
     if not _USE_COMPILED[0]:
         return fn
     if fn not in _COMPILED:
         def first_call(*args, _fn=fn):
             try:
-                compiled = torch.compile(_fn, dynamic=dynamic)
+                compiled = torch.compile(_fn, dynamic=dynamic, options=options)
                 out = compiled(*args)
             except Exception as err:  # any backend failure: stay eager
                 import warnings

@@ -36,7 +36,7 @@ class Linear(nn.Linear):
     def forward(self, h: Tensor) -> Tensor:
         if h.dim() != 2 or self.bias is None:
             return super().forward(h)
-        if torch.is_grad_enabled() and h.shape[0] * self.weight.numel() >= SMALL_PRODUCT and use_onednn(h, self.weight):
+        if torch.is_grad_enabled() and use_onednn(h, self.weight) and h.shape[0] * self.weight.numel() >= SMALL_PRODUCT:
             return _OneDNNLinear.apply(h, self.weight, self.bias)
         return bias_mm(self.bias, h, self.weight.t())
 
@@ -49,8 +49,9 @@ SMALL_PRODUCT = 2**21
 
 def bias_mm(bias: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``bias + a @ b``: ``addmm`` for small products (the least overhead per call), else ``mm`` then an in-place
-    add (``addmm`` first copies the broadcast bias into its output; see :class:`Linear`)."""
-    if a.shape[0] * b.numel() < SMALL_PRODUCT:
+    add (``addmm`` first copies the broadcast bias into its output; see :class:`Linear`). ``addmm`` in code that
+    ``torch.compile`` traces: no test of the size there, so the compiled graph serves every minibatch size."""
+    if torch.compiler.is_compiling() or a.shape[0] * b.numel() < SMALL_PRODUCT:
         return torch.addmm(bias, a, b)
     return torch.mm(a, b).add_(bias)
 
@@ -78,8 +79,10 @@ _ONEDNN = [True]  # switch (tests compare both paths)
 
 
 def use_onednn(h: Tensor, weight: Tensor) -> bool:
-    """Products of a :class:`Linear` on oneDNN: CPU float32 and available (see :class:`Linear`)."""
-    return (_ONEDNN[0] and h.device.type == "cpu" and h.dtype == torch.float32 and weight.dtype == torch.float32
+    """Products of a :class:`Linear` on oneDNN: CPU float32 and available (see :class:`Linear`); not in code that
+    ``torch.compile`` traces (the autograd function would break its graph; inductor plans the products itself)."""
+    return (_ONEDNN[0] and not torch.compiler.is_compiling() and h.device.type == "cpu"
+            and h.dtype == torch.float32 and weight.dtype == torch.float32
             and h.numel() > 0 and weight.numel() > 0 and onednn_available())  # (no empty products: oneDNN refuses)
 
 

@@ -54,6 +54,7 @@ class TrainConfig:
     lr_scheduler_metric: str = "elbo_validation"
     lr_min: float = 0.0
     compile_kernels: bool | None = None  # cellvi: torch.compile the likelihood kernels (None: for long runs)
+    compile_cell_passes: int = 500_000  # cellvi: a long run, for compile_kernels=None: cells x epochs at least this
     adversarial_classifier: bool = False  # a batch classifier on z that the model learns to fool (Adversary)
     scale_adversarial_loss: float | str = "auto"  # weight of the adversarial terms; "auto": 1 - kl_weight
     # --- trainer kwargs
@@ -94,13 +95,11 @@ MONITORS = frozenset({f"{m}_{split}" for m in ("elbo", "reconstruction_loss", "k
                       for split in ("train", "validation")} | {"train_loss", "validation_loss"})
 PLAN_KEYS = ("lr", "weight_decay", "eps", "optimizer", "n_epochs_kl_warmup", "n_steps_kl_warmup", "max_kl_weight",
              "min_kl_weight", "reduce_lr_on_plateau", "lr_factor", "lr_patience", "lr_threshold",
-             "lr_scheduler_metric", "lr_min", "compile_kernels", "adversarial_classifier", "scale_adversarial_loss")
+             "lr_scheduler_metric", "lr_min", "compile_kernels", "compile_cell_passes", "adversarial_classifier",
+             "scale_adversarial_loss")
 TRAINER_KEYS = ("early_stopping_monitor", "early_stopping_patience", "early_stopping_min_delta",
                 "early_stopping_warmup_epochs", "early_stopping_mode", "gradient_clip_val", "check_val_every_n_epoch",
                 "enable_progress_bar")
-# compile_kernels=None compiles when a run is at least this many cell passes (e.g. 20k cells x 25 epochs): the
-# ~10 s compilation then costs less than the ~20 % of each step it saves
-AUTO_COMPILE_CELL_PASSES = 500_000
 # Lightning Trainer options that have no meaning without Lightning: accepted so ported calls run, and ignored
 IGNORED_TRAINER_KEYS = ("logger", "log_every_n_steps", "enable_checkpointing", "checkpointing_monitor",
                         "enable_model_summary", "num_sanity_val_steps", "benchmark", "default_root_dir",
@@ -625,7 +624,7 @@ def fit(
     warm = dict(n_epochs_kl_warmup=config.n_epochs_kl_warmup, n_steps_kl_warmup=config.n_steps_kl_warmup,
                 max_kl_weight=config.max_kl_weight, min_kl_weight=config.min_kl_weight)
     compiled = config.compile_kernels if config.compile_kernels is not None else \
-        n_obs_train * (config.max_epochs - state.epoch) >= AUTO_COMPILE_CELL_PASSES
+        n_obs_train * (config.max_epochs - state.epoch) >= config.compile_cell_passes
     with distributions.compiled_kernels(compiled):  # fused likelihood kernels for long runs
         bar = tqdm(range(state.epoch, config.max_epochs), desc="Epochs", leave=False, initial=state.epoch,
                    total=config.max_epochs, disable=not config.enable_progress_bar or rank != 0)

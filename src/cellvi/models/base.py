@@ -450,8 +450,10 @@ class Model:
             ``lr_threshold``, ``lr_scheduler_metric``, ``lr_min``, ``adversarial_classifier`` and
             ``scale_adversarial_loss`` (models whose loss returns its latent ``"z"``, e.g. TotalVI; see
             :class:`cellvi.train.Adversary`); cellvi's ``compile_kernels`` (fuse the
-            likelihood's elementwise passes with ``torch.compile``: ~10 s once, then faster steps; ``None``,
-            the default, turns it on for runs of at least 500,000 cell passes). See
+            likelihood's elementwise passes with ``torch.compile``: ~10 s once, then faster steps; MrVI compiles
+            its whole network too) and ``compile_cell_passes`` (``compile_kernels=None``, the default, turns it on
+            for runs of at least this many cells x epochs: 500,000; MrVI 2,000,000, its compilation takes
+            longer). See
             :class:`cellvi.train.TrainConfig`.
         datamodule
             Not supported (cellvi reads the model's AnnData); must be ``None``.

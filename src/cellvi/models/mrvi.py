@@ -399,25 +399,19 @@ class MrVIModule(nn.Module):
     def loss(self, batch: dict[str, Tensor], kl_weight: float = 1.0) -> dict[str, Tensor]:
         """Negative ELBO: ``-log p(x | z, b) + kl_weight (log q(u) - log p(u) - log N(g; 0, sigma^2))``.
 
-        One reparameterised draw ``u = mu + sigma eps``, so ``log q(u) = sum(-eps^2 / 2 - log sigma) - c``
-        (the same value and gradients as ``qu.log_prob(u)``); the softmax of the decoder is fused
-        into the likelihood (:meth:`cellvi.distributions.NegativeBinomial.from_logits`).
+        The networks are :func:`network_terms` (one draw of u); the softmax of the decoder is fused into the
+        likelihood (:meth:`cellvi.distributions.NegativeBinomial.from_logits`).
         """
         x, s = batch["x"], batch["sample"]
         nz = batch.get("nonzeros")
-        qu = self.qu(x, s, nz)
-        eps = torch.randn_like(qu.loc)  # the draw qu.rsample() makes
-        u = qu.loc + eps * qu.scale
-        z, g = self.z_from_u(u, s, use_mean=False)
+        args = (self, x, s, batch["batch"], batch["label"], x.new_empty(x.shape[0], self.config.n_latent_u).normal_())
+        if dist.compiling() and torch.is_grad_enabled():  # long trainings: one compiled graph, forward and backward
+            logits, kl_u, kl_z = dist.kernel(network_terms, dynamic=True, options={"cpp_wrapper": True})(*args)
+        else:
+            logits, kl_u, kl_z = network_terms(*args, nz)
         log_library = torch.log(x.sum(-1, keepdim=True))
-        px = dist.NegativeBinomial.from_logits(self.decode_logits(z, batch["batch"]), log_library, self.log_theta.exp())
+        px = dist.NegativeBinomial.from_logits(logits, log_library, self.log_theta.exp())
         rec = -px.log_prob_sum(x, nz)  # (B,)
-        log_qu = -(0.5 * eps.square() + qu.scale.log()).sum(-1) - HALF_LOG_2PI * eps.shape[-1]
-        kl_u = log_qu - self.log_prior_u(u, batch["label"])  # one-sample estimate
-        kl_z = torch.zeros_like(kl_u)
-        if self.config.z_u_prior:  # -log N(g; 0, sigma^2): the L2 penalty on the sample effect
-            log_sigma = self.z_u_log_scale
-            kl_z = 0.5 * (g.square() * torch.exp(-2.0 * log_sigma)).sum(-1) + (log_sigma.sum() + HALF_LOG_2PI * g.shape[-1])
         per_cell = rec + kl_weight * (kl_u + kl_z)
         if self.config.scale_observations:
             per_cell = per_cell / self.n_obs_per_sample[s]
@@ -430,6 +424,27 @@ class MrVIModule(nn.Module):
         g = self.qz_attention.attend_all(self.qz_ln_u(u_in), self.sample_keys(samples))  # (n, S, out)
         z, _ = self._add_effect(u_in, g, use_mean)
         return z.reshape(*lead, samples.numel(), -1)
+
+
+def network_terms(module: MrVIModule, x: Tensor, sample: Tensor, batch: Tensor, label: Tensor, eps: Tensor,
+                  nz: dist.Nonzeros | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The networks of :meth:`MrVIModule.loss`, from the counts to the decoder's logits: ``(logits, kl_u, kl_z)``.
+
+    One reparameterised draw ``u = mu + sigma eps`` (``eps`` given), so ``log q(u) = sum(-eps^2 / 2 - log sigma) - c``
+    (the same value and gradients as ``qu.log_prob(u)``); ``kl_z = -log N(g; 0, sigma^2)``, the L2 penalty on the
+    sample effect (0 without ``z_u_prior``). Tensors in and out: for long trainings ``torch.compile`` makes these
+    ~300 small ops on 128-cell tensors, and their backward, a few fused kernels (20 % of a step; BENCHMARKS.md).
+    """
+    qu = module.qu(x, sample, nz)
+    u = qu.loc + eps * qu.scale
+    z, g = module.z_from_u(u, sample, use_mean=False)
+    log_qu = -(0.5 * eps.square() + qu.scale.log()).sum(-1) - HALF_LOG_2PI * eps.shape[-1]
+    kl_u = log_qu - module.log_prior_u(u, label)  # one-sample estimate
+    kl_z = torch.zeros_like(kl_u)
+    if module.config.z_u_prior:
+        log_sigma = module.z_u_log_scale
+        kl_z = 0.5 * (g.square() * torch.exp(-2.0 * log_sigma)).sum(-1) + (log_sigma.sum() + HALF_LOG_2PI * g.shape[-1])
+    return module.decode_logits(z, batch), kl_u, kl_z
 
 
 def _upgrade_state_dict(state_dict: dict, prefix: str, *args) -> None:
@@ -565,9 +580,12 @@ class MrVI(Model):
     # ------------------------------------------------------------------ training
 
     # a bare call of scvi-tools' torch MRVI.train: Adam with these settings, KL warm-up over 20 epochs,
-    # gradient norm clipped at 40, validation every epoch (early stopping off; patience 15 when on)
+    # gradient norm clipped at 40, validation every epoch (early stopping off; patience 15 when on). cellvi: runs of
+    # 2M cell passes or more compile the network (network_terms): ~10 s (~40 s the first time on a machine, before
+    # inductor's cache holds it) against ~20 us saved per cell pass
     train_defaults = {"lr": 2e-3, "weight_decay": 1e-8, "eps": 1e-8, "optimizer": "Adam", "n_epochs_kl_warmup": 20,
-                      "gradient_clip_val": 40.0, "check_val_every_n_epoch": 1, "early_stopping_patience": 15}
+                      "gradient_clip_val": 40.0, "check_val_every_n_epoch": 1, "early_stopping_patience": 15,
+                      "compile_cell_passes": 2_000_000}
 
     def train(self, max_epochs: int | None = None, accelerator: str = "auto", devices: int | str = "auto",
               train_size: float | None = None, validation_size: float | None = None, batch_size: int = 128,
