@@ -12,7 +12,8 @@ batch 128, Adam lr 2e-3, KL warm-up 20 epochs, clipping 40, validation every epo
 runs in its own subprocess, one after the other (never at the same time).
 
 Reported per library: seconds per epoch (``s_per_epoch``: the mean of the epochs after the first, validation
-left out, measured the same way for both libraries; ``s_total_per_epoch``: ``train()``'s wall time / epochs);
+left out, measured the same way for both libraries; ``s_total_per_epoch``: ``train()``'s wall time / epochs,
+which holds the compilation when cellvi compiles its network: ``--compile-kernels on``, or runs of 2M cell passes);
 wall time and peak RSS growth (sampled from /proc every 2 ms) of
 ``get_local_sample_distances(groupby="cell_type")``, ``differential_abundance(["cov2"])``,
 ``get_outlier_cell_sample_pairs()`` and ``differential_expression(["cov1", "cov2"], store_lfc=True)``;
@@ -98,7 +99,7 @@ def recovery(adata, dists, da, de) -> dict:
     }
 
 
-def run(which: str, epochs: int, seed: int = 0) -> dict:
+def run(which: str, epochs: int, seed: int = 0, compile_kernels: bool | None = None) -> dict:
     import anndata
     import torch
 
@@ -113,7 +114,7 @@ def run(which: str, epochs: int, seed: int = 0) -> dict:
         cls.setup_anndata(adata, sample_key="sample")
         model = cls(adata)
         t = time.perf_counter()
-        model.train(max_epochs=epochs)
+        model.train(max_epochs=epochs, compile_kernels=compile_kernels)
         epoch_seconds = model.history_["epoch_seconds"]
     else:
         import warnings
@@ -169,20 +170,23 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated cohort and of both libraries")
     p.add_argument("--scvi-python", default="/work/venv-scvi/bin/python")
     p.add_argument("--memory-only", action="store_true")
+    p.add_argument("--compile-kernels", choices=["auto", "on", "off"], default="auto",
+                   help="cellvi's compile_kernels (auto: its default, on for runs of 2M cell passes or more)")
     args = p.parse_args()
     if args.memory_only:
         memory_scaling()
         return
     if args.which != "both":
-        print("RESULT " + json.dumps(run(args.which, args.epochs, args.seed)))
+        compiled = {"auto": None, "on": True, "off": False}[args.compile_kernels]
+        print("RESULT " + json.dumps(run(args.which, args.epochs, args.seed, compiled)))
         return
     import cellvi
 
     cellvi.datasets.simulate_cohort(args.n_cells, args.n_genes, seed=args.seed).write_h5ad(DATA)
     results = {}
     for which, python in (("cellvi", sys.executable), ("scvi", args.scvi_python)):
-        proc = subprocess.run([python, __file__, "--which", which, "--epochs", str(args.epochs), "--seed", str(args.seed)],
-                              capture_output=True, text=True)
+        proc = subprocess.run([python, __file__, "--which", which, "--epochs", str(args.epochs), "--seed", str(args.seed),
+                               "--compile-kernels", args.compile_kernels], capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
             sys.exit(f"{which} failed:\n{proc.stderr[-3000:]}")
