@@ -323,6 +323,7 @@ def test_compiled_networks_equal_eager_ones_and_train():
     """Long trainings compile the loss's networks (:func:`network_terms`, one graph forward and backward): the same
     loss and gradients as eager (dropout off, the draw of u the same), and a training run with them."""
     from cellvi import distributions as dist
+    from cellvi.models import mrvi
 
     a = _cohort(n=64, g=40)
     a.obs["site"] = pd.Categorical(np.where(a.obs["cov1"] == "group_0", "s0", "s1"))
@@ -339,6 +340,7 @@ def test_compiled_networks_equal_eager_ones_and_train():
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in mod.parameters() if p.grad is not None]))
     (eager, eager_grads), (compiled, compiled_grads) = results
+    assert dist._COMPILED[mrvi.network_terms] is not mrvi.network_terms  # compiled, not the eager fallback
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-3)
     assert len(compiled_grads) == len(eager_grads) > 20
     for c, e in zip(compiled_grads, eager_grads):
