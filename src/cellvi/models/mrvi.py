@@ -581,8 +581,8 @@ class MrVI(Model):
 
     # a bare call of scvi-tools' torch MRVI.train: Adam with these settings, KL warm-up over 20 epochs,
     # gradient norm clipped at 40, validation every epoch (early stopping off; patience 15 when on). cellvi: runs of
-    # 2M cell passes or more compile the network (network_terms): ~10 s (~40 s the first time on a machine, before
-    # inductor's cache holds it) against ~20 us saved per cell pass
+    # 2M cell passes or more compile the network (network_terms): 10-20 s (35-60 s the first time on a machine,
+    # before inductor's cache holds it) against ~20 us saved per cell pass
     train_defaults = {"lr": 2e-3, "weight_decay": 1e-8, "eps": 1e-8, "optimizer": "Adam", "n_epochs_kl_warmup": 20,
                       "gradient_clip_val": 40.0, "check_val_every_n_epoch": 1, "early_stopping_patience": 15,
                       "compile_cell_passes": 2_000_000}
