@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from torch import distributions as D
 
 import cellvi
-from cellvi.analysis.density import aggregated_log_density, student_t_log_density
+from cellvi.analysis.density import aggregated_log_density, segment_logsumexp, student_t_log_density
 
 
 @pytest.mark.parametrize("dof", [None, 3.0])
@@ -40,6 +40,35 @@ def test_own_component_is_left_out_by_hand():
     # with its own component the density is ~ N(0; 0, 1) / 2; without, only N(0; 10, 1) remains (weight 1)
     assert with_own.item() == pytest.approx(-0.5 * math.log(2 * math.pi) - math.log(2), abs=1e-12)
     assert without.item() == pytest.approx(-0.5 * math.log(2 * math.pi) - 50.0, abs=1e-12)
+
+
+def test_own_components_left_out_match_the_brute_force_mixture():
+    """Shuffled segments, component ids that are not positions, queries with and without a component of their own:
+    each segment's mixture written out with scipy, the own component dropped; repeated ids are refused."""
+    from scipy.special import logsumexp
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(4)
+    M, B, S = 40, 12, 5
+    loc, scale = rng.normal(size=(M, 3)), rng.uniform(0.3, 1.5, (M, 3))
+    seg = rng.integers(0, S - 1, M)  # the last segment has no component
+    comp_ids = rng.permutation(1000)[:M]
+    query_ids = np.concatenate([comp_ids[rng.choice(M, 8, replace=False)], [-5, 2000, 1001, 1002]])
+    z = rng.normal(size=(B, 3))
+    got = aggregated_log_density(*(torch.as_tensor(v) for v in (z, loc, scale, seg)), S,
+                                 query_ids=torch.as_tensor(query_ids), component_ids=torch.as_tensor(comp_ids)).numpy()
+    lp = np.array([[norm(loc[m], scale[m]).logpdf(z[b]).sum() for m in range(M)] for b in range(B)])
+    for b in range(B):
+        for s in range(S):
+            keep = (seg == s) & (comp_ids != query_ids[b])
+            want = logsumexp(lp[b, keep]) - np.log(keep.sum()) if keep.any() else -np.inf
+            np.testing.assert_allclose(got[b, s], want, rtol=1e-10)
+    # terms far below a segment's peak (raised to exp(-700) there: no effect in float64) and a segment left empty
+    far = torch.tensor([[0.0, -800.0, -math.inf], [-math.inf, -math.inf, -math.inf]], dtype=torch.float64)
+    assert segment_logsumexp(far, torch.zeros(3, dtype=torch.int64), 1).flatten().tolist() == [0.0, -math.inf]
+    with pytest.raises(ValueError, match="component_ids must be distinct"):
+        aggregated_log_density(torch.as_tensor(z), torch.as_tensor(loc), torch.as_tensor(scale), torch.as_tensor(seg), S,
+                               query_ids=torch.as_tensor(query_ids), component_ids=torch.zeros(M, dtype=torch.int64))
 
 
 @pytest.fixture(scope="module")
