@@ -42,9 +42,14 @@ def test_own_component_is_left_out_by_hand():
     assert without.item() == pytest.approx(-0.5 * math.log(2 * math.pi) - 50.0, abs=1e-12)
 
 
-def test_own_components_left_out_match_the_brute_force_mixture():
+@pytest.mark.parametrize("block_entries", [2**23, 40 * 3])  # all points in one block; blocks of 3 points
+def test_own_components_left_out_match_the_brute_force_mixture(block_entries, monkeypatch):
     """Shuffled segments, component ids that are not positions, queries with and without a component of their own:
-    each segment's mixture written out with scipy, the own component dropped; repeated ids are refused."""
+    each segment's mixture written out with scipy, the own component dropped, whatever the blocks of points;
+    no points give no rows; repeated ids are refused."""
+    import cellvi.analysis.density as density
+
+    monkeypatch.setattr(density, "DENSITY_BLOCK_ENTRIES", block_entries)
     from scipy.special import logsumexp
     from scipy.stats import norm
 
@@ -63,6 +68,8 @@ def test_own_components_left_out_match_the_brute_force_mixture():
             keep = (seg == s) & (comp_ids != query_ids[b])
             want = logsumexp(lp[b, keep]) - np.log(keep.sum()) if keep.any() else -np.inf
             np.testing.assert_allclose(got[b, s], want, rtol=1e-10)
+    assert aggregated_log_density(torch.zeros(0, 3, dtype=torch.float64), *(torch.as_tensor(v) for v in (loc, scale, seg)),
+                                  S).shape == (0, S)
     # terms far below a segment's peak (raised to exp(-700) there: no effect in float64) and a segment left empty
     far = torch.tensor([[0.0, -800.0, -math.inf], [-math.inf, -math.inf, -math.inf]], dtype=torch.float64)
     assert segment_logsumexp(far, torch.zeros(3, dtype=torch.int64), 1).flatten().tolist() == [0.0, -math.inf]

@@ -36,7 +36,9 @@ class Linear(nn.Linear):
     def forward(self, h: Tensor) -> Tensor:
         if h.dim() != 2 or self.bias is None:
             return super().forward(h)
-        if torch.is_grad_enabled() and use_onednn(h, self.weight) and h.shape[0] * self.weight.numel() >= SMALL_PRODUCT:
+        # (the size test after is_compiling: traced, it would tie the compiled graph to one range of batch sizes)
+        if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and h.shape[0] * self.weight.numel() >= SMALL_PRODUCT and use_onednn(h, self.weight)):
             return _OneDNNLinear.apply(h, self.weight, self.bias)
         return bias_mm(self.bias, h, self.weight.t())
 

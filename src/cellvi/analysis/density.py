@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 EXP_FLOOR = 700.0  # segment_logsumexp: differences from the peak below -EXP_FLOOR count as -EXP_FLOOR
+DENSITY_BLOCK_ENTRIES = 2**23  # aggregated_log_density: log densities held at once (64 MB of float64)
 
 
 def gaussian_log_density(u: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
@@ -80,13 +81,30 @@ def aggregated_log_density(u: Tensor, loc: Tensor, scale: Tensor, segments: Tens
     Gaussian, or Student-t with ``dof`` degrees of freedom. Where ``query_ids[b] == component_ids[m]``
     (the point is that component's own cell; ``component_ids`` are distinct) the component is left out, and
     its segment's mixture is over the others (``-inf`` when none is left).
+
+    The points are taken by blocks that hold at most ``DENSITY_BLOCK_ENTRIES`` log densities (the Student-t's
+    ``(points, components, L)`` array counted in full): bounded memory for any number of points, and blocks larger
+    than a minibatch (at 8,000 cells, blocks of 128 points took 1.15 s where 512 took 0.70 s).
     """
+    per_point = loc.shape[0] * (loc.shape[1] if dof is not None else 1)
+    step = max(1, DENSITY_BLOCK_ENTRIES // max(per_point, 1))
     order = torch.argsort(segments, stable=True)  # components grouped by segment (see segment_logsumexp)
     loc, scale, segments = loc[order], scale[order], segments[order]
+    own = query_ids is not None and component_ids is not None
+    component_ids = component_ids[order] if own else None
+    blocks = [_aggregated_block(u[i : i + step], loc, scale, segments, n_segments, dof,
+                                query_ids[i : i + step] if own else None, component_ids)
+              for i in range(0, u.shape[0], step)]
+    return torch.cat(blocks) if blocks else torch.zeros((0, n_segments), dtype=torch.float64, device=u.device)
+
+
+def _aggregated_block(u: Tensor, loc: Tensor, scale: Tensor, segments: Tensor, n_segments: int, dof: float | None,
+                      query_ids: Tensor | None, component_ids: Tensor | None) -> Tensor:
+    """:func:`aggregated_log_density` of one block of points, the components sorted by segment."""
     log_p = gaussian_log_density(u, loc, scale) if dof is None else student_t_log_density(u, loc, scale, dof)
     counts = torch.bincount(segments, minlength=n_segments).to(torch.float64).repeat(u.shape[0], 1)
     if query_ids is not None and component_ids is not None:
-        rows, cols = _own_components(query_ids, component_ids[order])
+        rows, cols = _own_components(query_ids, component_ids)
         log_p[rows, cols] = -torch.inf
         counts[rows, segments[cols]] -= 1.0
     out = segment_logsumexp(log_p, segments, n_segments) - counts.log()

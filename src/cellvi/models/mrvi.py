@@ -43,9 +43,6 @@ QZ_DEFAULTS = dict(n_latent_sample=16, n_channels=4, n_heads=2, dropout_rate=0.0
 QU_DEFAULTS: dict = {}
 ROWS_PER_CHUNK = 2**13  # cells x samples evaluated at once in counterfactual analyses (bounds memory)
 PAIRS_PER_CHUNK = 2**22  # cells x samples^2 distances held at once (16 MB of float32)
-# cells x cells log densities held at once in differential abundance (64 MB of float64): larger blocks than a
-# minibatch, fewer passes (at 8,000 cells, blocks of 128 rows took 1.15 s where 512 took 0.70 s)
-DENSITY_BLOCK_ENTRIES = 2**23
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 LABEL_PRIOR_BOOST = 10.0  # logit added to a cell's own label component in the label-informed prior
 
@@ -794,11 +791,8 @@ class MrVI(Model):
     def _sample_log_densities(self, adata, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """``log q_s(u_n)`` for every cell n and sample s (``(cells, S)``), and each cell's sample code."""
         loc, scale, codes = self._qu_params(adata, batch_size)
-        S = self.spec.n_samples
-        step = max(1, DENSITY_BLOCK_ENTRIES // max(loc.shape[0], 1))  # rows of the (step, cells) block of densities
-        out = [density.aggregated_log_density(loc[i : i + step], loc, scale, codes, S).cpu()
-               for i in range(0, loc.shape[0], step)]
-        return torch.cat(out).numpy(), codes.cpu().numpy()
+        log_probs = density.aggregated_log_density(loc, loc, scale, codes, self.spec.n_samples)  # by blocks of cells
+        return log_probs.cpu().numpy(), codes.cpu().numpy()
 
     def differential_abundance(self, adata: AnnData | None = None, sample_cov_keys: list[str] | None = None,
                                sample_subset: list[str] | None = None, compute_log_enrichment: bool = False,

@@ -437,7 +437,8 @@ class SCVI(Model):
         sample_key
             ``.obs`` column of samples (any column; it need not be set up).
         batch_size
-            Query cells per chunk (memory is bounded by chunks, never cells x cells).
+            Cells per minibatch of the encoder. The densities are computed by blocks of cells sized by memory
+            (:data:`cellvi.analysis.density.DENSITY_BLOCK_ENTRIES`): never cells x cells at once.
         num_cells_posterior
             At most this many cells (drawn at random) make up each sample's mixture.
         dof
@@ -469,10 +470,8 @@ class SCVI(Model):
         z, scale, ids = as_t(loc), as_t(np.sqrt(var)), torch.arange(loc.shape[0], device=self.device)
         comp = as_t(members)
         seg = as_t(codes[members])
-        log_probs = np.concatenate([aggregated_log_density(
-            z[i : i + batch_size], z[comp], scale[comp], seg, len(names), dof=dof,
-            query_ids=ids[i : i + batch_size] if omit_own_cell else None, component_ids=comp).cpu().numpy()
-            for i in range(0, loc.shape[0], batch_size)]) if loc.shape[0] else np.zeros((0, len(names)))
+        log_probs = aggregated_log_density(z, z[comp], scale[comp], seg, len(names), dof=dof,
+                                           query_ids=ids if omit_own_cell else None, component_ids=comp).cpu().numpy()
         table = pd.DataFrame(log_probs.astype(np.float32), index=adata_.obs_names, columns=list(names))
         adata_.obsm["da_log_probs"] = table
         return table
