@@ -52,6 +52,8 @@ def main() -> None:
     p.add_argument("--module-file", default=None)
     p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"mlp_inner_width": 32}\'')
     p.add_argument("--library", choices=["cellvi", "scvi"], default="cellvi")
+    p.add_argument("--compile-kernels", choices=["auto", "on", "off"], default="auto",
+                   help="cellvi's compile_kernels (on: its network compiled, as runs of 2M cell passes are)")
     args = p.parse_args()
     if args.library == "scvi":
         import warnings
@@ -73,7 +75,7 @@ def main() -> None:
             cellvi.settings.seed = seed
             cellvi.MrVI.setup_anndata(a, sample_key="sample")
             m = cellvi.MrVI(a, **args.model_kwargs)
-            m.train(max_epochs=args.epochs)
+            m.train(max_epochs=args.epochs, compile_kernels={"auto": None, "on": True, "off": False}[args.compile_kernels])
         avg = m.get_local_sample_distances(groupby="cell_type", keep_cell=False)["cell_type"]
         truth = a.uns["truth"]["sample_distances"]
         iu = np.triu_indices(truth.shape[0], 1)

@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--module-file", default=None)
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--library", choices=["cellvi", "scvi"], default="cellvi")
+    p.add_argument("--compile-kernels", choices=["auto", "on", "off"], default="auto",
+                   help="cellvi's compile_kernels (on: its network compiled, as runs of 2M cell passes are)")
     args = p.parse_args()
     if args.module_file:
         mrvi.MrVIModule = load_module_file(args.module_file).MrVIModule
@@ -60,7 +62,7 @@ def main() -> None:
     else:
         cellvi.MrVI.setup_anndata(adata, sample_key="sample")
         model = cellvi.MrVI(adata)
-        model.train(max_epochs=args.epochs)
+        model.train(max_epochs=args.epochs, compile_kernels={"auto": None, "on": True, "off": False}[args.compile_kernels])
     ct = adata.obs["predicted_cell_type"].astype(str).to_numpy()
     dists = model.get_local_sample_distances(groupby="predicted_cell_type", keep_cell=False)["predicted_cell_type"]
     condition_of = adata.obs.groupby("sample", observed=True)["condition"].first().astype(str)
