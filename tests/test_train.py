@@ -284,3 +284,52 @@ def test_adam_leaves_parameters_without_a_gradient_untouched_as_torch_optim_does
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
     assert float(ours.steps[0]) == 4 and float(ours.steps[1]) == 2
+
+
+def test_prefetched_gathers_in_a_background_thread_in_order_and_passes_errors_on():
+    import threading
+
+    from cellvi.train import prefetched
+
+    gathered_in = []
+
+    def source(n):
+        for i in range(n):
+            gathered_in.append(threading.current_thread().name)
+            yield {"i": torch.tensor(i)}
+
+    assert [b["i"].item() for b in prefetched(source(7))] == list(range(7))
+    assert len(gathered_in) == 7 and all(name.startswith("cellvi-gather") for name in gathered_in)
+    assert list(prefetched([])) == []
+
+    def failing():
+        yield {"i": torch.tensor(0)}
+        raise ValueError("bad chunk")
+
+    with pytest.raises(ValueError, match="bad chunk"):
+        list(prefetched(failing()))
+    threads = torch.get_num_threads()
+    early = prefetched(source(5))
+    next(early)
+    early.close()  # stopped after one batch: the pending gather is awaited, nothing leaks
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert torch.get_num_threads() == threads and seen == [threads]  # new threads keep the caller's count
+
+
+def test_training_with_the_gather_ahead_is_identical_to_gathering_in_line(monkeypatch):
+    import cellvi
+    import cellvi.train
+
+    adata = cellvi.datasets.simulate(300, 60, seed=1)
+    cellvi.SCVI.setup_anndata(adata, batch_key="batch")
+    weights = {}
+    for ahead in (False, True):
+        monkeypatch.setattr(cellvi.train, "spare_core", lambda ahead=ahead: ahead)
+        cellvi.settings.seed = 3
+        model = cellvi.SCVI(adata, n_latent=4)
+        model.train(max_epochs=3, batch_size=64, enable_progress_bar=False)
+        weights[ahead] = torch.cat([p.detach().flatten() for p in model.module.parameters()])
+    assert torch.equal(weights[False], weights[True])
