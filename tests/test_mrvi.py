@@ -321,7 +321,7 @@ def test_training_loss_is_the_textbook_objective_draw_for_draw():
 
 def test_compiled_networks_equal_eager_ones_and_train():
     """Long trainings compile the loss's networks (:func:`network_terms`, one graph forward and backward): the same
-    loss and gradients as eager (dropout off, the draw of u the same), and a training run with them."""
+    loss and gradients as eager (dropout on: the same masks and draw of u from the same seed), and a training run."""
     from cellvi import distributions as dist
     from cellvi.models import mrvi
 
@@ -329,7 +329,8 @@ def test_compiled_networks_equal_eager_ones_and_train():
     a.obs["site"] = pd.Categorical(np.where(a.obs["cov1"] == "group_0", "s0", "s1"))
     cellvi.MrVI.setup_anndata(a, sample_key="sample", batch_key="site", labels_key="cell_type")
     m = cellvi.MrVI(a, n_latent=6, n_latent_u=4)
-    mod = m.module.eval()  # no dropout: the compiled graph draws its own masks
+    mod = m.module.train()
+    assert mod.qz_attention.dropout_rate > 0
     b = next(iter(m._data().batches(torch.arange(64), 64)))
     results = []
     for on in (False, True):

@@ -406,7 +406,7 @@ class MrVIModule(nn.Module):
         nz = batch.get("nonzeros")
         args = (self, x, s, batch["batch"], batch["label"], x.new_empty(x.shape[0], self.config.n_latent_u).normal_())
         if dist.compiling() and torch.is_grad_enabled():  # long trainings: one compiled graph, forward and backward
-            logits, kl_u, kl_z = dist.kernel(network_terms, dynamic=True, options={"cpp_wrapper": True})(*args)
+            logits, kl_u, kl_z = dist.kernel(network_terms, dynamic=True, options=NETWORK_COMPILE_OPTIONS)(*args)
         else:
             logits, kl_u, kl_z = network_terms(*args, nz)
         log_library = torch.log(x.sum(-1, keepdim=True))
@@ -424,6 +424,14 @@ class MrVIModule(nn.Module):
         g = self.qz_attention.attend_all(self.qz_ln_u(u_in), self.sample_keys(samples))  # (n, S, out)
         z, _ = self._add_effect(u_in, g, use_mean)
         return z.reshape(*lead, samples.numel(), -1)
+
+
+NETWORK_COMPILE_OPTIONS = {
+    "cpp_wrapper": True,  # the graph's ~60 kernels called from C++, not Python
+    # dropout's uniforms from PyTorch's own generator: inductor's in-graph draw is one scalar Philox call per
+    # entry (the attention weights': ~0.5 ms a step, 5-10 % of it); also gives eager's masks, seed for seed
+    "fallback_random": True,
+}
 
 
 def network_terms(module: MrVIModule, x: Tensor, sample: Tensor, batch: Tensor, label: Tensor, eps: Tensor,
