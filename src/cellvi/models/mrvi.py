@@ -441,7 +441,7 @@ def network_terms(module: MrVIModule, x: Tensor, sample: Tensor, batch: Tensor, 
     One reparameterised draw ``u = mu + sigma eps`` (``eps`` given), so ``log q(u) = sum(-eps^2 / 2 - log sigma) - c``
     (the same value and gradients as ``qu.log_prob(u)``); ``kl_z = -log N(g; 0, sigma^2)``, the L2 penalty on the
     sample effect (0 without ``z_u_prior``). Tensors in and out: for long trainings ``torch.compile`` makes these
-    ~300 small ops on 128-cell tensors, and their backward, a few fused kernels (20 % of a step; BENCHMARKS.md).
+    ~300 small ops on 128-cell tensors, and their backward, a few fused kernels (epochs ~35 % shorter; BENCHMARKS.md).
     """
     qu = module.qu(x, sample, nz)
     u = qu.loc + eps * qu.scale
@@ -589,8 +589,8 @@ class MrVI(Model):
 
     # a bare call of scvi-tools' torch MRVI.train: Adam with these settings, KL warm-up over 20 epochs,
     # gradient norm clipped at 40, validation every epoch (early stopping off; patience 15 when on). cellvi: runs of
-    # 2M cell passes or more compile the network (network_terms): 10-20 s (35-60 s the first time on a machine,
-    # before inductor's cache holds it) against ~20 us saved per cell pass
+    # 2M cell passes or more compile the network (network_terms): 10-20 s (35-50 s the first time on a machine,
+    # before inductor's cache holds it) against 20-35 us saved per cell pass (break-even ~1.5M passes cold)
     train_defaults = {"lr": 2e-3, "weight_decay": 1e-8, "eps": 1e-8, "optimizer": "Adam", "n_epochs_kl_warmup": 20,
                       "gradient_clip_val": 40.0, "check_val_every_n_epoch": 1, "early_stopping_patience": 15,
                       "compile_cell_passes": 2_000_000}
