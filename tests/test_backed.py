@@ -105,3 +105,19 @@ def test_bad_counts_on_disk_are_found_chunk_by_chunk(tmp_path):
             cellvi.SCVI.setup_anndata(backed)
     finally:
         setup.VALIDATION_CHUNK = old
+
+
+def test_training_from_disk_with_the_gather_ahead_is_identical(files, monkeypatch):
+    """The next minibatch read from the file in a background thread (a spare core): the same weights."""
+    import cellvi.train
+
+    _, path = files
+    weights = {}
+    for ahead in (False, True):
+        monkeypatch.setattr(cellvi.train, "spare_core", lambda ahead=ahead: ahead)
+        backed = ad.read_h5ad(path / "a.h5ad", backed="r")
+        cellvi.SCVI.setup_anndata(backed, batch_key="batch")
+        model = cellvi.SCVI(backed, n_latent=4)
+        model.train(max_epochs=2, seed=0, enable_progress_bar=False)
+        weights[ahead] = torch.cat([p.detach().flatten() for p in model.module.parameters()])
+    assert torch.equal(weights[False], weights[True])
