@@ -5,6 +5,7 @@ Usage (from the repo root):
     PYTHONPATH=src python benchmarks/profile_mrvi_step.py [--threads 1] [--shapes]
     git show <rev>:src/cellvi/models/mrvi.py > /tmp/mrvi_before.py
     PYTHONPATH=src python benchmarks/profile_mrvi_step.py --compare /tmp/mrvi_before.py   # A/B, no profile
+    PYTHONPATH=src python benchmarks/profile_mrvi_step.py --compiled [--compare /tmp/mrvi_before.py]  # compiled
 
 Minibatches of 128 cells from ``simulate_cohort`` (4,000 cells x 500 genes, 16 samples, no batch key),
 default MrVI: gather, loss, backward, Adam step with gradient clipping. Prints ms per step (best of 5 runs of ``--steps``),
@@ -78,15 +79,23 @@ def main() -> None:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from profile_totalvi_step import ms_per_step, profile_steps
-
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--shapes", action="store_true", help="profile per input shape")
     p.add_argument("--compare", default=None, help="an older models/mrvi.py to time against the current one")
+    p.add_argument("--compiled", action="store_true", help="the step with compiled kernels and network (each "
+                   "module file's network_terms compiled with its own options)")
     args = p.parse_args()
+    from cellvi import distributions as dist
+
+    with dist.compiled_kernels(args.compiled):
+        run(args)
+
+
+def run(args) -> None:
+    from profile_totalvi_step import ms_per_step, profile_steps
 
     _, step, counterfactual = setup(args.threads)
     for i in range(20):
