@@ -308,15 +308,11 @@ def test_prefetched_gathers_in_a_background_thread_in_order_and_passes_errors_on
 
     with pytest.raises(ValueError, match="bad chunk"):
         list(prefetched(failing()))
-    threads = torch.get_num_threads()
     early = prefetched(source(5))
-    next(early)
-    early.close()  # stopped after one batch: the pending gather is awaited, nothing leaks
-    seen = []
-    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-    t.start()
-    t.join()
-    assert torch.get_num_threads() == threads and seen == [threads]  # new threads keep the caller's count
+    next(early)  # abandoned after one batch (an interrupted training), then closed
+    early.close()  # the pending gather is awaited, nothing leaks
+    with pytest.raises(StopIteration):
+        next(early)
 
 
 def test_training_with_the_gather_ahead_is_identical_to_gathering_in_line(monkeypatch):

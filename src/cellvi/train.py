@@ -586,22 +586,19 @@ def spare_core() -> bool:
 
 
 def prefetched(batches: Iterable[dict]) -> Iterator[dict]:
-    """The minibatches of ``batches``, each gathered in a background thread (on one intra-op thread) while the
-    caller trains on the one before; the one after is not started until the caller asks for the next.
+    """The minibatches of ``batches``, each gathered in a background thread while the caller trains on the one
+    before; the one after is not started until the caller asks for the next. The thread's operations run on the
+    caller's number of intra-op threads (none is changed: no setting of the process moves).
 
     Worth it on a spare core (:func:`spare_core`; MrVI on 1 of 2 cores: epochs 3 % shorter eager, 4-10 % compiled).
     When the step's own threads fill every core, the two contend (PeakVI at 2 threads on 2 cores: level to 10 %
     slower), so :func:`fit` gathers in line there (``benchmarks/ab_epochs.py --compare gather``)."""
-    items, threads = iter(batches), torch.get_num_threads()
-    with ThreadPoolExecutor(1, thread_name_prefix="cellvi-gather", initializer=torch.set_num_threads,
-                            initargs=(1,)) as pool:
-        try:
+    items = iter(batches)
+    with ThreadPoolExecutor(1, thread_name_prefix="cellvi-gather") as pool:
+        ahead = pool.submit(next, items, None)
+        while (batch := ahead.result()) is not None:
             ahead = pool.submit(next, items, None)
-            while (batch := ahead.result()) is not None:
-                ahead = pool.submit(next, items, None)
-                yield batch
-        finally:  # (new threads start with the count last set; put back the caller's)
-            pool.submit(torch.set_num_threads, threads)
+            yield batch
 
 
 def fit(
