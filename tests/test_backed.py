@@ -112,7 +112,9 @@ def test_training_from_disk_with_the_gather_ahead_is_identical(files, monkeypatc
     import cellvi.train
 
     _, path = files
-    weights = {}
+    weights, epochs_ahead = {}, []
+    original = cellvi.train.prefetched
+    monkeypatch.setattr(cellvi.train, "prefetched", lambda b: (epochs_ahead.append(1), original(b))[1])
     for ahead in (False, True):
         monkeypatch.setattr(cellvi.train, "spare_core", lambda ahead=ahead: ahead)
         backed = ad.read_h5ad(path / "a.h5ad", backed="r")
@@ -120,4 +122,5 @@ def test_training_from_disk_with_the_gather_ahead_is_identical(files, monkeypatc
         model = cellvi.SCVI(backed, n_latent=4)
         model.train(max_epochs=2, seed=0, enable_progress_bar=False)
         weights[ahead] = torch.cat([p.detach().flatten() for p in model.module.parameters()])
+    assert len(epochs_ahead) == 2  # the second run's two epochs were gathered ahead
     assert torch.equal(weights[False], weights[True])

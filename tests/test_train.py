@@ -310,9 +310,23 @@ def test_prefetched_gathers_in_a_background_thread_in_order_and_passes_errors_on
         list(prefetched(failing()))
     early = prefetched(source(5))
     next(early)  # abandoned after one batch (an interrupted training), then closed
-    early.close()  # the pending gather is awaited, nothing leaks
-    with pytest.raises(StopIteration):
-        next(early)
+    assert any(t.name.startswith("cellvi-gather") for t in threading.enumerate())
+    early.close()  # the pending gather is awaited and the thread ends: nothing leaks
+    assert not any(t.name.startswith("cellvi-gather") for t in threading.enumerate())
+
+
+def test_spare_core_compares_torch_threads_with_the_cores_of_this_process():
+    from cellvi.distributed import available_cores
+    from cellvi.train import spare_core
+
+    cores, threads = available_cores(), torch.get_num_threads()
+    try:
+        torch.set_num_threads(cores)
+        assert not spare_core()
+        torch.set_num_threads(1)
+        assert spare_core() == (cores > 1)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_training_with_the_gather_ahead_is_identical_to_gathering_in_line(monkeypatch):
@@ -321,11 +335,14 @@ def test_training_with_the_gather_ahead_is_identical_to_gathering_in_line(monkey
 
     adata = cellvi.datasets.simulate(300, 60, seed=1)
     cellvi.SCVI.setup_anndata(adata, batch_key="batch")
-    weights = {}
+    weights, epochs_ahead = {}, []
+    original = cellvi.train.prefetched
+    monkeypatch.setattr(cellvi.train, "prefetched", lambda b: (epochs_ahead.append(1), original(b))[1])
     for ahead in (False, True):
         monkeypatch.setattr(cellvi.train, "spare_core", lambda ahead=ahead: ahead)
         cellvi.settings.seed = 3
         model = cellvi.SCVI(adata, n_latent=4)
         model.train(max_epochs=3, batch_size=64, enable_progress_bar=False)
         weights[ahead] = torch.cat([p.detach().flatten() for p in model.module.parameters()])
+        assert len(epochs_ahead) == (3 if ahead else 0)  # fit gathered ahead in every epoch exactly when told to
     assert torch.equal(weights[False], weights[True])

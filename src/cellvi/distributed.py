@@ -152,6 +152,11 @@ def n_processes(devices, accelerator: str) -> int:
     return n
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one, as in a container)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _free_port() -> int:
     import socket
 
@@ -164,7 +169,7 @@ def _worker(rank: int, size: int, port: int, folder: str, cls, method: str, args
     """One process of a ``devices=N`` run: load the model, train it data-parallel, rank 0 saves the result."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    torch.set_num_threads(max(1, available_cores() // size))
     model = cls.load(os.path.join(folder, "start"), accelerator="cpu")
     getattr(model, method)(*args, **kwargs)
     if rank == 0:

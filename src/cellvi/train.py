@@ -581,8 +581,7 @@ def restore_state(state: TrainState, directory: str | os.PathLike) -> dict:
 def spare_core() -> bool:
     """Whether this process may run on more cores than PyTorch's intra-op threads use (one is left for
     :func:`prefetched`'s gather)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return torch.get_num_threads() < cores
+    return torch.get_num_threads() < distributed.available_cores()
 
 
 def prefetched(batches: Iterable[dict]) -> Iterator[dict]:
