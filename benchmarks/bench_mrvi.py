@@ -99,11 +99,11 @@ def recovery(adata, dists, da, de) -> dict:
     }
 
 
-def run(which: str, epochs: int, seed: int = 0, compile_kernels: bool | None = None) -> dict:
+def run(which: str, epochs: int, seed: int = 0, compile_kernels: bool | None = None, threads: int = 1) -> dict:
     import anndata
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     adata = anndata.read_h5ad(DATA)
     if which == "cellvi":
         import cellvi
@@ -172,13 +172,14 @@ def main() -> None:
     p.add_argument("--memory-only", action="store_true")
     p.add_argument("--compile-kernels", choices=["auto", "on", "off"], default="auto",
                    help="cellvi's compile_kernels (auto: its default, on for runs of 2M cell passes or more)")
+    p.add_argument("--threads", type=int, default=1, help="PyTorch's intra-op threads, the same for both libraries")
     args = p.parse_args()
     if args.memory_only:
         memory_scaling()
         return
     if args.which != "both":
         compiled = {"auto": None, "on": True, "off": False}[args.compile_kernels]
-        print("RESULT " + json.dumps(run(args.which, args.epochs, args.seed, compiled)))
+        print("RESULT " + json.dumps(run(args.which, args.epochs, args.seed, compiled, args.threads)))
         return
     import cellvi
 
@@ -186,7 +187,8 @@ def main() -> None:
     results = {}
     for which, python in (("cellvi", sys.executable), ("scvi", args.scvi_python)):
         proc = subprocess.run([python, __file__, "--which", which, "--epochs", str(args.epochs), "--seed", str(args.seed),
-                               "--compile-kernels", args.compile_kernels], capture_output=True, text=True)
+                               "--compile-kernels", args.compile_kernels, "--threads", str(args.threads)],
+                              capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
             sys.exit(f"{which} failed:\n{proc.stderr[-3000:]}")
