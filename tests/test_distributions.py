@@ -212,6 +212,22 @@ def test_dropout_keeps_the_expectation_and_is_the_identity_in_eval_mode():
         assert torch.equal(layer.eval()(h), h)
 
 
+def test_compiled_dropout_saves_no_boolean_mask_for_backward():
+    """A compiled graph with dropout saves float tensors for backward: a saved comparison mask (``u >= p``) costs
+    MrVI's compiled step ~0.6 ms, inductor's C++ kernels write booleans slowly (see :func:`cellvi.nn.dropout`)."""
+    pytest.importorskip("torch._dynamo")
+    from cellvi.nn import dropout
+
+    fn = torch.compile(lambda h: dropout(h, 0.1).exp(), dynamic=True)
+    h = torch.randn(8, 16, requires_grad=True)
+    fn(h).sum().backward()  # compiled
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        out = fn(h)
+    out.sum().backward()
+    assert saved and torch.bool not in saved, saved
+
+
 def test_expected_counts_per_unit_library_equal_the_mean_over_the_library():
     """expression_from(..., "mean"), DE's expression, is px.mean / exp(library) computed without mu (ZINB and NB)."""
     from cellvi.models.base import expression_from
