@@ -43,3 +43,23 @@ def silhouette(x: np.ndarray, labels) -> float:
     from sklearn.metrics import silhouette_score
 
     return float(silhouette_score(x, np.asarray(labels).astype(str)))
+
+
+@pytest.fixture
+def gather_ahead(monkeypatch):
+    """``gather_ahead(on)`` makes ``fit`` gather the next minibatch in a background thread or in line, whatever
+    the machine's cores; ``gather_ahead.epochs`` counts the epochs it gathered ahead (calls of ``prefetched``)."""
+    import cellvi.train
+
+    original = cellvi.train.prefetched
+
+    def switch(on: bool) -> None:
+        monkeypatch.setattr(cellvi.train, "spare_core", lambda: on)
+
+    def counted(batches):
+        switch.epochs += 1
+        return original(batches)
+
+    switch.epochs = 0
+    monkeypatch.setattr(cellvi.train, "prefetched", counted)
+    return switch

@@ -107,20 +107,16 @@ def test_bad_counts_on_disk_are_found_chunk_by_chunk(tmp_path):
         setup.VALIDATION_CHUNK = old
 
 
-def test_training_from_disk_with_the_gather_ahead_is_identical(files, monkeypatch):
+def test_training_from_disk_with_the_gather_ahead_is_identical(files, gather_ahead):
     """The next minibatch read from the file in a background thread (a spare core): the same weights."""
-    import cellvi.train
-
     _, path = files
-    weights, epochs_ahead = {}, []
-    original = cellvi.train.prefetched
-    monkeypatch.setattr(cellvi.train, "prefetched", lambda b: (epochs_ahead.append(1), original(b))[1])
+    weights = {}
     for ahead in (False, True):
-        monkeypatch.setattr(cellvi.train, "spare_core", lambda ahead=ahead: ahead)
+        gather_ahead(ahead)
         backed = ad.read_h5ad(path / "a.h5ad", backed="r")
         cellvi.SCVI.setup_anndata(backed, batch_key="batch")
         model = cellvi.SCVI(backed, n_latent=4)
         model.train(max_epochs=2, seed=0, enable_progress_bar=False)
         weights[ahead] = torch.cat([p.detach().flatten() for p in model.module.parameters()])
-    assert len(epochs_ahead) == 2  # the second run's two epochs were gathered ahead
+    assert gather_ahead.epochs == 2  # the second run's two epochs were gathered ahead
     assert torch.equal(weights[False], weights[True])

@@ -329,20 +329,17 @@ def test_spare_core_compares_torch_threads_with_the_cores_of_this_process():
         torch.set_num_threads(threads)
 
 
-def test_training_with_the_gather_ahead_is_identical_to_gathering_in_line(monkeypatch):
+def test_training_with_the_gather_ahead_is_identical_to_gathering_in_line(gather_ahead):
     import cellvi
-    import cellvi.train
 
     adata = cellvi.datasets.simulate(300, 60, seed=1)
     cellvi.SCVI.setup_anndata(adata, batch_key="batch")
-    weights, epochs_ahead = {}, []
-    original = cellvi.train.prefetched
-    monkeypatch.setattr(cellvi.train, "prefetched", lambda b: (epochs_ahead.append(1), original(b))[1])
+    weights = {}
     for ahead in (False, True):
-        monkeypatch.setattr(cellvi.train, "spare_core", lambda ahead=ahead: ahead)
+        gather_ahead(ahead)
         cellvi.settings.seed = 3
         model = cellvi.SCVI(adata, n_latent=4)
         model.train(max_epochs=3, batch_size=64, enable_progress_bar=False)
         weights[ahead] = torch.cat([p.detach().flatten() for p in model.module.parameters()])
-        assert len(epochs_ahead) == (3 if ahead else 0)  # fit gathered ahead in every epoch exactly when told to
+        assert gather_ahead.epochs == (3 if ahead else 0)  # fit gathered ahead in every epoch exactly when told to
     assert torch.equal(weights[False], weights[True])
